@@ -1,0 +1,91 @@
+"""Typed configuration dataclasses: one per Hydra group, validated on construction."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class WarmupConfig:
+    """Short offline pretraining on a proxy data set disjoint from every task stream."""
+
+    dataset: str = "digits"
+    epochs: int = 12
+    lr: float = 2e-3
+    batch_size: int = 64
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.dataset not in {"digits"}:
+            raise ValueError(f"warm-up dataset must be 'digits', got {self.dataset!r}")
+        if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
+            raise ValueError("warm-up epochs, batch_size and lr must be positive")
+
+
+@dataclass
+class BackboneConfig:
+    """Which timm hybrid to build, at which input size, with which weights.
+
+    ``weights`` is one of ``warmup`` (offline default: proxy pretraining, cached),
+    ``pretrained`` (timm hub weights, needs the network), ``checkpoint`` (a local
+    safetensors state dict at ``checkpoint``) or ``random`` (tests only).
+    """
+
+    name: str = "efficientvit_b0"
+    img_size: int = 64
+    in_chans: int = 3
+    weights: str = "warmup"
+    checkpoint: str | None = None
+    warmup: WarmupConfig = field(default_factory=WarmupConfig)
+
+    def __post_init__(self) -> None:
+        if self.weights not in {"warmup", "pretrained", "checkpoint", "random"}:
+            raise ValueError(
+                f"backbone.weights must be warmup|pretrained|checkpoint|random, got {self.weights!r}"
+            )
+        if self.weights == "checkpoint" and not self.checkpoint:
+            raise ValueError("backbone.weights=checkpoint needs backbone.checkpoint=PATH")
+        if self.img_size < 16:
+            raise ValueError(f"backbone.img_size must be >= 16, got {self.img_size}")
+
+
+@dataclass
+class PruningConfig:
+    """Structured pruning through torch-pruning; ratio 0 disables it."""
+
+    ratio: float = 0.0
+    importance: str = "magnitude"
+    prune_heads: bool = True
+    remove_blocks: int = 0
+    calibration_batches: int = 4
+    round_to: int = 8
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.ratio < 1.0:
+            raise ValueError(f"pruning.ratio must be in [0, 1), got {self.ratio}")
+        if self.importance not in {"magnitude", "taylor"}:
+            raise ValueError(f"pruning.importance must be magnitude|taylor, got {self.importance!r}")
+        if self.remove_blocks < 0 or self.calibration_batches < 1 or self.round_to < 1:
+            raise ValueError("pruning.remove_blocks >= 0, calibration_batches >= 1, round_to >= 1")
+
+
+@dataclass
+class TrainConfig:
+    """Local training of one task's adapter."""
+
+    epochs: int = 1
+    lr: float = 5e-3
+    batch_size: int = 32
+    optimizer: str = "adamw"
+    weight_decay: float = 0.0
+    momentum: float = 0.9
+    max_steps: int | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in {"adamw", "sgd"}:
+            raise ValueError(f"train.optimizer must be adamw|sgd, got {self.optimizer!r}")
+        if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
+            raise ValueError("train.epochs, batch_size and lr must be positive")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError("train.max_steps must be positive when set")
