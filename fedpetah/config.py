@@ -71,7 +71,11 @@ class PruningConfig:
 
 @dataclass
 class TrainConfig:
-    """Local training of one task's adapter."""
+    """Local training of one task's adapter.
+
+    ``cache_features``: adapters whose backbone features do not depend on trainable tensors
+    (``synqt``) compute them once per call and reuse them across epochs.
+    """
 
     epochs: int = 1
     lr: float = 5e-3
@@ -80,9 +84,13 @@ class TrainConfig:
     weight_decay: float = 0.0
     momentum: float = 0.9
     max_steps: int | None = None
+    cache_features: bool = True
+    device: str = "cpu"
     seed: int = 0
 
     def __post_init__(self) -> None:
+        if self.device not in {"cpu", "cuda", "auto"}:
+            raise ValueError(f"train.device must be cpu|cuda|auto, got {self.device!r}")
         if self.optimizer not in {"adamw", "sgd"}:
             raise ValueError(f"train.optimizer must be adamw|sgd, got {self.optimizer!r}")
         if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:

@@ -1,0 +1,157 @@
+"""Local training and evaluation of one task's adapter: deterministic, measured, device-agnostic."""
+
+from __future__ import annotations
+
+import math
+import resource
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from fedpetah.adapters import Adapter
+from fedpetah.config import TrainConfig
+from fedpetah.tasks import ImageSet, batches
+
+
+@runtime_checkable
+class FeatureCachingAdapter(Protocol):
+    """Adapters whose frozen backbone features can be computed once and reused across epochs."""
+
+    def frozen_features(self, x: torch.Tensor) -> Any: ...
+
+    def forward_features(self, features: Any) -> torch.Tensor: ...
+
+
+@dataclass
+class TrainResult:
+    examples: int
+    steps: int
+    loss: float
+    accuracy: float
+    step_time_ms: float
+    seconds: float
+    peak_memory_mb: float
+
+
+@dataclass
+class EvalResult:
+    examples: int
+    loss: float
+    accuracy: float
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("train.device=cuda but no CUDA device is available")
+    return torch.device(name)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak CUDA allocation on GPUs; the process's peak resident set size on CPUs."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is bytes on macOS, KiB on Linux
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20
+
+
+def _optimizer(params: list[nn.Parameter], config: TrainConfig) -> torch.optim.Optimizer:
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+    return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+
+
+def _cached_features(adapter: FeatureCachingAdapter, data: ImageSet, img_size: int, in_chans: int,
+                     device: torch.device) -> Any:
+    chunks = [adapter.frozen_features(x.to(device)) for x, _ in batches(data, img_size, in_chans, 256)]
+    if isinstance(chunks[0], torch.Tensor):
+        return torch.cat(chunks)
+    return [torch.cat(parts) for parts in zip(*chunks, strict=True)]
+
+
+def _select(features: Any, index: torch.Tensor) -> Any:
+    if isinstance(features, torch.Tensor):
+        return features[index]
+    return [f[index] for f in features]
+
+
+def train_adapter(adapter: Adapter, data: ImageSet, config: TrainConfig) -> TrainResult:
+    """Train ``adapter`` on ``data`` in place; returns examples, mean loss/accuracy, time and memory."""
+    if len(data) == 0:
+        raise ValueError("cannot train on an empty data set")
+    device = resolve_device(config.device)
+    model, backbone = adapter.model.to(device), adapter.backbone
+    torch.manual_seed(config.seed)
+    generator = torch.Generator().manual_seed(config.seed)
+    params = list(adapter.trainable().values())
+    optimizer = _optimizer(params, config)
+    use_cache = config.cache_features and isinstance(adapter, FeatureCachingAdapter)
+    start = time.perf_counter()
+    model.train()
+    features = None
+    if use_cache:
+        features = _cached_features(adapter, data, backbone.img_size, backbone.in_chans, device)
+        labels = data.labels.to(device)
+    steps, seen, loss_sum, correct, step_seconds = 0, 0, 0.0, 0, 0.0
+    for _ in range(config.epochs):
+        if features is not None:
+            order = torch.randperm(len(data), generator=generator).to(device)
+            stream: Any = ((None, i) for i in order.split(config.batch_size))
+        else:
+            stream = batches(data, backbone.img_size, backbone.in_chans, config.batch_size, True, generator)
+        for x, y in stream:
+            step_start = time.perf_counter()
+            if features is not None:
+                index, y = y, labels[y]
+                logits = adapter.forward_features(_select(features, index))  # type: ignore[union-attr]
+            else:
+                x, y = x.to(device), y.to(device)
+                logits = model(x)
+            loss = F.cross_entropy(logits, y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step_seconds += time.perf_counter() - step_start
+            if not math.isfinite(loss.item()):
+                raise FloatingPointError(f"training loss became {loss.item()} at step {steps}")
+            steps += 1
+            seen += len(y)
+            loss_sum += loss.item() * len(y)
+            correct += int((logits.argmax(1) == y).sum())
+            if config.max_steps is not None and steps >= config.max_steps:
+                break
+        if config.max_steps is not None and steps >= config.max_steps:
+            break
+    model.eval()
+    return TrainResult(
+        examples=len(data),
+        steps=steps,
+        loss=loss_sum / seen,
+        accuracy=correct / seen,
+        step_time_ms=1000 * step_seconds / steps,
+        seconds=time.perf_counter() - start,
+        peak_memory_mb=peak_memory_mb(device),
+    )
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: ImageSet, img_size: int, in_chans: int = 3,
+             batch_size: int = 256, device: str = "cpu") -> EvalResult:
+    """Loss and accuracy of ``model`` (a TaskModel or merged model) on ``data``."""
+    if len(data) == 0:
+        raise ValueError("cannot evaluate on an empty data set")
+    target = resolve_device(device)
+    model = model.to(target).eval()
+    loss_sum, correct = 0.0, 0
+    for x, y in batches(data, img_size, in_chans, batch_size):
+        x, y = x.to(target), y.to(target)
+        logits = model(x)
+        loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
+        correct += int((logits.argmax(1) == y).sum())
+    return EvalResult(examples=len(data), loss=loss_sum / len(data), accuracy=correct / len(data))
