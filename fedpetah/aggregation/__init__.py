@@ -1,0 +1,49 @@
+"""Server-side aggregation of per-task adapter updates: validation and a registry of pure aggregators."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fedpetah.aggregation import fedavg, fedopt, lora_product, robust  # noqa: F401  (register aggregators)
+from fedpetah.aggregation.base import AGGREGATORS, Aggregate, Aggregator, AggregatorConfig, weighted_mean
+from fedpetah.aggregation.validate import (
+    REASONS,
+    Filtered,
+    InvalidUpdate,
+    Rejection,
+    StateDict,
+    clip_update,
+    filter_updates,
+    update_norm,
+    validate_update,
+)
+
+
+def aggregator_config(name: str, **fields: Any) -> AggregatorConfig:
+    """The typed config of aggregator ``name``; unknown fields raise ``TypeError``."""
+    return AGGREGATORS.get(name).config_class(name=name, **fields)
+
+
+def build_aggregator(config: AggregatorConfig) -> Aggregator:
+    """The aggregator ``config.name`` configured by ``config``."""
+    return AGGREGATORS.get(config.name)(config)
+
+
+__all__ = [
+    "AGGREGATORS",
+    "REASONS",
+    "Aggregate",
+    "Aggregator",
+    "AggregatorConfig",
+    "Filtered",
+    "InvalidUpdate",
+    "Rejection",
+    "StateDict",
+    "aggregator_config",
+    "build_aggregator",
+    "clip_update",
+    "filter_updates",
+    "update_norm",
+    "validate_update",
+    "weighted_mean",
+]

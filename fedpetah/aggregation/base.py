@@ -1,0 +1,115 @@
+"""The aggregator interface: typed config, one pure call signature, the AGGREGATORS registry."""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+
+from fedpetah.aggregation.validate import StateDict, clip_update, update_norm, validate_update
+from fedpetah.registry import Registry
+
+
+@dataclass
+class AggregatorConfig:
+    """Base of every aggregator's config.
+
+    ``clip_norm``: when set, each update's difference to the current global state is scaled down to this
+    L2 norm before aggregation (norm clipping; ``validate_update(max_norm=...)`` rejects instead).
+    """
+
+    name: str = "fedavg"
+    clip_norm: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.clip_norm is not None and not (math.isfinite(self.clip_norm) and self.clip_norm > 0):
+            raise ValueError(f"aggregation.clip_norm must be positive when set, got {self.clip_norm}")
+
+
+@dataclass(frozen=True)
+class Aggregate:
+    """One aggregation's result: the new global state, the new server-optimizer state, scalar metrics."""
+
+    state: StateDict
+    opt_state: StateDict
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+class Aggregator(ABC):
+    """A pure function object: ``aggregator(current, updates, weights, opt_state) -> Aggregate``.
+
+    ``current`` is the global adapter state the clients started from, ``updates`` their full adapter
+    states after local training, ``weights`` their example counts. Inputs are never mutated; the new state
+    has ``current``'s keys, shapes and dtypes. Updates must have been validated
+    (:func:`~fedpetah.aggregation.validate.filter_updates`); an invalid one raises ``InvalidUpdate`` here.
+    """
+
+    name: ClassVar[str]
+    config_class: ClassVar[type[AggregatorConfig]] = AggregatorConfig
+
+    def __init__(self, config: AggregatorConfig) -> None:
+        if not isinstance(config, self.config_class):
+            raise TypeError(f"{type(self).__name__} needs {self.config_class.__name__}")
+        self.config = config
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        current: Mapping[str, torch.Tensor],
+        updates: Sequence[Mapping[str, torch.Tensor]],
+        weights: Sequence[float],
+        opt_state: Mapping[str, torch.Tensor] | None = None,
+    ) -> Aggregate:
+        if not updates:
+            raise ValueError("aggregation needs at least one update")
+        if len(updates) != len(weights):
+            raise ValueError(f"{len(updates)} updates but {len(weights)} weights")
+        if any(not math.isfinite(w) or w < 0 for w in weights) or sum(weights) <= 0:
+            raise ValueError(f"weights must be finite, non-negative and not all zero, got {list(weights)}")
+        for update in updates:
+            validate_update(update, current)
+        total = float(sum(weights))
+        normalized = [float(w) / total for w in weights]
+        batch: list[StateDict] = [dict(u) for u in updates]
+        clipped = 0
+        if self.config.clip_norm is not None:
+            results = [clip_update(u, current, self.config.clip_norm) for u in updates]
+            batch = [u for u, _ in results]
+            clipped = sum(scale < 1.0 for _, scale in results)
+        result = self.aggregate(dict(current), batch, normalized, dict(opt_state or {}))
+        metrics = {
+            "num_updates": float(len(updates)),
+            "num_clipped": float(clipped),
+            "step_norm": update_norm(result.state, current),
+            **result.metrics,
+        }
+        return Aggregate(result.state, result.opt_state, metrics)
+
+    @abstractmethod
+    def aggregate(
+        self, current: StateDict, updates: list[StateDict], weights: list[float], opt_state: StateDict
+    ) -> Aggregate:
+        """The algorithm proper: ``weights`` are normalized to sum to one; must not mutate its inputs."""
+
+
+AGGREGATORS: Registry[type[Aggregator]] = Registry("aggregator")
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulate in float64 whatever the storage dtype, so averaging adds no rounding of its own."""
+    return torch.promote_types(dtype, torch.float64)
+
+
+def weighted_mean(updates: Sequence[StateDict], weights: Sequence[float], like: StateDict) -> StateDict:
+    """Per tensor ``sum_i weights[i] * updates[i]``, in ``like``'s dtypes (weights already normalized)."""
+    mean: StateDict = {}
+    for key, ref in like.items():
+        acc = torch.zeros(ref.shape, dtype=compute_dtype(ref.dtype), device=ref.device)
+        for update, weight in zip(updates, weights, strict=True):
+            acc.add_(update[key].to(acc.dtype), alpha=weight)
+        mean[key] = acc.to(ref.dtype)
+    return mean

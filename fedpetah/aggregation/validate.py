@@ -1,0 +1,137 @@
+"""Checks and bounds on client updates: validate (reject with a reason), filter a batch, clip a norm."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import NamedTuple
+
+import torch
+
+StateDict = dict[str, torch.Tensor]
+
+REASONS = ("type", "missing_keys", "unexpected_keys", "shape", "dtype", "non_finite", "norm", "weight")
+"""Every machine-readable ``reason`` an :class:`InvalidUpdate` can carry."""
+
+
+class InvalidUpdate(ValueError):
+    """An update that must not be aggregated; ``reason`` is one of :data:`REASONS`."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+class Rejection(NamedTuple):
+    """One rejected update: its position in the batch, the reason and a human-readable detail."""
+
+    position: int
+    reason: str
+    detail: str
+
+
+class Filtered(NamedTuple):
+    """The accepted updates with their weights (batch order kept) and the rejections."""
+
+    updates: list[StateDict]
+    weights: list[float]
+    rejected: list[Rejection]
+
+
+def _listed(keys: Sequence[str]) -> str:
+    return ", ".join(keys[:3]) + (f" (+{len(keys) - 3} more)" if len(keys) > 3 else "")
+
+
+@torch.no_grad()
+def update_norm(update: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor]) -> float:
+    """The L2 norm of ``update - reference`` over all tensors, computed in float64."""
+    total = 0.0
+    for key, ref in reference.items():
+        diff = update[key].to(torch.float64) - ref.to(torch.float64)
+        total += float(diff.square().sum())
+    return math.sqrt(total)
+
+
+@torch.no_grad()
+def validate_update(
+    update: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor], max_norm: float | None = None
+) -> None:
+    """Raise :class:`InvalidUpdate` unless ``update`` matches ``reference`` tensor for tensor.
+
+    Keys equal, shapes equal, dtypes equal and floating point, every value finite, and, when ``max_norm``
+    is set, the L2 norm of ``update - reference`` at most ``max_norm``.
+    """
+    if not isinstance(update, Mapping) or not all(isinstance(v, torch.Tensor) for v in update.values()):
+        raise InvalidUpdate("type", "an update must map names to tensors")
+    missing = sorted(set(reference) - set(update))
+    if missing:
+        raise InvalidUpdate("missing_keys", _listed(missing))
+    unexpected = sorted(set(update) - set(reference))
+    if unexpected:
+        raise InvalidUpdate("unexpected_keys", _listed(unexpected))
+    for key, ref in reference.items():
+        value = update[key]
+        if value.shape != ref.shape:
+            raise InvalidUpdate("shape", f"{key}: {tuple(value.shape)} != {tuple(ref.shape)}")
+        if value.dtype != ref.dtype or not value.dtype.is_floating_point:
+            raise InvalidUpdate("dtype", f"{key}: {value.dtype}, expected floating {ref.dtype}")
+        if not bool(torch.isfinite(value).all()):
+            raise InvalidUpdate("non_finite", f"{key} holds NaN or infinite values")
+    if max_norm is not None:
+        norm = update_norm(update, reference)
+        if norm > max_norm:
+            raise InvalidUpdate("norm", f"update norm {norm:.4g} exceeds {max_norm:.4g}")
+
+
+def filter_updates(
+    updates: Sequence[Mapping[str, torch.Tensor]],
+    weights: Sequence[float],
+    reference: Mapping[str, torch.Tensor],
+    max_norm: float | None = None,
+) -> Filtered:
+    """Split a batch into valid updates (with their weights) and rejections; nothing is averaged here.
+
+    A weight (a client's example count) must be finite and positive, else the reason is ``weight``.
+    """
+    if len(updates) != len(weights):
+        raise ValueError(f"{len(updates)} updates but {len(weights)} weights")
+    accepted: list[StateDict] = []
+    kept_weights: list[float] = []
+    rejected: list[Rejection] = []
+    for index, (update, weight) in enumerate(zip(updates, weights, strict=True)):
+        try:
+            if isinstance(weight, bool) or not isinstance(weight, int | float):
+                raise InvalidUpdate("weight", f"weight must be a number, got {type(weight).__name__}")
+            if not math.isfinite(weight) or weight <= 0:
+                raise InvalidUpdate("weight", f"weight must be finite and positive, got {weight}")
+            validate_update(update, reference, max_norm)
+        except InvalidUpdate as error:
+            rejected.append(Rejection(index, error.reason, error.detail))
+            continue
+        accepted.append(dict(update))
+        kept_weights.append(float(weight))
+    return Filtered(accepted, kept_weights, rejected)
+
+
+@torch.no_grad()
+def clip_update(
+    update: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor], max_norm: float
+) -> tuple[StateDict, float]:
+    """Scale ``update - reference`` down to L2 norm ``max_norm``; returns the new update and the scale.
+
+    An update already within the bound comes back as a shallow copy with scale 1.0.
+    """
+    if max_norm <= 0:
+        raise ValueError(f"max_norm must be positive, got {max_norm}")
+    norm = update_norm(update, reference)
+    if norm <= max_norm:
+        return dict(update), 1.0
+    scale = max_norm / norm
+    clipped = {
+        key: (ref.to(torch.float64) + scale * (update[key].to(torch.float64) - ref.to(torch.float64))).to(
+            ref.dtype
+        )
+        for key, ref in reference.items()
+    }
+    return clipped, scale

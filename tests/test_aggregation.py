@@ -1,0 +1,295 @@
+"""Aggregators and update validation on small hand-checkable tensors."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+
+from fedpetah.aggregation import (
+    AGGREGATORS,
+    InvalidUpdate,
+    StateDict,
+    aggregator_config,
+    build_aggregator,
+    clip_update,
+    filter_updates,
+    validate_update,
+)
+from fedpetah.aggregation.lora_product import lora_pairs
+
+A_KEY = "blocks.0.qkv.lora_A.default.weight"
+B_KEY = "blocks.0.qkv.lora_B.default.weight"
+
+
+def _lora_state(seed: int, out: int = 6, inp: int = 5, rank: int = 2) -> StateDict:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        A_KEY: torch.randn(rank, inp, generator=g, dtype=torch.float64),
+        B_KEY: torch.randn(out, rank, generator=g, dtype=torch.float64),
+        "head.weight": torch.randn(3, 4, generator=g, dtype=torch.float64),
+        "head.bias": torch.randn(3, generator=g, dtype=torch.float64),
+    }
+
+
+def _clone(states: list[StateDict]) -> list[StateDict]:
+    return [{k: v.clone() for k, v in s.items()} for s in states]
+
+
+def _same(a: StateDict, b: StateDict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# validation -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("mutate", "reason"),
+    [
+        (lambda s: s.pop("b"), "missing_keys"),
+        (lambda s: s.update(extra=torch.zeros(1)), "unexpected_keys"),
+        (lambda s: s.update(a=torch.zeros(3)), "shape"),
+        (lambda s: s.update(a=torch.zeros(2, 2, dtype=torch.float64)), "dtype"),
+        (lambda s: s.update(a=torch.zeros(2, 2, dtype=torch.int32)), "dtype"),
+        (lambda s: s.update(a=torch.tensor([[0.0, math.nan], [0.0, 0.0]])), "non_finite"),
+        (lambda s: s.update(b=torch.tensor([math.inf])), "non_finite"),
+        (lambda s: s.update(b=[1.0]), "type"),
+    ],
+)
+def test_validate_rejects_with_reason(mutate: Callable[[dict[str, Any]], object], reason: str) -> None:
+    reference = {"a": torch.zeros(2, 2), "b": torch.zeros(1)}
+    update = {k: v.clone() for k, v in reference.items()}
+    validate_update(update, reference)
+    mutate(update)
+    with pytest.raises(InvalidUpdate) as caught:
+        validate_update(update, reference)
+    assert caught.value.reason == reason
+
+
+def test_validate_norm_bound() -> None:
+    reference = {"a": torch.ones(2)}
+    update = {"a": torch.tensor([4.0, 5.0])}  # delta (3, 4), norm 5
+    validate_update(update, reference, max_norm=5.0)
+    with pytest.raises(InvalidUpdate, match="norm") as caught:
+        validate_update(update, reference, max_norm=4.9)
+    assert caught.value.reason == "norm"
+
+
+def test_filter_updates_keeps_order_and_reports_rejections() -> None:
+    reference = {"a": torch.zeros(2)}
+    updates = [
+        {"a": torch.tensor([1.0, 0.0])},
+        {"a": torch.tensor([math.nan, 0.0])},
+        {"a": torch.tensor([2.0, 0.0])},
+        {"a": torch.tensor([100.0, 0.0])},
+        {"a": torch.tensor([3.0, 0.0])},
+    ]
+    result = filter_updates(updates, [1, 2, 3, 4, 0], reference, max_norm=10.0)
+    assert [u["a"][0].item() for u in result.updates] == [1.0, 2.0]
+    assert result.weights == [1.0, 3.0]
+    rejected = [(r.position, r.reason) for r in result.rejected]
+    assert rejected == [(1, "non_finite"), (3, "norm"), (4, "weight")]
+
+
+# fedavg and clipping ----------------------------------------------------------------------------------
+
+
+def test_fedavg_is_example_weighted_and_pure() -> None:
+    current = {"w": torch.zeros(2), "h": torch.zeros(1, dtype=torch.float16)}
+    updates = [
+        {"w": torch.tensor([1.0, 2.0]), "h": torch.tensor([1.0], dtype=torch.float16)},
+        {"w": torch.tensor([3.0, 6.0]), "h": torch.tensor([5.0], dtype=torch.float16)},
+    ]
+    before = _clone([current, *updates])
+    result = build_aggregator(aggregator_config("fedavg"))(current, updates, [10, 30])
+    assert torch.equal(result.state["w"], torch.tensor([2.5, 5.0]))
+    assert result.state["h"].dtype == torch.float16 and result.state["h"].item() == 4.0
+    assert result.opt_state == {} and result.metrics["num_updates"] == 2
+    assert all(_same(a, b) for a, b in zip(before, [current, *updates], strict=True))
+
+
+def test_aggregator_refuses_an_invalid_update() -> None:
+    current = {"w": torch.zeros(2)}
+    with pytest.raises(InvalidUpdate):
+        build_aggregator(aggregator_config("fedavg"))(current, [{"w": torch.zeros(3)}], [1])
+    with pytest.raises(ValueError, match="weights"):
+        build_aggregator(aggregator_config("fedavg"))(current, [{"w": torch.zeros(2)}], [0])
+
+
+def test_clip_norm_scales_the_delta_not_the_state() -> None:
+    current = {"w": torch.tensor([1.0, 1.0])}
+    far = {"w": torch.tensor([7.0, 9.0])}  # delta (6, 8), norm 10
+    near = {"w": torch.tensor([1.0, 1.5])}
+    clipped, scale = clip_update(far, current, 2.0)
+    assert scale == pytest.approx(0.2) and torch.allclose(clipped["w"], torch.tensor([2.2, 2.6]))
+    result = build_aggregator(aggregator_config("fedavg", clip_norm=2.0))(current, [far, near], [1, 1])
+    assert torch.allclose(result.state["w"], torch.tensor([1.6, 2.05]))
+    assert result.metrics["num_clipped"] == 1
+    assert torch.equal(far["w"], torch.tensor([7.0, 9.0]))
+
+
+# server optimizers ------------------------------------------------------------------------------------
+
+
+def _fedopt_step(
+    name: str, d: float, m: float, v: float, eta: float, b1: float, b2: float, tau: float
+) -> tuple[float, float, float]:
+    """One scalar step of Reddi et al.'s Algorithm 2, written out independently of the library."""
+    m = b1 * m + (1 - b1) * d
+    if name == "fedadam":
+        v = b2 * v + (1 - b2) * d * d
+    elif name == "fedyogi":
+        v = v - (1 - b2) * d * d * math.copysign(1.0, v - d * d)
+    else:
+        v = v + d * d
+    return eta * m / (math.sqrt(v) + tau), m, v
+
+
+@pytest.mark.parametrize("name", ["fedadam", "fedyogi", "fedadagrad"])
+def test_fedopt_two_rounds_match_the_paper(name: str) -> None:
+    fields = {"eta": 0.1, "beta1": 0.9, "tau": 1e-2}
+    if name != "fedadagrad":
+        fields["beta2"] = 0.99
+    aggregate = build_aggregator(aggregator_config(name, **fields))
+    b2 = fields.get("beta2", 0.0)
+    x = {"w": torch.tensor([0.0], dtype=torch.float64)}
+    opt: StateDict = {}
+    m, v, expected = 0.0, 1e-4, 0.0  # v starts at tau**2
+    for target in (0.5, -0.2):
+        # clients return x + 2*target and x + 0 with weights 1:1 -> pseudo-gradient = target
+        ups = [{"w": x["w"] + 2 * target}, {"w": x["w"].clone()}]
+        result = aggregate(x, ups, [1, 1], opt)
+        step, m, v = _fedopt_step(name, target, m, v, 0.1, 0.9, b2, 1e-2)
+        expected += step
+        x, opt = result.state, result.opt_state
+        assert x["w"].item() == pytest.approx(expected, rel=1e-6)
+        assert opt["m/w"].item() == pytest.approx(m, rel=1e-5)
+        assert opt["v/w"].item() == pytest.approx(v, rel=1e-5)
+    assert opt["step"].item() == 2
+    with pytest.raises(ValueError, match="optimizer state"):
+        aggregate({"other": torch.zeros(1)}, [{"other": torch.ones(1)}], [1], opt)
+
+
+def test_fedadam_moves_the_global_state_to_the_clients_consensus() -> None:
+    aggregate = build_aggregator(aggregator_config("fedadam", eta=0.05))
+    target = torch.tensor([1.0, -2.0, 0.5])
+    x, opt = {"w": torch.zeros(3)}, {}
+    for _ in range(300):
+        result = aggregate(x, [{"w": target}], [1], opt)
+        x, opt = result.state, result.opt_state
+    assert torch.allclose(x["w"], target, atol=0.05)
+
+
+# LoRA product aggregation -----------------------------------------------------------------------------
+
+
+def test_lora_product_is_exact_when_the_mean_has_rank_r() -> None:
+    shared_a = _lora_state(0)[A_KEY]
+    updates = [_lora_state(i) | {A_KEY: shared_a} for i in (1, 2, 3)]
+    current = _lora_state(9)
+    result = build_aggregator(aggregator_config("lora_product"))(current, updates, [1, 2, 5])
+    w = [1 / 8, 2 / 8, 5 / 8]
+    mean_product = sum(wi * u[B_KEY] @ u[A_KEY] for wi, u in zip(w, updates, strict=True))
+    assert torch.allclose(result.state[B_KEY] @ result.state[A_KEY], mean_product, atol=1e-10)
+    assert result.metrics["lora_residual_max"] < 1e-12
+    mean_head = sum(wi * u["head.weight"] for wi, u in zip(w, updates, strict=True))
+    assert torch.allclose(result.state["head.weight"], mean_head)
+
+
+def test_lora_product_truncates_optimally_and_splits_symmetrically() -> None:
+    updates = [_lora_state(i) for i in (1, 2, 3)]
+    result = build_aggregator(aggregator_config("lora_product"))(_lora_state(0), updates, [1, 1, 1])
+    mean_product = sum(u[B_KEY] @ u[A_KEY] for u in updates) / 3
+    s = torch.linalg.svdvals(mean_product)
+    a, b = result.state[A_KEY], result.state[B_KEY]
+    gap = torch.linalg.matrix_norm(mean_product - b @ a)
+    assert gap.item() == pytest.approx(s[2:].norm().item(), rel=1e-9)  # Eckart-Young optimum
+    assert result.metrics["lora_residual_max"] == pytest.approx((s[2:].norm() / s.norm()).item(), rel=1e-9)
+    assert torch.allclose(a.norm(dim=1), s[:2].sqrt()) and torch.allclose(b.norm(dim=0), s[:2].sqrt())
+    plain = build_aggregator(aggregator_config("fedavg"))(_lora_state(0), updates, [1, 1, 1]).state
+    assert torch.linalg.matrix_norm(mean_product - plain[B_KEY] @ plain[A_KEY]) > gap
+
+
+def test_lora_product_handles_conv_factors_and_reseeds_dead_directions() -> None:
+    a_key, b_key = "stem.conv.lora_A.default.weight", "stem.conv.lora_B.default.weight"
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(2, 3, 3, 3, generator=g)
+    b = torch.zeros(4, 2, 1, 1)
+    b[:, 0, 0, 0] = torch.randn(4, generator=g)  # rank-1 update, so one of the r=2 directions is dead
+    mag = "stem.conv.lora_magnitude_vector.default.weight"
+    update = {a_key: a, b_key: b, mag: torch.ones(1, 4, 1, 1)}
+    current = {a_key: torch.zeros_like(a), b_key: torch.zeros_like(b), mag: torch.zeros(1, 4, 1, 1)}
+    result = build_aggregator(aggregator_config("lora_product"))(current, [update], [1])
+    new_a, new_b = result.state[a_key], result.state[b_key]
+    assert new_a.shape == a.shape and new_b.shape == b.shape and torch.equal(result.state[mag], update[mag])
+    assert result.metrics["lora_dead_directions"] == 1
+    flat_a = new_a.reshape(2, -1)
+    product = (new_b.reshape(4, 2) @ flat_a).to(torch.float64)
+    expected = (b.reshape(4, 2) @ a.reshape(2, -1)).to(torch.float64)
+    assert torch.allclose(product, expected, atol=1e-5)
+    assert torch.equal(new_b[:, 1], torch.zeros(4, 1, 1))
+    rms_row = a.reshape(2, -1).square().sum(dim=1).mean().sqrt()
+    assert flat_a[1].norm().item() == pytest.approx(rms_row.item(), rel=1e-5)
+    assert abs(torch.dot(flat_a[0], flat_a[1]).item()) < 1e-4
+
+
+def test_lora_pairs_require_both_factors() -> None:
+    assert lora_pairs([A_KEY, B_KEY, "head.weight"]) == [(A_KEY, B_KEY)]
+    with pytest.raises(ValueError, match="no matching"):
+        lora_pairs([A_KEY])
+    with pytest.raises(ValueError, match="no matching lora_A"):
+        lora_pairs([B_KEY])
+    with pytest.raises(ValueError, match="use fedavg"):
+        aggregate = build_aggregator(aggregator_config("lora_product"))
+        aggregate({"w": torch.zeros(1)}, [{"w": torch.ones(1)}], [1])
+
+
+# robust -----------------------------------------------------------------------------------------------
+
+
+def test_median_and_trimmed_mean_ignore_an_outlier() -> None:
+    current = {"w": torch.zeros(2)}
+    values = [[1.0, 10.0], [2.0, 20.0], [3.0, 60.0], [4.0, 40.0], [1e6, -1e6]]
+    updates = [{"w": torch.tensor(v)} for v in values]
+    weights = [1, 1, 1, 1, 1000]
+    median = build_aggregator(aggregator_config("median"))(current, updates, weights).state
+    assert torch.equal(median["w"], torch.tensor([3.0, 20.0]))
+    even = build_aggregator(aggregator_config("median"))(current, updates[:4], [1] * 4).state
+    assert torch.equal(even["w"], torch.tensor([2.5, 30.0]))
+    trimmed = build_aggregator(aggregator_config("trimmed_mean", trim_ratio=0.2))(current, updates, weights)
+    assert torch.allclose(trimmed.state["w"], torch.tensor([3.0, 70 / 3]))
+    assert trimmed.metrics["trimmed_per_side"] == 1
+    with pytest.raises(ValueError, match="trim_ratio"):
+        aggregator_config("trimmed_mean", trim_ratio=0.5)
+
+
+# registry ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", AGGREGATORS.names())
+def test_every_aggregator_is_pure_and_keeps_the_layout(name: str) -> None:
+    current = _lora_state(0) | {"head.bias": torch.zeros(3, dtype=torch.float32)}
+    updates = [_lora_state(i) | {"head.bias": torch.full((3,), float(i))} for i in (1, 2, 3)]
+    before = _clone([current, *updates])
+    result = build_aggregator(aggregator_config(name))(current, updates, [1, 2, 3])
+    again = build_aggregator(aggregator_config(name))(current, updates, [1, 2, 3])
+    assert all(_same(x, y) for x, y in zip(before, [current, *updates], strict=True))
+    assert _same(result.state, again.state)
+    assert {k: (v.shape, v.dtype) for k, v in result.state.items()} == {
+        k: (v.shape, v.dtype) for k, v in current.items()
+    }
+    assert all(math.isfinite(v) for v in result.metrics.values())
+
+
+def test_registry_rejects_unknown_names_fields_and_configs() -> None:
+    with pytest.raises(KeyError, match="fedavg"):
+        aggregator_config("fedsgd")
+    with pytest.raises(TypeError):
+        aggregator_config("fedavg", eta=0.1)
+    with pytest.raises(TypeError):
+        AGGREGATORS.get("fedyogi")(aggregator_config("fedadam"))
+    with pytest.raises(ValueError, match="clip_norm"):
+        aggregator_config("median", clip_norm=0.0)
