@@ -1,0 +1,108 @@
+"""The ``folder`` stream: users' own images laid out as root/<task>/<class>/*.png|jpg|jpeg."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from fedpetah.tasks.data import Task, split_task
+from fedpetah.tasks.streams import STREAMS, TaskStreamConfig
+
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg"})
+# What PIL raises on unreadable, truncated or hostile files (SyntaxError: some broken PNG chunks).
+_READ_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+
+def _subdirs(path: Path) -> list[Path]:
+    """Visible sub-directories in sorted (stable, locale-independent) order."""
+    return sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def load_image(path: Path, channels: int, size: int) -> np.ndarray:
+    """One image converted to L or RGB and resized (bilinear) to size x size, as uint8 (C, size, size)."""
+    with Image.open(path) as image:
+        image.load()
+        converted = image.convert("L" if channels == 1 else "RGB")
+        pixels = np.asarray(converted.resize((size, size), Image.Resampling.BILINEAR), dtype=np.uint8)
+    return pixels[None] if channels == 1 else pixels.transpose(2, 0, 1)
+
+
+def load_class(directory: Path, channels: int, size: int, root: Path) -> tuple[list[np.ndarray], list[str]]:
+    """Readable images of one class directory and the root-relative paths of the skipped ones.
+
+    A class with no readable image raises ``ValueError``.
+    """
+    images, skipped = [], []
+    files = sorted(p for p in directory.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    for path in files:
+        try:
+            images.append(load_image(path, channels, size))
+        except _READ_ERRORS:
+            skipped.append(str(path.relative_to(root)))
+    if not images:
+        raise ValueError(
+            f"class directory {directory} has no readable image "
+            f"({len(files)} file(s) with suffix {'/'.join(sorted(IMAGE_SUFFIXES))})"
+        )
+    return images, skipped
+
+
+def load_task(index: int, directory: Path, config: TaskStreamConfig, root: Path) -> Task:
+    """One task directory: its sorted class sub-directories become labels 0..k-1."""
+    class_dirs = _subdirs(directory)
+    if len(class_dirs) < 2:
+        raise ValueError(
+            f"task directory {directory} needs at least 2 class sub-directories, found {len(class_dirs)}"
+        )
+    images: list[np.ndarray] = []
+    labels: list[int] = []
+    skipped: list[str] = []
+    for label, class_dir in enumerate(class_dirs):
+        loaded, bad = load_class(class_dir, config.channels, config.store_size, root)
+        images += loaded
+        labels += [label] * len(loaded)
+        skipped += bad
+    rng = np.random.default_rng((config.seed, 0, index))
+    task = split_task(
+        index,
+        directory.name,
+        [d.name for d in class_dirs],
+        np.stack(images),
+        np.asarray(labels, dtype=np.int64),
+        config.test_fraction,
+        rng,
+    )
+    task.skipped = skipped
+    if skipped:
+        warnings.warn(
+            f"task {directory.name!r}: skipped {len(skipped)} unreadable image(s), e.g. {skipped[0]}",
+            stacklevel=2,
+        )
+    return task
+
+
+@STREAMS.register("folder")
+def folder(config: TaskStreamConfig) -> list[Task]:
+    """Tasks from ``config.root``: task and class directories in sorted order, hidden ones ignored.
+
+    Images are converted to ``config.channels`` and stored at ``config.store_size`` (uint8) to bound
+    memory; unreadable files are skipped, warned about and listed in ``Task.skipped``. A missing
+    root, a task with fewer than 2 classes, or a class without a readable image raises.
+    """
+    if config.root is None:
+        raise ValueError("tasks.name=folder needs tasks.root=PATH")
+    root = Path(config.root).expanduser()
+    if not root.is_dir():
+        raise FileNotFoundError(f"tasks.root {root} is not a directory")
+    task_dirs = _subdirs(root)
+    if not task_dirs:
+        raise ValueError(
+            f"tasks.root {root} has no task sub-directories (expected root/<task>/<class>/*.png)"
+        )
+    count = len(task_dirs) if config.num_tasks is None else config.num_tasks
+    if count > len(task_dirs):
+        raise ValueError(f"tasks.num_tasks={count} but {root} holds only {len(task_dirs)} task directories")
+    return [load_task(t, directory, config, root) for t, directory in enumerate(task_dirs[:count])]
