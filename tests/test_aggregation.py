@@ -176,7 +176,8 @@ def test_fedopt_two_rounds_match_the_paper(name: str) -> None:
 def test_fedadam_moves_the_global_state_to_the_clients_consensus() -> None:
     aggregate = build_aggregator(aggregator_config("fedadam", eta=0.05))
     target = torch.tensor([1.0, -2.0, 0.5])
-    x, opt = {"w": torch.zeros(3)}, {}
+    x: StateDict = {"w": torch.zeros(3)}
+    opt: StateDict = {}
     for _ in range(300):
         result = aggregate(x, [{"w": target}], [1], opt)
         x, opt = result.state, result.opt_state
@@ -192,17 +193,17 @@ def test_lora_product_is_exact_when_the_mean_has_rank_r() -> None:
     current = _lora_state(9)
     result = build_aggregator(aggregator_config("lora_product"))(current, updates, [1, 2, 5])
     w = [1 / 8, 2 / 8, 5 / 8]
-    mean_product = sum(wi * u[B_KEY] @ u[A_KEY] for wi, u in zip(w, updates, strict=True))
+    mean_product = torch.stack([wi * u[B_KEY] @ u[A_KEY] for wi, u in zip(w, updates, strict=True)]).sum(0)
     assert torch.allclose(result.state[B_KEY] @ result.state[A_KEY], mean_product, atol=1e-10)
     assert result.metrics["lora_residual_max"] < 1e-12
-    mean_head = sum(wi * u["head.weight"] for wi, u in zip(w, updates, strict=True))
+    mean_head = torch.stack([wi * u["head.weight"] for wi, u in zip(w, updates, strict=True)]).sum(0)
     assert torch.allclose(result.state["head.weight"], mean_head)
 
 
 def test_lora_product_truncates_optimally_and_splits_symmetrically() -> None:
     updates = [_lora_state(i) for i in (1, 2, 3)]
     result = build_aggregator(aggregator_config("lora_product"))(_lora_state(0), updates, [1, 1, 1])
-    mean_product = sum(u[B_KEY] @ u[A_KEY] for u in updates) / 3
+    mean_product = torch.stack([u[B_KEY] @ u[A_KEY] for u in updates]).mean(0)
     s = torch.linalg.svdvals(mean_product)
     a, b = result.state[A_KEY], result.state[B_KEY]
     gap = torch.linalg.matrix_norm(mean_product - b @ a)
