@@ -39,6 +39,9 @@ class BackboneConfig:
     warmup: WarmupConfig = field(default_factory=WarmupConfig)
 
     def __post_init__(self) -> None:
+        from fedpetah.backbone.families import family_of
+
+        family_of(self.name)  # unsupported names fail here, listing the supported ones
         if self.weights not in {"warmup", "pretrained", "checkpoint", "random"}:
             raise ValueError(
                 f"backbone.weights must be warmup|pretrained|checkpoint|random, got {self.weights!r}"

@@ -1,0 +1,109 @@
+"""The whole experiment's typed config (Hydra's schema) and its conversion from composed YAML."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from fedpetah.adapters import ADAPTERS, AdapterConfig, adapter_config
+from fedpetah.config import BackboneConfig, PruningConfig, TrainConfig
+from fedpetah.tasks import PartitionConfig, TaskStreamConfig
+
+
+@dataclass
+class StrategyConfig:
+    """Per-round client sampling and per-task aggregation."""
+
+    aggregator: str = "fedavg"
+    fraction: float = 0.2
+    min_clients: int = 2
+    max_update_norm: float | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.fraction <= 1.0:
+            raise ValueError(f"strategy.fraction must be in (0, 1], got {self.fraction}")
+        if self.min_clients < 1:
+            raise ValueError(f"strategy.min_clients must be >= 1, got {self.min_clients}")
+
+
+@dataclass
+class SimulationConfig:
+    """Flower simulation engine (Ray backend) resources."""
+
+    cpus_per_client: float = 1.0
+    gpus_per_client: float = 0.0
+    torch_threads: int = 1
+    ray_memory_mb: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.cpus_per_client <= 0 or self.gpus_per_client < 0 or self.torch_threads < 1:
+            raise ValueError("simulation.cpus_per_client > 0, gpus_per_client >= 0, torch_threads >= 1")
+
+
+@dataclass
+class ExperimentConfig:
+    """Everything one federated continual run depends on."""
+
+    clients: int = 50
+    rounds_per_task: int = 3
+    seed: int = 0
+    resume: bool = False
+    output_dir: str = "."
+    evaluate_every_round: bool = True
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    pruning: PruningConfig = field(default_factory=PruningConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    tasks: TaskStreamConfig = field(default_factory=TaskStreamConfig)
+    partition: PartitionConfig = field(default_factory=PartitionConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    simulation: SimulationConfig = field(default_factory=SimulationConfig)
+
+    def __post_init__(self) -> None:
+        if self.clients < 1 or self.rounds_per_task < 1:
+            raise ValueError("clients and rounds_per_task must be >= 1")
+
+
+def register_configs() -> None:
+    """Register the schema in Hydra's ConfigStore: the root and one schema per adapter."""
+    from hydra.core.config_store import ConfigStore
+
+    store = ConfigStore.instance()
+    store.store(name="experiment_schema", node=ExperimentConfig)
+    for name in ADAPTERS.names():
+        store.store(group="adapter", name=f"{name}_schema", node=ADAPTERS.get(name).config_class(name=name))
+
+
+def to_experiment(cfg: DictConfig | dict[str, Any]) -> ExperimentConfig:
+    """Typed config from a composed Hydra config (or a plain nested dict); validates everything."""
+    raw = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+    assert isinstance(raw, dict)
+    raw = {k: v for k, v in raw.items() if k not in {"hydra"}}
+    groups = {
+        "backbone": BackboneConfig,
+        "pruning": PruningConfig,
+        "tasks": TaskStreamConfig,
+        "partition": PartitionConfig,
+        "train": TrainConfig,
+        "strategy": StrategyConfig,
+        "simulation": SimulationConfig,
+    }
+    typed: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key == "adapter":
+            fields = dict(value or {})
+            typed[key] = adapter_config(fields.pop("name", "head"), **fields)
+        elif key == "backbone":
+            value = dict(value or {})
+            from fedpetah.config import WarmupConfig
+
+            value["warmup"] = WarmupConfig(**(value.get("warmup") or {}))
+            typed[key] = BackboneConfig(**value)
+        elif key in groups:
+            typed[key] = groups[key](**(value or {}))
+        else:
+            typed[key] = value
+    return ExperimentConfig(**typed)
