@@ -61,9 +61,7 @@ def test_split_mnist_tasks_are_balanced_disjoint_digit_pairs() -> None:
 def test_streams_are_deterministic_per_seed() -> None:
     a, b = build_stream(TaskStreamConfig(seed=3)), build_stream(TaskStreamConfig(seed=3))
     c = build_stream(TaskStreamConfig(seed=4))
-    assert torch.equal(a[2].train.images, b[2].train.images) and torch.equal(
-        a[2].test.labels, b[2].test.labels
-    )
+    assert torch.equal(a[2].train.images, b[2].train.images) and torch.equal(a[2].test.labels, b[2].test.labels)
     assert not torch.equal(a[2].test.images, c[2].test.images)
     p, q = (
         build_stream(TaskStreamConfig(name="permuted_mnist", seed=3, num_tasks=2)),
@@ -218,9 +216,7 @@ def test_quantity_skew_and_min_per_client() -> None:
 # ---------------------------------------------------------------- folder and torchvision streams
 
 
-def _write(
-    path: Path, color: tuple[int, int, int], size: tuple[int, int] = (20, 12), fmt: str = "PNG"
-) -> None:
+def _write(path: Path, color: tuple[int, int, int], size: tuple[int, int] = (20, 12), fmt: str = "PNG") -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.new("RGB", size, color).save(path, fmt)
 
@@ -239,23 +235,17 @@ def _folder(root: Path) -> None:
 def test_folder_stream_loads_sorted_tasks_and_counts_corrupt_files(tmp_path: Path) -> None:
     _folder(tmp_path)
     with pytest.warns(UserWarning, match="skipped 1 unreadable"):
-        tasks = build_stream(
-            TaskStreamConfig(name="folder", root=str(tmp_path), store_size=16, test_fraction=0.34)
-        )
+        tasks = build_stream(TaskStreamConfig(name="folder", root=str(tmp_path), store_size=16, test_fraction=0.34))
     assert [t.name for t in tasks] == ["a_colors", "b_shapes"]
     colors, shapes = tasks
     assert colors.classes == ["blue", "red"] and shapes.classes == ["circle", "square"]
     assert colors.skipped == ["a_colors/red/broken.png"] and shapes.skipped == []
     assert colors.train.images.shape[1:] == (3, 16, 16) and len(colors.train) + len(colors.test) == 6
     assert torch.bincount(colors.test.labels).tolist() == [1, 1]
-    red = torch.cat(
-        [colors.train.images[colors.train.labels == 1], colors.test.images[colors.test.labels == 1]]
-    )
+    red = torch.cat([colors.train.images[colors.train.labels == 1], colors.test.images[colors.test.labels == 1]])
     assert red[:, 0].min() == 255 and red[:, 2].max() == 0
     with pytest.warns(UserWarning, match="broken.png"):
-        gray = build_stream(
-            TaskStreamConfig(name="folder", root=str(tmp_path), channels=1, num_tasks=1, store_size=8)
-        )
+        gray = build_stream(TaskStreamConfig(name="folder", root=str(tmp_path), channels=1, num_tasks=1, store_size=8))
     assert len(gray) == 1 and gray[0].train.images.shape[1:] == (1, 8, 8)
 
 
@@ -277,9 +267,31 @@ def test_folder_stream_errors(tmp_path: Path) -> None:
         build_stream(TaskStreamConfig(name="folder", root=str(tmp_path)))
 
 
-def test_torchvision_without_data_or_download_fails_offline(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def _write_idx(path: Path, array: np.ndarray) -> None:
+    """The IDX (MNIST) file format: magic 0x08 (uint8) + rank, big-endian sizes, then the bytes."""
+    header = bytes([0, 0, 8, array.ndim]) + b"".join(n.to_bytes(4, "big") for n in array.shape)
+    path.write_bytes(header + array.astype(np.uint8).tobytes())
+
+
+def test_torchvision_stream_reads_local_mnist_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(socket.socket, "connect", lambda *a: pytest.fail("network access"))
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for prefix, per_class in (("train", 3), ("t10k", 1)):
+        labels = np.repeat(np.arange(10), per_class)
+        _write_idx(
+            raw / f"{prefix}-images-idx3-ubyte",
+            np.broadcast_to(labels[:, None, None] * 20, (len(labels), 28, 28)),
+        )
+        _write_idx(raw / f"{prefix}-labels-idx1-ubyte", labels)
+    tasks = build_stream(TaskStreamConfig(name="torchvision", root=str(tmp_path), dataset="MNIST", num_tasks=4))
+    assert [t.name for t in tasks] == ["mnist_0_1", "mnist_2_3", "mnist_4_5", "mnist_6_7"]
+    assert tasks[1].classes == ["2 - two", "3 - three"] and tasks[1].train.images.shape == (6, 1, 28, 28)
+    assert tasks[1].train.labels.tolist() == [0, 0, 0, 1, 1, 1] and tasks[1].test.labels.tolist() == [0, 1]
+    assert tasks[1].train.images[:, 0, 0, 0].tolist() == [40, 40, 40, 60, 60, 60]
+
+
+def test_torchvision_without_data_or_download_fails_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     def no_network(*args: object, **kwargs: object) -> None:
         raise AssertionError("the torchvision stream tried to open a network connection")
 

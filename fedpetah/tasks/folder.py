@@ -54,9 +54,7 @@ def load_task(index: int, directory: Path, config: TaskStreamConfig, root: Path)
     """One task directory: its sorted class sub-directories become labels 0..k-1."""
     class_dirs = _subdirs(directory)
     if len(class_dirs) < 2:
-        raise ValueError(
-            f"task directory {directory} needs at least 2 class sub-directories, found {len(class_dirs)}"
-        )
+        raise ValueError(f"task directory {directory} needs at least 2 class sub-directories, found {len(class_dirs)}")
     images: list[np.ndarray] = []
     labels: list[int] = []
     skipped: list[str] = []
@@ -99,9 +97,7 @@ def folder(config: TaskStreamConfig) -> list[Task]:
         raise FileNotFoundError(f"tasks.root {root} is not a directory")
     task_dirs = _subdirs(root)
     if not task_dirs:
-        raise ValueError(
-            f"tasks.root {root} has no task sub-directories (expected root/<task>/<class>/*.png)"
-        )
+        raise ValueError(f"tasks.root {root} has no task sub-directories (expected root/<task>/<class>/*.png)")
     count = len(task_dirs) if config.num_tasks is None else config.num_tasks
     if count > len(task_dirs):
         raise ValueError(f"tasks.num_tasks={count} but {root} holds only {len(task_dirs)} task directories")

@@ -36,9 +36,7 @@ def load_split(config: TaskStreamConfig, train: bool) -> tuple[np.ndarray, np.nd
     """One official split of ``config.dataset`` as arrays plus the class names."""
     key = (config.dataset or "").lower()
     if key not in TORCHVISION_DATASETS:
-        raise ValueError(
-            f"tasks.dataset must be one of {', '.join(TORCHVISION_DATASETS)}, got {config.dataset!r}"
-        )
+        raise ValueError(f"tasks.dataset must be one of {', '.join(TORCHVISION_DATASETS)}, got {config.dataset!r}")
     dataset_class = getattr(importlib.import_module("torchvision.datasets"), TORCHVISION_DATASETS[key])
     try:
         dataset = dataset_class(root=config.root, train=train, download=config.download)
@@ -56,12 +54,8 @@ def torchvision_stream(config: TaskStreamConfig) -> list[Task]:
     train_x, train_y, classes = load_split(config, train=True)
     test_x, test_y, _ = load_split(config, train=False)
     prefix = (config.dataset or "").lower()
-    train_groups = class_incremental(
-        train_x, train_y, classes, prefix, config.classes_per_task, config.num_tasks
-    )
-    test_groups = class_incremental(
-        test_x, test_y, classes, prefix, config.classes_per_task, config.num_tasks
-    )
+    train_groups = class_incremental(train_x, train_y, classes, prefix, config.classes_per_task, config.num_tasks)
+    test_groups = class_incremental(test_x, test_y, classes, prefix, config.classes_per_task, config.num_tasks)
     return [
         Task(t, name, names, to_image_set(x, y), to_image_set(tx, ty))
         for t, ((name, names, x, y), (_, _, tx, ty)) in enumerate(zip(train_groups, test_groups, strict=True))

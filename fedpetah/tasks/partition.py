@@ -45,9 +45,7 @@ def partition(labels: np.ndarray, num_clients: int, config: PartitionConfig, see
     if num_clients < 1:
         raise ValueError(f"num_clients must be >= 1, got {num_clients}")
     if config.min_per_client * num_clients > len(labels):
-        raise ValueError(
-            f"{len(labels)} examples cannot give {num_clients} clients {config.min_per_client} each"
-        )
+        raise ValueError(f"{len(labels)} examples cannot give {num_clients} clients {config.min_per_client} each")
     parts = PARTITIONERS.get(config.name)(labels, num_clients, config, np.random.default_rng(seed))
     used = np.sort(np.concatenate(parts)) if parts else np.empty(0, dtype=np.int64)
     if len(parts) != num_clients or not np.array_equal(used, np.arange(len(labels))):
@@ -61,9 +59,7 @@ def _split(indices: np.ndarray, counts: np.ndarray) -> list[np.ndarray]:
 
 
 @PARTITIONERS.register("iid")
-def iid(
-    labels: np.ndarray, num_clients: int, config: PartitionConfig, rng: np.random.Generator
-) -> list[np.ndarray]:
+def iid(labels: np.ndarray, num_clients: int, config: PartitionConfig, rng: np.random.Generator) -> list[np.ndarray]:
     """A random permutation cut into near-equal pieces (sizes differ by at most one)."""
     pieces = np.array_split(rng.permutation(len(labels)), num_clients)
     return [np.sort(piece).astype(np.int64) for piece in pieces]

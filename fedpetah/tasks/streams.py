@@ -100,9 +100,7 @@ def digits_sample() -> tuple[np.ndarray, np.ndarray]:
     return images, labels
 
 
-def _class_stream(
-    config: TaskStreamConfig, prefix: str, images: np.ndarray, labels: np.ndarray
-) -> list[Task]:
+def _class_stream(config: TaskStreamConfig, prefix: str, images: np.ndarray, labels: np.ndarray) -> list[Task]:
     """Class-incremental tasks over the ten digits, each split with its own seeded generator."""
     groups = class_incremental(images, labels, DIGIT_NAMES, prefix, config.classes_per_task, config.num_tasks)
     return [
@@ -162,8 +160,7 @@ def rotated_mnist(config: TaskStreamConfig) -> list[Task]:
         return rotate_images(images, angle) if angle % 360 else images
 
     angles = [
-        f"{t * config.rotation_step:g}".replace(".", "p").replace("-", "m")
-        for t in range(_domain_length(config))
+        f"{t * config.rotation_step:g}".replace(".", "p").replace("-", "m") for t in range(_domain_length(config))
     ]
     return _domain_stream(config, [f"mnist_rot{a}" for a in angles], rotate)
 
