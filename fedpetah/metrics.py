@@ -59,9 +59,7 @@ class AccuracyMatrix:
         complete = self.complete_rows()
         k = complete - 1 if after is None else after
         if not 0 <= k < complete:
-            raise ValueError(
-                f"rows 0..{k} of the accuracy matrix are not complete ({complete} complete rows)"
-            )
+            raise ValueError(f"rows 0..{k} of the accuracy matrix are not complete ({complete} complete rows)")
         return k
 
     def average_accuracy(self, after: int | None = None) -> float:
@@ -92,13 +90,13 @@ class AccuracyMatrix:
 
     @classmethod
     def from_rounds(cls, records: Sequence[RoundRecord], num_tasks: int | None = None) -> AccuracyMatrix:
-        """Row ``i`` from the last round of task ``i`` that reported each seen task's accuracy."""
+        """Row ``i`` from the last round of task ``i`` that reported each seen task's accuracy (not NaN)."""
         if not records:
             raise ValueError("no round records")
         matrix = cls(num_tasks or max(r.task for r in records) + 1)
         for record in records:  # rounds in order: later rounds overwrite earlier ones
             for task, accuracy in record.accuracy.items():
-                if task <= record.task:
+                if task <= record.task and not math.isnan(accuracy):
                     matrix.record(record.task, task, accuracy)
         return matrix
 
@@ -109,7 +107,8 @@ class RoundRecord:
 
     ``bytes_up``/``bytes_down``: adapter payload bytes summed over the round's clients;
     ``step_time_s``: the clients' median training-step time; ``peak_memory_mb``: the clients' maximum;
-    ``extra``: any other scalars (train loss, aggregation metrics, ...).
+    ``extra``: any other scalars (train loss, aggregation metrics, ...). NaN marks a value not measured
+    (an accuracy not evaluated this round); it is written as ``null``.
     """
 
     round: int
@@ -131,9 +130,15 @@ class RoundRecord:
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> RoundRecord:
+        """Inverse of :meth:`to_json` after strict JSON: ``null`` accuracies and extras come back as NaN."""
         fields = dict(data)
-        fields["accuracy"] = {int(k): float(v) for k, v in fields.get("accuracy", {}).items()}
+        fields["accuracy"] = {int(k): _float(v) for k, v in fields.get("accuracy", {}).items()}
+        fields["extra"] = {str(k): _float(v) for k, v in fields.get("extra", {}).items()}
         return cls(**fields)
+
+
+def _float(value: float | None) -> float:
+    return math.nan if value is None else float(value)
 
 
 def tensor_bytes(state: Mapping[str, torch.Tensor]) -> int:

@@ -90,7 +90,7 @@ def test_filter_updates_keeps_order_and_reports_rejections() -> None:
     result = filter_updates(updates, [1, 2, 3, 4, 0], reference, max_norm=10.0)
     assert [u["a"][0].item() for u in result.updates] == [1.0, 2.0]
     assert result.weights == [1.0, 3.0]
-    rejected = [(r.position, r.reason) for r in result.rejected]
+    rejected = [(r.index, r.reason) for r in result.rejected]
     assert rejected == [(1, "non_finite"), (3, "norm"), (4, "weight")]
 
 

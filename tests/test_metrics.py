@@ -107,6 +107,23 @@ def test_run_log_summary_and_resume(tmp_path: Path) -> None:
     assert "NaN" not in text and json.loads(text)["accuracy_matrix"][0] == [0.9, None, None]
 
 
+def test_unevaluated_accuracies_are_nan_and_survive_json(tmp_path: Path) -> None:
+    nan = float("nan")
+    records = [
+        RoundRecord(round=1, task=0, accuracy={0: 0.4}),
+        RoundRecord(round=2, task=0, accuracy={0: nan}, extra={"train_loss": nan}),
+        RoundRecord(round=3, task=1, accuracy={0: nan, 1: 0.6}),
+        RoundRecord(round=4, task=1, accuracy={0: 0.3}),
+    ]
+    with RunLog(tmp_path) as log:
+        for record in records:
+            log.log(record)
+    assert "NaN" not in (tmp_path / "metrics.jsonl").read_text()
+    restored = read_rounds(tmp_path)
+    assert math.isnan(restored[1].accuracy[0]) and math.isnan(restored[1].extra["train_loss"])
+    assert AccuracyMatrix.from_rounds(restored).to_list() == [[0.4, None], [0.3, 0.6]]
+
+
 def test_plot_run_writes_three_pngs(tmp_path: Path) -> None:
     with RunLog(tmp_path) as log:
         for record in _records():

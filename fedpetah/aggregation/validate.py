@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -23,10 +24,11 @@ class InvalidUpdate(ValueError):
         self.detail = detail
 
 
-class Rejection(NamedTuple):
-    """One rejected update: its position in the batch, the reason and a human-readable detail."""
+@dataclass(frozen=True)
+class Rejection:
+    """One rejected update: its index in the batch, the reason (one of :data:`REASONS`), a detail."""
 
-    position: int
+    index: int
     reason: str
     detail: str
 
@@ -129,9 +131,7 @@ def clip_update(
         return dict(update), 1.0
     scale = max_norm / norm
     clipped = {
-        key: (ref.to(torch.float64) + scale * (update[key].to(torch.float64) - ref.to(torch.float64))).to(
-            ref.dtype
-        )
+        key: (ref.to(torch.float64) + scale * (update[key].to(torch.float64) - ref.to(torch.float64))).to(ref.dtype)
         for key, ref in reference.items()
     }
     return clipped, scale
