@@ -294,3 +294,37 @@ def test_registry_rejects_unknown_names_fields_and_configs() -> None:
         AGGREGATORS.get("fedyogi")(aggregator_config("fedadam"))
     with pytest.raises(ValueError, match="clip_norm"):
         aggregator_config("median", clip_norm=0.0)
+
+
+def test_lora_product_averages_peft_weight_deltas_exactly() -> None:
+    from peft import LoraConfig, get_peft_model
+
+    def lora_model() -> Any:  # a peft PeftModel
+        torch.manual_seed(0)
+        base = torch.nn.Sequential(torch.nn.Conv2d(3, 6, 3), torch.nn.Flatten(), torch.nn.Linear(6 * 4 * 4, 5))
+        return get_peft_model(base, LoraConfig(r=2, lora_alpha=4, target_modules=["0", "2"]))
+
+    def delta(state: StateDict) -> list[torch.Tensor]:
+        model = lora_model()
+        assert not model.load_state_dict(state, strict=False).unexpected_keys
+        merged = model.merge_and_unload()
+        return [merged[0].weight - base[0].weight, merged[2].weight - base[2].weight]
+
+    base = lora_model().merge_and_unload()  # B = 0: the frozen weights
+    names = [n for n, p in lora_model().named_parameters() if p.requires_grad]
+    g = torch.Generator().manual_seed(1)
+    current = {n: p.detach().clone() for n, p in lora_model().named_parameters() if p.requires_grad}
+    shared_a = {n: torch.randn(current[n].shape, generator=g) for n in names if ".lora_A." in n}
+    updates = [
+        {n: shared_a[n] if n in shared_a else torch.randn(current[n].shape, generator=g) for n in names}
+        for _ in range(3)
+    ]
+    result = build_aggregator(aggregator_config("lora_product"))(current, updates, [1, 1, 2])
+    with torch.no_grad():
+        deltas = [delta(u) for u in updates]
+        expected = [0.25 * d0 + 0.25 * d1 + 0.5 * d2 for d0, d1, d2 in zip(*deltas, strict=True)]
+        got = delta(result.state)
+    assert result.metrics["lora_pairs"] == 2
+    for got_layer, expected_layer in zip(got, expected, strict=True):
+        assert expected_layer.abs().max() > 0.1
+        assert torch.allclose(got_layer, expected_layer, atol=1e-5)
