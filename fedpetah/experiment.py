@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from fedpetah.adapters import ADAPTERS, AdapterConfig, adapter_config
+from fedpetah.adapters import ADAPTERS, AdapterConfig
 from fedpetah.config import BackboneConfig, PruningConfig, TrainConfig
+from fedpetah.flatconfig import build_dataclass
 from fedpetah.tasks import PartitionConfig, TaskStreamConfig
 
 
@@ -77,33 +79,11 @@ def register_configs() -> None:
         store.store(group="adapter", name=f"{name}_schema", node=ADAPTERS.get(name).config_class(name=name))
 
 
-def to_experiment(cfg: DictConfig | dict[str, Any]) -> ExperimentConfig:
-    """Typed config from a composed Hydra config (or a plain nested dict); validates everything."""
+def to_experiment(cfg: DictConfig | Mapping[str, Any]) -> ExperimentConfig:
+    """Typed config from a composed Hydra config or a nested dict; every dataclass validates its fields."""
     raw = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
     assert isinstance(raw, dict)
-    raw = {k: v for k, v in raw.items() if k not in {"hydra"}}
-    groups = {
-        "backbone": BackboneConfig,
-        "pruning": PruningConfig,
-        "tasks": TaskStreamConfig,
-        "partition": PartitionConfig,
-        "train": TrainConfig,
-        "strategy": StrategyConfig,
-        "simulation": SimulationConfig,
-    }
-    typed: dict[str, Any] = {}
-    for key, value in raw.items():
-        if key == "adapter":
-            fields = dict(value or {})
-            typed[key] = adapter_config(fields.pop("name", "head"), **fields)
-        elif key == "backbone":
-            value = dict(value or {})
-            from fedpetah.config import WarmupConfig
-
-            value["warmup"] = WarmupConfig(**(value.get("warmup") or {}))
-            typed[key] = BackboneConfig(**value)
-        elif key in groups:
-            typed[key] = groups[key](**(value or {}))
-        else:
-            typed[key] = value
-    return ExperimentConfig(**typed)
+    raw = {str(k): v for k, v in raw.items() if k != "hydra"}
+    adapter = dict(raw.pop("adapter", None) or {"name": "head"})
+    config = build_dataclass(ExperimentConfig, raw)
+    return replace(config, adapter=build_dataclass(ADAPTERS.get(str(adapter.get("name", "head"))).config_class, adapter))
