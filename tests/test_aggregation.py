@@ -187,10 +187,15 @@ def test_fedadam_moves_the_global_state_to_the_clients_consensus() -> None:
 # LoRA product aggregation -----------------------------------------------------------------------------
 
 
-def test_lora_product_is_exact_when_the_mean_has_rank_r() -> None:
-    shared_a = _lora_state(0)[A_KEY]
-    updates = [_lora_state(i) | {A_KEY: shared_a} for i in (1, 2, 3)]
-    current = _lora_state(9)
+# (6, 5): 3 clients x rank 2 >= min(out, in), dense SVD; (12, 10): the QR-factored SVD path
+SIZES = pytest.mark.parametrize(("out", "inp"), [(6, 5), (12, 10)])
+
+
+@SIZES
+def test_lora_product_is_exact_when_the_mean_has_rank_r(out: int, inp: int) -> None:
+    shared_a = _lora_state(0, out, inp)[A_KEY]
+    updates = [_lora_state(i, out, inp) | {A_KEY: shared_a} for i in (1, 2, 3)]
+    current = _lora_state(9, out, inp)
     result = build_aggregator(aggregator_config("lora_product"))(current, updates, [1, 2, 5])
     w = [1 / 8, 2 / 8, 5 / 8]
     mean_product = torch.stack([wi * u[B_KEY] @ u[A_KEY] for wi, u in zip(w, updates, strict=True)]).sum(0)
@@ -200,9 +205,10 @@ def test_lora_product_is_exact_when_the_mean_has_rank_r() -> None:
     assert torch.allclose(result.state["head.weight"], mean_head)
 
 
-def test_lora_product_truncates_optimally_and_splits_symmetrically() -> None:
-    updates = [_lora_state(i) for i in (1, 2, 3)]
-    result = build_aggregator(aggregator_config("lora_product"))(_lora_state(0), updates, [1, 1, 1])
+@SIZES
+def test_lora_product_truncates_optimally_and_splits_symmetrically(out: int, inp: int) -> None:
+    updates = [_lora_state(i, out, inp) for i in (1, 2, 3)]
+    result = build_aggregator(aggregator_config("lora_product"))(_lora_state(0, out, inp), updates, [1, 1, 1])
     mean_product = torch.stack([u[B_KEY] @ u[A_KEY] for u in updates]).mean(0)
     s = torch.linalg.svdvals(mean_product)
     a, b = result.state[A_KEY], result.state[B_KEY]
@@ -210,7 +216,7 @@ def test_lora_product_truncates_optimally_and_splits_symmetrically() -> None:
     assert gap.item() == pytest.approx(s[2:].norm().item(), rel=1e-9)  # Eckart-Young optimum
     assert result.metrics["lora_residual_max"] == pytest.approx((s[2:].norm() / s.norm()).item(), rel=1e-9)
     assert torch.allclose(a.norm(dim=1), s[:2].sqrt()) and torch.allclose(b.norm(dim=0), s[:2].sqrt())
-    plain = build_aggregator(aggregator_config("fedavg"))(_lora_state(0), updates, [1, 1, 1]).state
+    plain = build_aggregator(aggregator_config("fedavg"))(_lora_state(0, out, inp), updates, [1, 1, 1]).state
     assert torch.linalg.matrix_norm(mean_product - plain[B_KEY] @ plain[A_KEY]) > gap
 
 

@@ -67,47 +67,58 @@ def lora_pairs(keys: Iterable[str]) -> list[tuple[str, str]]:
     paired_b = {b for _, b in pairs}
     orphans = sorted(k for k in names if _LORA_B.match(k) and k not in paired_b)
     if orphans:
-        raise ValueError(f"LoRA factor {orphans[0]} has no matching lora_A")
+        raise ValueError(f"LoRA factor {orphans[0]} has no matching lora_A (a frozen A, as in FFA-LoRA, needs fedavg)")
     return pairs
 
 
+def product_svd(b_cat: torch.Tensor, a_cat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Thin SVD ``U, S, Vh`` of ``b_cat @ a_cat`` (``(out, k) @ (k, n)``) without forming the product when
+    ``k`` is the smaller side: QR both factors, then the SVD of the small ``k x k`` core."""
+    k = b_cat.shape[1]
+    if k >= min(b_cat.shape[0], a_cat.shape[1]):
+        return torch.linalg.svd(b_cat @ a_cat, full_matrices=False)
+    q_b, r_b = torch.linalg.qr(b_cat)
+    q_a, r_a = torch.linalg.qr(a_cat.T)
+    u, s, vh = torch.linalg.svd(r_b @ r_a.T)
+    return q_b @ u, s, vh @ q_a.T
+
+
 def refactorize(
-    product: torch.Tensor, rank: int, a_row_norm: float, dead_rtol: float = 1e-6
-) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Rank-``rank`` factors ``B (out, rank)``, ``A (rank, n)`` of ``product (out, n)`` and the number of
-    re-seeded (dead) directions; live directions split the singular values symmetrically."""
-    u, s, vh = torch.linalg.svd(product, full_matrices=False)
-    b = product.new_zeros(product.shape[0], rank)
-    a = product.new_zeros(rank, product.shape[1])
+    u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, rank: int, a_row_norm: float, dead_rtol: float = 1e-6
+) -> tuple[torch.Tensor, torch.Tensor, int, float]:
+    """From the SVD of ``P``: rank-``rank`` factors ``B (out, rank)``, ``A (rank, n)`` with the live
+    singular values split symmetrically, the number of re-seeded (dead) directions, and the relative
+    Frobenius residual ``||P - B A|| / ||P||`` (0 for ``P = 0``)."""
+    b = u.new_zeros(u.shape[0], rank)
+    a = vh.new_zeros(rank, vh.shape[1])
     live = min(rank, int((s > dead_rtol * s[0]).sum()))
     root = s[:live].sqrt()
     b[:, :live] = u[:, :live] * root
     a[:live] = root[:, None] * vh[:live]
     spare = min(rank, vh.shape[0])
     a[live:spare] = a_row_norm * vh[live:spare]
-    return b, a, rank - live
+    total = float(s.norm())
+    residual = float(s[live:].norm()) / total if total > 0 else 0.0
+    return b, a, rank - live, residual
 
 
-def _mean_product(
+def _stacked_factors(
     updates: list[StateDict],
     weights: list[float],
     key_a: str,
     key_b: str,
     ref_a: torch.Tensor,
     ref_b: torch.Tensor,
-) -> tuple[torch.Tensor, float]:
-    """``sum_i w_i B_i A_i`` as an ``(out, in*k*k)`` float64 matrix, and the weighted RMS row norm of A."""
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """``[w_1 B_1 ... w_N B_N]`` (out, N r) and ``[A_1; ...; A_N]`` (N r, in*k*k) in float64, whose product
+    is ``sum_i w_i B_i A_i``; and the weighted RMS row norm of the clients' A."""
     rank = ref_a.shape[0]
     if ref_b.dim() < 2 or ref_b.shape[1] != rank or any(d != 1 for d in ref_b.shape[2:]):
         raise ValueError(f"{key_b}: shape {tuple(ref_b.shape)} does not pair with {tuple(ref_a.shape)}")
-    product = torch.zeros(ref_b.shape[0], ref_a[0].numel(), dtype=torch.float64, device=ref_a.device)
-    row_norm = 0.0
-    for update, weight in zip(updates, weights, strict=True):
-        a_i = update[key_a].to(torch.float64).reshape(rank, -1)
-        b_i = update[key_b].to(torch.float64).reshape(-1, rank)
-        product.add_(b_i @ a_i, alpha=weight)
-        row_norm += weight * float(a_i.square().sum(dim=1).mean().sqrt())
-    return product, row_norm
+    a_list = [u[key_a].to(torch.float64).reshape(rank, -1) for u in updates]
+    b_list = [w * u[key_b].to(torch.float64).reshape(-1, rank) for u, w in zip(updates, weights, strict=True)]
+    row_norm = sum(w * float(a.square().sum(dim=1).mean().sqrt()) for a, w in zip(a_list, weights, strict=True))
+    return torch.cat(b_list, dim=1), torch.cat(a_list, dim=0), row_norm
 
 
 @AGGREGATORS.register("lora_product")
@@ -131,12 +142,11 @@ class LoraProduct(Aggregator):
         dead = 0
         for key_a, key_b in pairs:
             ref_a, ref_b = current[key_a], current[key_b]
-            product, row_norm = _mean_product(updates, weights, key_a, key_b, ref_a, ref_b)
-            b, a, n_dead = refactorize(product, ref_a.shape[0], row_norm, dead_rtol)
+            b_cat, a_cat, row_norm = _stacked_factors(updates, weights, key_a, key_b, ref_a, ref_b)
+            u, s, vh = product_svd(b_cat, a_cat)
+            b, a, n_dead, residual = refactorize(u, s, vh, ref_a.shape[0], row_norm, dead_rtol)
             dead += n_dead
-            total = float(torch.linalg.matrix_norm(product))
-            gap = float(torch.linalg.matrix_norm(product - b @ a))
-            residuals.append(gap / total if total > 0 else 0.0)
+            residuals.append(residual)
             state[key_a] = a.reshape(ref_a.shape).to(ref_a.dtype)
             state[key_b] = b.reshape(ref_b.shape).to(ref_b.dtype)
         metrics = {
