@@ -23,6 +23,9 @@ class InvalidUpdate(ValueError):
         self.reason = reason
         self.detail = detail
 
+    def __reduce__(self) -> tuple[type[InvalidUpdate], tuple[str, str]]:
+        return type(self), (self.reason, self.detail)  # survives being re-raised across processes
+
 
 @dataclass(frozen=True)
 class Rejection:
