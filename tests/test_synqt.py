@@ -41,7 +41,14 @@ def images(n: int = 4) -> torch.Tensor:
 
 @pytest.mark.parametrize(
     "fields",
-    [{"stages": []}, {"stages": [1.5]}, {"num_queries": 0}, {"grid": 0}, {"query_dim": 30, "num_heads": 4}],
+    [
+        {"stages": []},
+        {"stages": [1.5]},
+        {"num_queries": 0},
+        {"grid": 0},
+        {"frozen_batch": 0},
+        {"query_dim": 30, "num_heads": 4},
+    ],
 )
 def test_config_rejects_bad_values(fields: dict[str, object]) -> None:
     with pytest.raises(ValueError):
@@ -122,6 +129,9 @@ def test_model_equals_forward_features_of_frozen_features(tiny_backbone: Backbon
     chunks = [adapter.frozen_features(part) for part in x.split(2)]
     cached = [torch.cat(parts) for parts in zip(*chunks, strict=True)]
     torch.testing.assert_close(adapter.forward_features(cached), adapter.model(x))
+    adapter.model.frozen_batch = 3  # the frozen forward in chunks of 3 and 1: same features
+    for whole, chunked in zip(cached, adapter.frozen_features(x), strict=True):
+        torch.testing.assert_close(chunked, whole)
     with pytest.raises(ValueError, match="feature tensors"):
         adapter.forward_features(cached[:-1])
 

@@ -29,6 +29,8 @@ class SynQTConfig(AdapterConfig):
     for our own cross-attention. Every stage is average-pooled to at most ``grid`` x ``grid``
     tokens. ``reuse_attention``: where a stage holds a ViT block with a Linear qkv (MobileViT),
     the queries go through that block's frozen attention and MLP instead of our own attention.
+    ``frozen_batch``: the frozen forward runs over at most this many images at a time, which
+    bounds its peak memory whatever the training batch or the feature-caching chunk.
     """
 
     name: str = "synqt"
@@ -38,6 +40,7 @@ class SynQTConfig(AdapterConfig):
     num_heads: int = 4
     grid: int = 4
     reuse_attention: bool = True
+    frozen_batch: int = 32
 
     def __post_init__(self) -> None:
         if self.name != "synqt":
@@ -45,8 +48,8 @@ class SynQTConfig(AdapterConfig):
         self.stages = list(self.stages)
         if not self.stages or any(type(s) is not int for s in self.stages):
             raise ValueError(f"synqt.stages must be a non-empty list of ints, got {self.stages!r}")
-        if self.num_queries < 1 or self.query_dim < 1 or self.num_heads < 1 or self.grid < 1:
-            raise ValueError("synqt.num_queries, query_dim, num_heads and grid must be >= 1")
+        if min(self.num_queries, self.query_dim, self.num_heads, self.grid, self.frozen_batch) < 1:
+            raise ValueError("synqt.num_queries, query_dim, num_heads, grid and frozen_batch must be >= 1")
         if self.query_dim % self.num_heads:
             raise ValueError(
                 f"synqt.query_dim {self.query_dim} must be divisible by num_heads {self.num_heads}"
@@ -134,7 +137,7 @@ class SynQTModel(TaskModel):
     ) -> None:
         super().__init__(backbone, num_classes, img_size, mean, std)
         self.backbone.eval()
-        self.grid = config.grid
+        self.grid, self.frozen_batch = config.grid, config.frozen_batch
         example = torch.zeros(1, len(mean), img_size, img_size)
         taps = plan_taps(backbone, config.stages, example, config.reuse_attention)
         self.taps: tuple[Tap, ...] = tuple(taps)
@@ -148,7 +151,9 @@ class SynQTModel(TaskModel):
 
     def frozen_features(self, x: torch.Tensor) -> list[torch.Tensor]:
         """[pooled output, one tensor per stage]: normalized input, frozen backbone, no autograd."""
-        return read_backbone(self.backbone, (x - self.mean) / self.std, self.taps, self.grid)
+        x = (x - self.mean) / self.std
+        parts = [read_backbone(self.backbone, chunk, self.taps, self.grid) for chunk in x.split(self.frozen_batch)]
+        return parts[0] if len(parts) == 1 else [torch.cat(p) for p in zip(*parts, strict=True)]
 
     def forward_features(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
         """Logits from :meth:`frozen_features`' output (live or cached)."""
