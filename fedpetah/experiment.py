@@ -86,4 +86,5 @@ def to_experiment(cfg: DictConfig | Mapping[str, Any]) -> ExperimentConfig:
     raw = {str(k): v for k, v in raw.items() if k != "hydra"}
     adapter = dict(raw.pop("adapter", None) or {"name": "head"})
     config = build_dataclass(ExperimentConfig, raw)
-    return replace(config, adapter=build_dataclass(ADAPTERS.get(str(adapter.get("name", "head"))).config_class, adapter))
+    adapter_class = ADAPTERS.get(str(adapter.get("name", "head"))).config_class
+    return replace(config, adapter=build_dataclass(adapter_class, adapter))

@@ -124,7 +124,7 @@ def _warmed_up(backbone: Backbone, config: BackboneConfig, cache_dir: Path) -> d
             return info
         except Exception as err:  # a corrupt cache entry is rebuilt, never trusted
             log.warning("discarding corrupt warm-up cache %s: %s", weights, err)
-    log.info("warm-up pretraining %s at %d px on %s (cached afterwards)", config.name, config.img_size, config.warmup.dataset)
+    log.info("warm-up pretraining %s at %d px on %s (cached)", config.name, config.img_size, config.warmup.dataset)
     info = warmup_pretrain(backbone, config.warmup)
     cache_dir.mkdir(parents=True, exist_ok=True)
     tmp = weights.with_suffix(".tmp")

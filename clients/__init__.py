@@ -1,0 +1,1 @@
+"""Flower edge on devices: the ClientApp and the ``fedpetah-client`` launcher (only code here imports flwr)."""

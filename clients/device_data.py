@@ -1,0 +1,68 @@
+"""A device's own images: ``DIR/<task>/<class>/*.png|jpg``, read for the classes the server names."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+from flwr.app import Context
+
+from fedpetah.tasks import ImageSet
+from fedpetah.tasks.folder import load_class
+
+log = logging.getLogger("fedpetah.client")
+
+_LOADED: dict[tuple[str, str, tuple[str, ...]], tuple[ImageSet, int]] = {}
+
+
+def data_dir(context: Context) -> Path:
+    value = str(context.node_config.get("data-dir", ""))
+    if not value:
+        raise ValueError("this node has no data-dir in its node config (fedpetah-client --data DIR)")
+    path = Path(value).expanduser()
+    if not path.is_dir():
+        raise FileNotFoundError(f"data dir {path} does not exist")
+    return path
+
+
+def device_task_data(context: Context, task_name: str, classes: list[str], store_size: int = 64,
+                     channels: int = 3) -> ImageSet | None:
+    """Every readable image of ``task_name`` labelled by the server's class order; None if the device has none.
+
+    Classes the device lacks are simply absent (label skew is normal); unknown class folders are ignored
+    with a warning; unreadable images are skipped and counted.
+    """
+    root = data_dir(context)
+    task_dir = root / task_name
+    if not task_dir.is_dir():
+        return None
+    key = (str(task_dir), task_name, tuple(classes))
+    if key in _LOADED:
+        return _LOADED[key][0]
+    extra = sorted(p.name for p in task_dir.iterdir() if p.is_dir() and p.name not in classes)
+    if extra:
+        log.warning("task %s: ignoring class folders the server does not know: %s", task_name, extra)
+    images: list[np.ndarray] = []
+    labels: list[int] = []
+    skipped = 0
+    for label, name in enumerate(classes):
+        class_dir = task_dir / name
+        if not class_dir.is_dir():
+            continue
+        try:
+            loaded, bad = load_class(class_dir, channels, store_size, root)
+        except ValueError as err:
+            log.warning("task %s: %s", task_name, err)
+            continue
+        images += loaded
+        labels += [label] * len(loaded)
+        skipped += len(bad)
+    if skipped:
+        log.warning("task %s: skipped %d unreadable image(s)", task_name, skipped)
+    if not images:
+        return None
+    data = ImageSet(torch.from_numpy(np.stack(images)), torch.tensor(labels, dtype=torch.int64))
+    _LOADED[key] = (data, skipped)
+    return data

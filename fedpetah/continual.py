@@ -1,0 +1,206 @@
+"""Server-side continual schedule: sampling, validation, per-task aggregation, bank, evaluation, logs.
+
+Transport-free: the Flower ServerApp (server/app.py) only turns these calls into messages and back.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from fedpetah.adapters import build_adapter
+from fedpetah.aggregation import aggregator_config, build_aggregator, filter_updates
+from fedpetah.artifact import artifact_digest, load_artifact
+from fedpetah.backbone import Backbone
+from fedpetah.bank import AdapterBank
+from fedpetah.experiment import ExperimentConfig
+from fedpetah.local import load_stream
+from fedpetah.metrics import RoundRecord, RunLog, plot_run, read_rounds, summarize
+from fedpetah.prepare import prepare_artifact
+from fedpetah.tasks import Task
+from fedpetah.train import evaluate
+
+StateDict = dict[str, torch.Tensor]
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RoundPlan:
+    round: int  # 1-based over the whole run
+    task: int
+    round_in_task: int  # 1-based within the task
+
+
+@dataclass
+class ClientReply:
+    """What came back from one sampled client, already decoded from the transport."""
+
+    client: int
+    state: StateDict | None
+    num_examples: int
+    metrics: dict[str, float] = field(default_factory=dict)
+    status: str = "ok"  # ok | no-data | error
+    reason: str = ""
+
+
+@dataclass
+class RunState:
+    """Progress that must survive a server restart: saved inside the bank's metadata, so one atomic
+    write of ``bank.json`` commits the round's adapters and the progress together."""
+
+    completed_rounds: int = 0
+    installed: list[int] = field(default_factory=list)
+    bytes_down: int = 0
+    bytes_up: int = 0
+    bytes_backbone: int = 0
+
+
+class ContinualServer:
+    """Owns the run: backbone artifact, task stream (test splits), adapter bank and metrics."""
+
+    def __init__(self, config: ExperimentConfig, run_dir: Path, cache_dir: Path | None = None) -> None:
+        self.config = config
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.artifact_dir = prepare_artifact(config, cache_dir)
+        self.digest = artifact_digest(self.artifact_dir)
+        self.backbone: Backbone = load_artifact(self.artifact_dir, expected_digest=self.digest)
+        self.tasks: tuple[Task, ...] = load_stream(config.tasks)
+        self.aggregator = build_aggregator(aggregator_config(config.strategy.aggregator, **config.strategy.options))
+        self.bank_dir = self.run_dir / "bank"
+        resuming = config.resume and (self.bank_dir / "bank.json").is_file()
+        self.bank = AdapterBank.load(self.bank_dir) if resuming else AdapterBank()
+        self.state = RunState(**self.bank.metadata["run"]) if resuming else RunState()
+        if not resuming and (self.run_dir / "metrics.jsonl").exists():
+            (self.run_dir / "metrics.jsonl").unlink()  # a fresh run in an old directory starts a fresh log
+        self.log = RunLog(self.run_dir)
+
+    @property
+    def artifact_bytes(self) -> int:
+        return sum(p.stat().st_size for p in self.artifact_dir.iterdir() if p.is_file())
+
+    def schedule(self) -> Iterator[RoundPlan]:
+        """Every (task, round) of the run not completed yet, in order."""
+        per_task = self.config.rounds_per_task
+        for index in range(self.state.completed_rounds, len(self.tasks) * per_task):
+            yield RoundPlan(round=index + 1, task=index // per_task, round_in_task=index % per_task + 1)
+
+    def sample(self, clients: list[int], plan: RoundPlan) -> list[int]:
+        """A seeded sample of client ids (partition ids in simulation) for this round."""
+        if not clients:
+            raise RuntimeError("no clients are connected")
+        strategy = self.config.strategy
+        k = min(len(clients), max(strategy.min_clients, math.ceil(strategy.fraction * len(clients))))
+        rng = np.random.default_rng([self.config.seed, plan.round])
+        return sorted(int(c) for c in rng.choice(sorted(clients), size=k, replace=False))
+
+    def global_state(self, task: int) -> StateDict:
+        """The task's current global adapter; a seeded fresh one when the task starts."""
+        if task not in self.bank:
+            torch.manual_seed(self.config.seed + 1000 * task)
+            t = self.tasks[task]
+            adapter = build_adapter(self.config.adapter, self.backbone, t.num_classes)
+            self.bank.add_task(task, self.config.adapter.name, t.num_classes, adapter.state(), list(t.classes),
+                               {"task_name": t.name, "backbone": self.digest})
+        return self.bank[task].state
+
+    def task_info(self, task: int) -> dict[str, Any]:
+        t = self.tasks[task]
+        return {"task": task, "task-name": t.name, "classes": list(t.classes), "num-classes": t.num_classes}
+
+    def complete_round(self, plan: RoundPlan, current: StateDict, replies: list[ClientReply],
+                       bytes_down: int, bytes_up: int, started: float,
+                       bytes_backbone: int = 0) -> RoundRecord:
+        """Validate and aggregate the replies, update the bank, evaluate, log; returns the round's row."""
+        trained = [r for r in replies if r.status == "ok" and r.state is not None]
+        filtered = filter_updates([r.state for r in trained], [r.num_examples for r in trained],  # type: ignore[misc]
+                                  current, self.config.strategy.max_update_norm)
+        rejected = [{"client": trained[r.index].client, "reason": r.reason, "detail": r.detail}
+                    for r in filtered.rejected]
+        rejected += [{"client": r.client, "reason": r.status, "detail": r.reason} for r in replies
+                     if r.status != "ok"]
+        aggregated = bool(filtered.updates)
+        if aggregated:
+            result = self.aggregator(current, filtered.updates, filtered.weights, self.bank[plan.task].opt_state)
+            self.bank.update(plan.task, result.state, plan.round, result.opt_state)
+        last_of_task = plan.round_in_task == self.config.rounds_per_task
+        accuracies = self.evaluate_seen(plan.task) if (self.config.evaluate_every_round or last_of_task) else []
+        ok = [r for r in replies if r.status == "ok"]
+        compute = [r.metrics.get("train-seconds", 0.0) for r in ok]
+        steps = [r.metrics["step-time-ms"] / 1000 for r in ok if "step-time-ms" in r.metrics]
+        memory = [r.metrics["peak-memory-mb"] for r in ok if "peak-memory-mb" in r.metrics]
+        wall = time.perf_counter() - started
+        record = RoundRecord(
+            round=plan.round, task=plan.task, accuracy=dict(enumerate(accuracies)),
+            bytes_up=bytes_up, bytes_down=bytes_down, num_clients=len(ok), num_rejected=len(rejected),
+            round_time_s=wall, step_time_s=float(np.median(steps)) if steps else None,
+            peak_memory_mb=max(memory) if memory else None,
+            extra={
+                "round_in_task": float(plan.round_in_task),
+                "sampled": float(len(replies)),
+                "aggregated": float(aggregated),
+                "bytes_backbone": float(bytes_backbone),
+                "train_loss": _weighted([r.metrics.get("train-loss", math.nan) for r in ok],
+                                        [r.num_examples for r in ok]),
+                "step_time_p95_s": float(np.percentile(steps, 95)) if steps else math.nan,
+                "peak_memory_p50_mb": float(np.median(memory)) if memory else math.nan,
+                "slowest_client_s": max(compute, default=0.0),
+                "overhead_s": wall - max(compute, default=0.0),
+            },
+        )
+        for rejection in rejected:
+            log.warning("round %d: rejected client %s: %s %s", plan.round, rejection["client"],
+                        rejection["reason"], rejection["detail"])
+        self.log.log(record)  # logged before the commit: a re-run round simply overwrites its line
+        self.state.completed_rounds = plan.round
+        self.state.bytes_down += bytes_down
+        self.state.bytes_up += bytes_up
+        self.state.bytes_backbone += bytes_backbone
+        self.bank.metadata["run"] = asdict(self.state)
+        self.bank.save(self.bank_dir)
+        return record
+
+    def evaluate_seen(self, upto: int) -> list[float]:
+        """Test accuracy of every task 0..upto with its own adapter from the bank."""
+        accuracies = []
+        for j in range(upto + 1):
+            if j not in self.bank:
+                accuracies.append(math.nan)
+                continue
+            adapter = build_adapter(self.config.adapter, self.backbone, self.tasks[j].num_classes)
+            adapter.load_state(self.bank[j].state)
+            result = evaluate(adapter.model, self.tasks[j].test, self.backbone.img_size, self.backbone.in_chans,
+                              device=self.config.train.device)
+            accuracies.append(result.accuracy)
+        return accuracies
+
+    def finish(self, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Write summary.json and the plots; returns the summary."""
+        trainable = build_adapter(self.config.adapter, self.backbone, self.tasks[0].num_classes).num_trainable()
+        summary = {
+            **summarize(read_rounds(self.run_dir), len(self.tasks)),
+            "tasks": [t.name for t in self.tasks],
+            "bytes_backbone_total": self.state.bytes_backbone,
+            "backbone_artifact_bytes": self.artifact_bytes,
+            "trainable_params": trainable,
+            "backbone_params": self.backbone.num_params(),
+            "artifact_digest": self.digest,
+            **(extra or {}),
+        }
+        self.log.write_summary(summary)
+        self.log.close()
+        plot_run(self.run_dir, len(self.tasks))
+        return summary
+
+
+def _weighted(values: list[float], weights: list[int]) -> float:
+    total = sum(weights)
+    return sum(v * w for v, w in zip(values, weights, strict=True)) / total if total else math.nan

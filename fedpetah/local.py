@@ -1,0 +1,143 @@
+"""Client-side work of a federated round: the verified backbone cache, the local shard, one task's training."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from fedpetah.adapters import AdapterConfig, build_adapter
+from fedpetah.artifact import ArtifactError, load_artifact
+from fedpetah.backbone import Backbone
+from fedpetah.config import TrainConfig
+from fedpetah.tasks import ImageSet, PartitionConfig, Task, TaskStreamConfig, build_stream, partition
+from fedpetah.train import train_adapter
+
+log = logging.getLogger(__name__)
+
+WEIGHTS_FILE, MANIFEST_FILE = "weights.safetensors", "manifest.json"
+
+
+class BackboneCache:
+    """Backbone artifacts on disk under their digest, plus the last one loaded kept in memory.
+
+    Everything received is verified (SHA-256 of weights and manifest) before it is kept; a cache
+    entry that fails verification later is discarded, never used.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self._loaded: dict[str, Backbone] = {}
+        self.last_load_seconds = 0.0
+
+    def path(self, digest: str) -> Path:
+        if not digest or not all(c in "0123456789abcdef" for c in digest):
+            raise ArtifactError(f"malformed artifact digest {digest!r}")
+        return self.root / digest
+
+    def has(self, digest: str) -> bool:
+        return (self.path(digest) / MANIFEST_FILE).is_file()
+
+    def install(self, digest: str, weights: bytes, manifest: bytes) -> int:
+        """Verify and store an artifact received from the server; returns bytes written (0 if cached)."""
+        if self.has(digest):
+            return 0
+        self.root.mkdir(parents=True, exist_ok=True)
+        free = shutil.disk_usage(self.root).free
+        needed = 2 * (len(weights) + len(manifest))
+        if free < needed:
+            raise OSError(f"not enough disk for the backbone cache in {self.root}: {free} B free, {needed} B needed")
+        staging = Path(tempfile.mkdtemp(prefix=".install-", dir=self.root))
+        try:
+            (staging / WEIGHTS_FILE).write_bytes(weights)
+            (staging / MANIFEST_FILE).write_bytes(manifest)
+            backbone = load_artifact(staging, expected_digest=digest)
+            try:
+                os.replace(staging, self.path(digest))
+            except OSError:
+                if not self.has(digest):  # not a concurrent install of the same verified artifact
+                    raise
+                shutil.rmtree(staging, ignore_errors=True)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        self._loaded = {digest: backbone}
+        return len(weights) + len(manifest)
+
+    def get(self, digest: str) -> Backbone:
+        """The verified backbone ``digest`` (memory first, then disk)."""
+        if digest in self._loaded:
+            self.last_load_seconds = 0.0
+            return self._loaded[digest]
+        path = self.path(digest)
+        if not self.has(digest):
+            raise ArtifactError(f"backbone {digest[:12]} is not installed in {self.root}")
+        start = time.perf_counter()
+        try:
+            backbone = load_artifact(path, expected_digest=digest)
+        except ArtifactError:
+            log.error("discarding cache entry %s: it failed verification", path)
+            shutil.rmtree(path, ignore_errors=True)
+            raise
+        self.last_load_seconds = time.perf_counter() - start
+        self._loaded = {digest: backbone}
+        return backbone
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+_STREAMS: dict[str, tuple[Task, ...]] = {}
+_SHARDS: dict[tuple[str, int, int], list[np.ndarray]] = {}
+
+
+def load_stream(config: TaskStreamConfig) -> tuple[Task, ...]:
+    """The task stream, built once per process for a given config."""
+    key = repr(asdict(config))
+    if key not in _STREAMS:
+        _STREAMS.clear()
+        _STREAMS[key] = tuple(build_stream(config))
+    return _STREAMS[key]
+
+
+def simulated_shard(stream: TaskStreamConfig, split: PartitionConfig, clients: int, client: int,
+                    task_index: int, seed: int) -> ImageSet:
+    """Client ``client``'s share of task ``task_index``'s training data (seeded per task)."""
+    tasks = load_stream(stream)
+    if not 0 <= task_index < len(tasks):
+        raise IndexError(f"task {task_index} is not in the stream ({len(tasks)} tasks)")
+    if not 0 <= client < clients:
+        raise IndexError(f"client {client} is outside 0..{clients - 1}")
+    train = tasks[task_index].train
+    key = (repr((asdict(stream), asdict(split))), clients, seed + task_index)
+    if key not in _SHARDS:
+        if len(_SHARDS) > 64:
+            _SHARDS.clear()
+        _SHARDS[key] = partition(train.labels.numpy(), clients, split, seed + task_index)
+    return train.subset(_SHARDS[key][client])
+
+
+def train_task(backbone: Backbone, adapter: AdapterConfig, num_classes: int, global_state: dict[str, torch.Tensor],
+               data: ImageSet, config: TrainConfig) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Attach ``adapter`` to ``backbone``, start from ``global_state``, train on ``data``; return state + metrics."""
+    model = build_adapter(adapter, backbone, num_classes)
+    model.load_state(global_state)
+    result = train_adapter(model, data, config)
+    return model.state(), {
+        "num-examples": result.examples,
+        "train-loss": result.loss,
+        "train-accuracy": result.accuracy,
+        "step-time-ms": result.step_time_ms,
+        "train-seconds": result.seconds,
+        "peak-memory-mb": result.peak_memory_mb,
+    }

@@ -1,0 +1,54 @@
+"""Live per-round progress and the final table, with rich (console only; numbers come from fedpetah)."""
+
+from __future__ import annotations
+
+import math
+from types import TracebackType
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
+from rich.progress import Progress as RichProgress
+from rich.table import Table
+
+from fedpetah.metrics import RoundRecord
+
+
+class Progress:
+    """A progress bar with the last round's accuracy line; a summary table at the end."""
+
+    def __init__(self, total_rounds: int, task_names: list[str]) -> None:
+        self.console = Console(stderr=True)
+        self.task_names = task_names
+        self.bar = RichProgress(TextColumn("[bold]round"), MofNCompleteColumn(), BarColumn(), TimeElapsedColumn(),
+                                TextColumn("{task.description}"), console=self.console)
+        self.task_id = self.bar.add_task("", total=total_rounds)
+
+    def __enter__(self) -> Progress:
+        self.bar.__enter__()
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, value: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.bar.__exit__(kind, value, tb)
+
+    def update(self, record: RoundRecord) -> None:
+        accs = " ".join(f"{100 * a:.0f}" for a in record.accuracy.values() if not math.isnan(a))
+        text = (f"task {record.task} ({self.task_names[record.task]}) acc% [{accs}] "
+                f"{record.num_clients}/{int(record.extra.get('sampled', 0))} trained, {record.round_time_s:.1f}s")
+        self.bar.update(self.task_id, completed=record.round, description=text)
+
+    def final(self, summary: dict[str, Any]) -> None:
+        table = Table(title="accuracy matrix R[i][j] (%), row = after task i")
+        table.add_column("after")
+        for name in self.task_names:
+            table.add_column(name, justify="right")
+        for i, row in enumerate(summary.get("accuracy_matrix", [])):
+            cells = ["" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.1f}" for v in row]
+            table.add_row(self.task_names[i], *cells)
+        self.console.print(table)
+        keys = ("average_accuracy", "backward_transfer", "forgetting", "bytes_up_total", "bytes_down_total",
+                "bytes_backbone_total", "trainable_params")
+        for key in keys:
+            if key in summary:
+                self.console.print(f"{key}: {summary[key]}")

@@ -1,0 +1,59 @@
+"""Run the same ServerApp and ClientApp under Flower's simulation engine (Ray backend), on loopback only."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from fedpetah.experiment import ExperimentConfig
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def simulate(config: ExperimentConfig, run_dir: Path, cache_dir: Path | None = None) -> dict[str, Any]:
+    """One whole federated continual experiment with ``config.clients`` simulated SuperNodes."""
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # Ray keeps all traffic on 127.0.0.1
+    os.environ["FEDPETAH_TORCH_THREADS"] = str(config.simulation.torch_threads)
+    os.environ["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])
+    if cache_dir is not None:
+        os.environ["FEDPETAH_CACHE"] = str(cache_dir)
+    from flwr.simulation import run_simulation
+
+    from clients.app import app as client_app
+    from server.app import make_server_app
+
+    ray_tmp = tempfile.mkdtemp(prefix="fpray-", dir="/tmp" if sys.platform != "win32" else None)
+    sim = config.simulation
+    init_args: dict[str, Any] = {"_temp_dir": ray_tmp, "include_dashboard": False,
+                                 "num_cpus": os.cpu_count() or 1, "log_to_driver": True}
+    if sim.ray_memory_mb:
+        init_args["object_store_memory"] = sim.ray_memory_mb * 2**20
+    backend = {"init_args": init_args,
+               "client_resources": {"num_cpus": sim.cpus_per_client, "num_gpus": sim.gpus_per_client}}
+    summary_path = run_dir / "summary.json"
+    try:
+        run_simulation(server_app=make_server_app(config, run_dir, cache_dir), client_app=client_app,
+                       num_supernodes=config.clients, backend_config=backend)
+    finally:
+        _shutdown_ray()
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    if not summary_path.is_file():
+        raise RuntimeError(f"the simulation ended without a summary in {run_dir}; see the log above")
+    import json
+
+    summary: dict[str, Any] = json.loads(summary_path.read_text())
+    return summary
+
+
+def _shutdown_ray() -> None:
+    try:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+    except ImportError:
+        pass
