@@ -1,0 +1,163 @@
+"""Backbone artifact: identical logits after a round trip, and every defect is an ArtifactError."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from collections.abc import Callable
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from fedpetah.artifact import (
+    MANIFEST,
+    MANIFEST_FIELD_TYPES,
+    WEIGHTS,
+    ArtifactError,
+    Manifest,
+    artifact_digest,
+    artifact_size,
+    load_artifact,
+    manifest_digest,
+    pack_artifact,
+)
+from fedpetah.backbone import Backbone, create_timm_model, family_of
+from fedpetah.config import PruningConfig
+from fedpetah.pruning import prune_backbone
+
+SIZE = 32
+NAME = "mobilevit_xxs"  # its history has head slimming as well as channel pruning
+
+
+@pytest.fixture(scope="module")
+def unpruned() -> Backbone:
+    torch.manual_seed(0)
+    module, kwargs = create_timm_model(NAME, SIZE)
+    module.eval().requires_grad_(False)
+    return Backbone(module, NAME, family_of(NAME), SIZE, create_kwargs=kwargs, pretraining={"source": "random"})
+
+
+@pytest.fixture(scope="module")
+def pruned(unpruned: Backbone) -> Backbone:
+    return prune_backbone(unpruned, PruningConfig(ratio=0.5))
+
+
+@pytest.fixture(scope="module")
+def packed(pruned: Backbone, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    directory = tmp_path_factory.mktemp("artifacts") / "pruned"
+    pack_artifact(pruned, directory)
+    return directory
+
+
+def features(backbone: Backbone) -> torch.Tensor:
+    x = torch.rand(3, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        return backbone.module(x)
+
+
+@pytest.mark.parametrize("which", ["unpruned", "pruned"])
+def test_round_trip_gives_identical_features(which: str, request: pytest.FixtureRequest, tmp_path: Path) -> None:
+    backbone: Backbone = request.getfixturevalue(which)
+    manifest = pack_artifact(backbone, tmp_path / "artifact")
+    loaded = load_artifact(tmp_path / "artifact", expected_digest=manifest.manifest_sha256)
+    assert torch.equal(features(loaded), features(backbone))
+    assert not loaded.module.training and not any(p.requires_grad for p in loaded.module.parameters())
+    assert (loaded.pruning_history, loaded.pretraining) == (backbone.pruning_history, backbone.pretraining)
+    assert loaded.num_params() == backbone.num_params() == manifest.num_params
+    assert artifact_digest(tmp_path / "artifact") == manifest.manifest_sha256
+    files = [tmp_path / "artifact" / WEIGHTS, tmp_path / "artifact" / MANIFEST]
+    assert artifact_size(tmp_path / "artifact") == sum(f.stat().st_size for f in files)
+
+
+def test_repacking_replaces_the_artifact_atomically(unpruned: Backbone, pruned: Backbone, tmp_path: Path) -> None:
+    first = pack_artifact(unpruned, tmp_path / "artifact")
+    second = pack_artifact(pruned, tmp_path / "artifact")
+    assert first.manifest_sha256 != second.manifest_sha256
+    assert artifact_digest(tmp_path / "artifact") == second.manifest_sha256
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["artifact"]  # no staging leftovers
+
+
+def test_manifest_field_types_cover_every_field() -> None:
+    assert set(MANIFEST_FIELD_TYPES) == {f.name for f in fields(Manifest)}
+
+
+def copy_of(packed: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(packed, tmp_path / "copy"))
+
+
+def edit_manifest(directory: Path, edit: Callable[[dict[str, Any]], None], resign: bool) -> None:
+    """Change the manifest; with ``resign`` also recompute its digest (a consistent but wrong artifact)."""
+    raw = json.loads((directory / MANIFEST).read_text())
+    edit(raw)
+    if resign:
+        raw["manifest_sha256"] = manifest_digest(raw)
+    (directory / MANIFEST).write_text(json.dumps(raw))
+
+
+def test_missing_files_raise(packed: Path, tmp_path: Path) -> None:
+    for name, message in ((WEIGHTS, "no weights"), (MANIFEST, "no manifest")):
+        directory = copy_of(packed, tmp_path)
+        (directory / name).unlink()
+        with pytest.raises(ArtifactError, match=message):
+            load_artifact(directory)
+        shutil.rmtree(directory)
+
+
+def test_tampered_weights_raise(packed: Path, tmp_path: Path) -> None:
+    directory = copy_of(packed, tmp_path)
+    data = bytearray((directory / WEIGHTS).read_bytes())
+    data[-1] ^= 0xFF
+    (directory / WEIGHTS).write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match="weights were modified"):
+        load_artifact(directory)
+
+
+@pytest.mark.parametrize(
+    ("edit", "resign", "message"),
+    [
+        (lambda m: m.update(format_version=2), False, "unsupported artifact format version 2"),
+        (lambda m: m.update(img_size=64), False, "the manifest was modified"),
+        (lambda m: m.pop("tensors"), True, "missing \\['tensors'\\]"),
+        (lambda m: m.update(in_chans="3"), True, "in_chans must be int"),
+        (lambda m: m.update(model_name="resnet18"), True, "unsupported backbone"),
+        (lambda m: m["pruning_history"].append({"op": "explode"}), True, "cannot replay"),
+        (lambda m: m.update(pruning_history=[]), True, "do not fit"),
+    ],
+)
+def test_bad_manifests_raise(
+    packed: Path, tmp_path: Path, edit: Callable[[dict[str, Any]], None], resign: bool, message: str
+) -> None:
+    directory = copy_of(packed, tmp_path)
+    edit_manifest(directory, edit, resign)
+    with pytest.raises(ArtifactError, match=message):
+        load_artifact(directory)
+
+
+def test_digest_mismatch_raises(packed: Path) -> None:
+    with pytest.raises(ArtifactError, match="!= expected"):
+        load_artifact(packed, expected_digest="0" * 64)
+
+
+def test_wrong_tensor_shapes_raise_even_when_consistently_signed(packed: Path, tmp_path: Path) -> None:
+    directory = copy_of(packed, tmp_path)
+    state = load_file(str(directory / WEIGHTS))
+    key = next(k for k, v in state.items() if v.ndim == 4)
+    state[key] = torch.zeros(*state[key].shape[:-1], state[key].shape[-1] + 1)
+    save_file(state, str(directory / WEIGHTS))
+    digest = hashlib.sha256((directory / WEIGHTS).read_bytes()).hexdigest()
+
+    def edit(raw: dict[str, Any]) -> None:
+        raw["weights_sha256"] = digest
+        raw["tensors"][key]["shape"] = list(state[key].shape)
+
+    edit_manifest(directory, edit, resign=True)
+    with pytest.raises(ArtifactError, match="do not fit"):
+        load_artifact(directory)
+    edit_manifest(directory, lambda raw: raw["tensors"].pop(key), resign=True)
+    with pytest.raises(ArtifactError, match="differ from the manifest"):
+        load_artifact(directory)
