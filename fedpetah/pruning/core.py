@@ -121,7 +121,7 @@ def replay_pruning(
             remove_block(module, _submodule_name(module, step.get("module")))
         elif op == "slim_heads":
             layout = step.get("layout")
-            if layout != policy.head_layout:
+            if not isinstance(layout, str) or layout != policy.head_layout:
                 raise ValueError(f"step {number}: head layout {layout!r} does not belong to {family.name}")
             attn = module.get_submodule(_submodule_name(module, step.get("module")))
             remove_heads(attn, head_layout(layout), _int_list(step.get("heads")))
@@ -145,7 +145,7 @@ def clear_attention_caches(module: nn.Module) -> None:
     """
     for sub in module.modules():
         if isinstance(getattr(sub, "attention_bias_cache", None), dict):
-            sub.attention_bias_cache = {}
+            setattr(sub, "attention_bias_cache", {})  # noqa: B010  (a plain attribute, not a submodule)
 
 
 def _with(backbone: Backbone, module: nn.Module, history: list[Any]) -> Backbone:

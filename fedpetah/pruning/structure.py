@@ -16,14 +16,18 @@ HeadPart = tuple[nn.Module, bool, list[list[int]]]
 
 @dataclass(frozen=True)
 class HeadLayout:
-    """How the heads of one attention class map onto channels, and how to update its bookkeeping."""
+    """How the heads of one attention class map onto channels, and how to update its bookkeeping.
+
+    The callables take the timm attention module itself (typed ``Any``: its head attributes
+    are plain Python attributes that ``nn.Module`` typing cannot describe).
+    """
 
     attention_class: str
-    parts: Callable[[nn.Module], list[HeadPart]]
-    set_num_heads: Callable[[nn.Module, int], None]
+    parts: Callable[[Any], list[HeadPart]]
+    set_num_heads: Callable[[Any, int], None]
 
 
-def _vit_parts(attn: nn.Module) -> list[HeadPart]:
+def _vit_parts(attn: Any) -> list[HeadPart]:
     """timm ``Attention``: ``qkv`` rows are laid out (q|k|v, head, head_dim); ``proj`` columns (head, dim)."""
     if not isinstance(attn.norm, nn.Identity) or attn.gate is not None:
         raise ValueError("head slimming of timm Attention with scale_norm or gate is not supported")
@@ -34,12 +38,12 @@ def _vit_parts(attn: nn.Module) -> list[HeadPart]:
     return [(attn.qkv, True, qkv), (attn.proj, False, proj)]
 
 
-def _vit_set(attn: nn.Module, heads: int) -> None:
+def _vit_set(attn: Any, heads: int) -> None:
     attn.num_heads = heads
     attn.attn_dim = heads * int(attn.head_dim)
 
 
-def _mqa_parts(attn: nn.Module) -> list[HeadPart]:
+def _mqa_parts(attn: Any) -> list[HeadPart]:
     """timm ``MultiQueryAttention2d``: per-head query channels in, per-head value channels out."""
     heads, key_dim, value_dim = int(attn.num_heads), int(attn.key_dim), int(attn.value_dim)
     query = [[h * key_dim + j for j in range(key_dim)] for h in range(heads)]
@@ -47,7 +51,7 @@ def _mqa_parts(attn: nn.Module) -> list[HeadPart]:
     return [(attn.query.proj, True, query), (attn.output.proj, False, output)]
 
 
-def _mqa_set(attn: nn.Module, heads: int) -> None:
+def _mqa_set(attn: Any, heads: int) -> None:
     attn.num_heads = heads
 
 
@@ -63,22 +67,23 @@ def head_layout(name: str) -> HeadLayout:
     return HEAD_LAYOUTS[name]
 
 
-def head_scores(attn: nn.Module, layout: HeadLayout, taylor: bool) -> torch.Tensor:
+def head_scores(attn: Any, layout: HeadLayout, taylor: bool) -> torch.Tensor:
     """Importance of each head: sum of w^2 (magnitude) or |w * dL/dw| (Taylor) over its channels."""
     scores = torch.zeros(int(attn.num_heads))
     for layer, out_side, per_head in layout.parts(attn):
-        tensors = [layer.weight] + ([layer.bias] if out_side and layer.bias is not None else [])
+        tensors = [p for n, p in layer.named_parameters(recurse=False) if n == "weight" or (out_side and n == "bias")]
         for tensor in tensors:
-            if taylor and tensor.grad is None:
+            grad = tensor.grad
+            if taylor and grad is None:
                 raise ValueError("Taylor head importance needs gradients; none were accumulated")
-            element = (tensor * tensor.grad).abs() if taylor else tensor.pow(2)
+            element = (tensor * grad).abs() if grad is not None and taylor else tensor.pow(2)
             dim = 0 if out_side or tensor.ndim == 1 else 1
             per_channel = element.detach().transpose(0, dim).reshape(element.shape[dim], -1).sum(1)
             scores += torch.stack([per_channel[idx].sum() for idx in per_head])
     return scores
 
 
-def remove_heads(attn: nn.Module, layout: HeadLayout, heads: Sequence[int]) -> None:
+def remove_heads(attn: Any, layout: HeadLayout, heads: Sequence[int]) -> None:
     """Physically remove ``heads`` (indices into the current heads) and update the head count."""
     total = int(attn.num_heads)
     if type(attn).__name__ != layout.attention_class:
