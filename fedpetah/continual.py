@@ -90,7 +90,10 @@ class ContinualServer:
     def schedule(self) -> Iterator[RoundPlan]:
         """Every (task, round) of the run not completed yet, in order."""
         per_task = self.config.rounds_per_task
-        for index in range(self.state.completed_rounds, len(self.tasks) * per_task):
+        end = len(self.tasks) * per_task
+        if self.config.stop_after is not None:
+            end = min(end, self.config.stop_after)
+        for index in range(self.state.completed_rounds, end):
             yield RoundPlan(round=index + 1, task=index // per_task, round_in_task=index % per_task + 1)
 
     def sample(self, clients: list[int], plan: RoundPlan) -> list[int]:

@@ -47,12 +47,17 @@ class SimulationConfig:
 
 @dataclass
 class ExperimentConfig:
-    """Everything one federated continual run depends on."""
+    """Everything one federated continual run depends on.
+
+    ``stop_after``: end this invocation once that many rounds (counted over the whole run) are complete;
+    the bank stays resumable, and ``resume=true`` with the same ``output_dir`` continues from there.
+    """
 
     clients: int = 50
     rounds_per_task: int = 3
     seed: int = 0
     resume: bool = False
+    stop_after: int | None = None
     output_dir: str = "."
     evaluate_every_round: bool = True
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
@@ -67,6 +72,8 @@ class ExperimentConfig:
     def __post_init__(self) -> None:
         if self.clients < 1 or self.rounds_per_task < 1:
             raise ValueError("clients and rounds_per_task must be >= 1")
+        if self.stop_after is not None and self.stop_after < 1:
+            raise ValueError(f"stop_after must be >= 1 when set, got {self.stop_after}")
 
 
 def register_configs() -> None:

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import sys
 import tempfile
+import threading
+from collections.abc import Callable
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 from fedpetah.experiment import ExperimentConfig
@@ -35,18 +39,32 @@ def simulate(config: ExperimentConfig, run_dir: Path, cache_dir: Path | None = N
     backend = {"init_args": init_args,
                "client_resources": {"num_cpus": sim.cpus_per_client, "num_gpus": sim.gpus_per_client}}
     summary_path = run_dir / "summary.json"
+    restore = _terminate_as_interrupt()
     try:
         run_simulation(server_app=make_server_app(config, run_dir, cache_dir), client_app=client_app,
                        num_supernodes=config.clients, backend_config=backend)
     finally:
         _shutdown_ray()
         shutil.rmtree(ray_tmp, ignore_errors=True)
+        restore()
     if not summary_path.is_file():
         raise RuntimeError(f"the simulation ended without a summary in {run_dir}; see the log above")
     import json
 
     summary: dict[str, Any] = json.loads(summary_path.read_text())
     return summary
+
+
+def _terminate_as_interrupt() -> Callable[[], None]:
+    """Turn SIGTERM into KeyboardInterrupt while Ray runs, so ``finally`` stops Ray's processes too."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+
+    def interrupt(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    return lambda: signal.signal(signal.SIGTERM, previous)
 
 
 def _shutdown_ray() -> None:

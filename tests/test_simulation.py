@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from fedpetah.adapters import adapter_config
 from fedpetah.bank import AdapterBank
@@ -45,3 +46,24 @@ def test_two_clients_one_task_one_round(tmp_path: Path, cache_dir: Path) -> None
     assert bank.tasks() == [0] and bank[0].version == 1
     for name in ("accuracy_matrix.png", "summary.json"):
         assert (tmp_path / "run" / name).is_file()
+
+
+def test_resume_matches_an_uninterrupted_run(tmp_path: Path, cache_dir: Path) -> None:
+    from server.simulation import simulate
+
+    two_tasks = TaskStreamConfig(name="split_mnist", num_tasks=2)
+    simulate(_config(tasks=two_tasks), tmp_path / "straight", cache_dir)
+    simulate(_config(tasks=two_tasks, stop_after=1), tmp_path / "stopped", cache_dir)
+    stopped = AdapterBank.load(tmp_path / "stopped" / "bank")
+    assert stopped.tasks() == [0] and stopped.metadata["run"]["completed_rounds"] == 1
+    simulate(_config(tasks=two_tasks, resume=True), tmp_path / "stopped", cache_dir)
+
+    straight = AdapterBank.load(tmp_path / "straight" / "bank")
+    resumed = AdapterBank.load(tmp_path / "stopped" / "bank")
+    assert straight.tasks() == resumed.tasks() == [0, 1]
+    for task in (0, 1):
+        assert straight[task].version == resumed[task].version == 1
+        for key, value in straight[task].state.items():
+            torch.testing.assert_close(resumed[task].state[key], value, rtol=0, atol=0)
+    rounds = [json.loads(line)["round"] for line in (tmp_path / "stopped" / "metrics.jsonl").read_text().splitlines()]
+    assert rounds == [1, 2]
