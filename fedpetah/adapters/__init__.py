@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from fedpetah.adapters import simple, synqt  # noqa: F401  (registers head, bias, full, synqt)
-from fedpetah.adapters import lora, petah  # noqa: F401  (registers lora, dora, petah)
+from fedpetah.adapters import lora, petah, simple, synqt  # noqa: F401  (each module registers its adapters)
 from fedpetah.adapters.base import Adapter, AdapterConfig
 from fedpetah.adapters.registry import ADAPTERS
 from fedpetah.backbone import Backbone
