@@ -13,6 +13,8 @@ from fedpetah.adapters import adapter_config, build_adapter
 from fedpetah.adapters.synqt import BlockRead, CrossRead, SynQTAdapter, SynQTConfig
 from fedpetah.adapters.synqt_features import pool_tokens
 from fedpetah.backbone import Backbone
+from fedpetah.config import PruningConfig
+from fedpetah.pruning import prune_backbone
 
 FAMILIES = ["efficientvit_b0", "edgenext_xx_small", "mobilevit_xxs"]
 SIZE = 64
@@ -196,3 +198,14 @@ def test_state_round_trip_and_merge_give_identical_logits(tiny_backbone: Backbon
     assert torch.equal(merged(x), trained.model(x))
     with pytest.raises(KeyError):
         fresh.load_state({k: v for k, v in state.items() if k != "synqt.queries"})
+
+
+def test_works_on_a_pruned_backbone(tiny_backbone: BackboneFactory) -> None:
+    pruned = prune_backbone(tiny_backbone("mobilevit_xxs", SIZE), PruningConfig(ratio=0.5))
+    adapter = synqt(pruned)
+    assert all(t.block for t in adapter.model.taps)  # ViT blocks with pruned heads are still reused
+    x = images()
+    logits = adapter.model.train()(x)
+    assert torch.equal(logits, adapter.forward_features(adapter.frozen_features(x)))
+    F.cross_entropy(logits, torch.tensor([0, 1, 2, 0])).backward()
+    assert all(p.grad is not None for p in adapter.trainable().values())
