@@ -103,7 +103,8 @@ class ContinualServer:
         strategy = self.config.strategy
         k = min(len(clients), max(strategy.min_clients, math.ceil(strategy.fraction * len(clients))))
         rng = np.random.default_rng([self.config.seed, plan.round])
-        return sorted(int(c) for c in rng.choice(sorted(clients), size=k, replace=False))
+        ordered = sorted(clients)  # pick positions: Flower node ids are uint64 and numpy may cast them to float
+        return sorted(ordered[int(i)] for i in rng.choice(len(ordered), size=k, replace=False))
 
     def global_state(self, task: int) -> StateDict:
         """The task's current global adapter; a seeded fresh one when the task starts."""
