@@ -108,8 +108,7 @@ def _install(grid: Grid, server: ContinualServer, nodes: list[int]) -> int:
             continue
         server.state.installed.append(reply.metadata.src_node_id)
         sent += len(weights) + len(manifest)
-    server.state.bytes_backbone += sent
-    return sent
+    return sent  # counted into the run state by ContinualServer.complete_round
 
 
 def _round(grid: Grid, server: ContinualServer, plan: RoundPlan, clients: dict[int, int]) -> RoundRecord:
