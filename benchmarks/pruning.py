@@ -1,0 +1,141 @@
+"""Pruning benchmark: parameters, MACs, pruning time and CPU latency of hybrid backbones at several ratios.
+
+Run: ``.venv/bin/python benchmarks/pruning.py`` (writes benchmarks/results/pruning.{json,md}).
+Weights are random: size, MACs and latency do not depend on their values. Latency is the median
+wall time of ``--repeats`` eval forwards (after a warm-up pass) with ``--threads`` torch threads,
+the ratios of one model taking turns.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fedpetah.backbone import Backbone, create_timm_model, family_of
+from fedpetah.config import PruningConfig
+from fedpetah.model import feature_dim
+from fedpetah.pruning import prune_backbone, prune_report
+
+RESULTS = Path(__file__).parent / "results"
+MODELS = [
+    "efficientvit_b0",
+    "edgenext_xx_small",
+    "mobilevit_xxs",
+    "mobilevitv2_050",
+    "mobilenetv4_hybrid_medium",
+    "efficientformerv2_s0",
+]
+LARGE_MODELS = ["efficientvit_b0", "mobilevit_xxs", "mobilevitv2_050"]
+
+
+@torch.no_grad()
+def latencies_ms(modules: list[torch.nn.Module], batch: int, size: int, repeats: int) -> list[float]:
+    """Median milliseconds of one eval forward of ``batch`` random images, per module.
+
+    The modules take turns within each repeat, so load from other jobs on a shared CPU hits
+    every variant alike instead of skewing whichever happened to run during a busy spell.
+    """
+    x = torch.rand(batch, 3, size, size)
+    times: list[list[float]] = [[] for _ in modules]
+    for module in modules:
+        module.eval()
+        module(x)
+    for _ in range(repeats):
+        for module, record in zip(modules, times, strict=True):
+            start = time.perf_counter()
+            module(x)
+            record.append(time.perf_counter() - start)
+    return [1000 * statistics.median(record) for record in times]
+
+
+def measure(name: str, size: int, ratios: list[float], repeats: int) -> list[dict[str, Any]]:
+    torch.manual_seed(0)
+    module, kwargs = create_timm_model(name, size)
+    base = Backbone(module.eval().requires_grad_(False), name, family_of(name), size, create_kwargs=kwargs)
+    rows, modules = [], []
+    for ratio in ratios:
+        start = time.perf_counter()
+        pruned = prune_backbone(base, PruningConfig(ratio=ratio))
+        seconds = time.perf_counter() - start
+        report = prune_report(base, pruned)
+        modules.append(pruned.module)
+        rows.append(
+            {
+                "model": name,
+                "img_size": size,
+                "ratio": ratio,
+                "params": report.params_after,
+                "param_ratio": round(report.param_ratio, 3),
+                "mmacs": round(report.macs_after / 1e6, 2),
+                "mac_ratio": round(report.mac_ratio, 3),
+                "features": feature_dim(pruned.module, size),
+                "heads_slimmed": sum(s["op"] == "slim_heads" for s in pruned.pruning_history),
+                "prune_seconds": round(seconds, 2),
+            }
+        )
+    single = latencies_ms(modules, 1, size, repeats)
+    batched = latencies_ms(modules, 32, size, max(3, repeats // 4))
+    for row, b1, b32 in zip(rows, single, batched, strict=True):
+        row["latency_b1_ms"], row["latency_b32_ms"] = round(b1, 2), round(b32, 1)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
+def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
+    lines = [
+        "# Pruning benchmark",
+        "",
+        f"`{meta['command']}` on {meta['machine']} ({meta['threads']} torch threads, load average "
+        f"{meta['load_before']} before, {meta['load_after']} after; other jobs shared the CPU). Random "
+        "weights, magnitude importance, heads slimmed where the family allows, no blocks removed. "
+        "MACs count convolutions, linear layers and norms (torch-pruning's counter), not attention products.",
+        "",
+        "| model | px | ratio | params | x | MMACs | x | features | heads cut in | prune s | b1 ms | b32 ms |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['model']} | {r['img_size']} | {r['ratio']} | {r['params']:,} | {r['param_ratio']} | "
+            f"{r['mmacs']} | {r['mac_ratio']} | {r['features']} | {r['heads_slimmed']} | "
+            f"{r['prune_seconds']} | {r['latency_b1_ms']} | {r['latency_b32_ms']} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--models", nargs="*", default=MODELS)
+    parser.add_argument("--large-models", nargs="*", default=LARGE_MODELS, help="also measured at 224 px")
+    parser.add_argument("--ratios", nargs="*", type=float, default=[0.0, 0.3, 0.5])
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", default="pruning")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    meta = {
+        "command": "python benchmarks/pruning.py " + " ".join(sys.argv[1:]),
+        "machine": f"{platform.machine()} {os.cpu_count()} CPUs, torch {torch.__version__}",
+        "threads": args.threads,
+        "load_before": round(os.getloadavg()[0], 1),
+    }
+    rows = []
+    for size, models in ((64, args.models), (224, args.large_models)):
+        for name in models:
+            rows += measure(name, size, args.ratios, args.repeats)
+    meta["load_after"] = round(os.getloadavg()[0], 1)
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"{args.out}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    (RESULTS / f"{args.out}.md").write_text(markdown(rows, meta))
+
+
+if __name__ == "__main__":
+    main()
