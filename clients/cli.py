@@ -1,0 +1,277 @@
+"""``fedpetah-client``: this device as a Flower SuperNode of a fedpetah server, after checks that explain failures.
+
+    fedpetah-client --server fl.lab.example:8000 --data ~/fedpetah-data \\
+        --root-certificates ~/.fedpetah/ca.pem --auth-key ~/.fedpetah/node
+
+Checked before Flower's SuperNode starts: the data dir (``DIR/<task>/<class>/*.png|jpg``), free disk for the
+backbone cache, the CA and node key files, that the server is reachable (retried with exponential backoff) and
+that its certificate verifies. Flower's own connection errors (a node key the server refuses) are translated
+into the same exit codes. Exit codes: 0 stopped cleanly, 2 usage, 3 data, 4 disk, 5 unreachable,
+6 certificate, 7 node key, 8 SuperNode failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from pathlib import Path
+
+from clients.launch import (
+    child_env,
+    connect_with_retries,
+    executable,
+    port_is_free,
+    raise_on_sigterm,
+    split_address,
+    start,
+    stop_tree,
+    warn_insecure,
+)
+
+EXIT_USAGE, EXIT_DATA, EXIT_DISK, EXIT_UNREACHABLE = 2, 3, 4, 5
+EXIT_CERTIFICATE, EXIT_NODE_KEY, EXIT_SUPERNODE = 6, 7, 8
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg"})  # what fedpetah.tasks.folder reads (a test keeps them equal)
+
+
+class ClientError(Exception):
+    """A failure the device's owner can fix; ``code`` is the process exit code."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    env = os.environ.get
+    cache = Path(env("FEDPETAH_CACHE", str(Path.home() / ".cache" / "fedpetah"))) / "backbones"
+    parser = argparse.ArgumentParser(prog="fedpetah-client", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--server", required=True, help="HOST:PORT of fedpetah-server")
+    parser.add_argument("--data", required=True, type=Path, help="image folder DIR/<task>/<class>/*.png|jpg")
+    parser.add_argument("--root-certificates", type=Path, help="the server's CA (ca.pem); default: system CAs")
+    parser.add_argument("--auth-key", type=Path, help="this device's private key (its .pub is registered)")
+    parser.add_argument("--cache", type=Path, default=cache, help=f"backbone cache (default {cache})")
+    parser.add_argument("--insecure", action="store_true", help="no TLS: only for a loopback demo server")
+    parser.add_argument("--runtime-port", type=int, default=9094, help="local port of the SuperNode's app API")
+    parser.add_argument("--retries", type=int, default=int(env("FEDPETAH_CONNECT_RETRIES", "8")),
+                        help="reconnection attempts before giving up (env FEDPETAH_CONNECT_RETRIES)")
+    parser.add_argument("--backoff", type=float, default=float(env("FEDPETAH_CONNECT_BACKOFF", "2.0")),
+                        help="first wait in seconds, doubled per attempt (env FEDPETAH_CONNECT_BACKOFF)")
+    parser.add_argument("--min-free-mb", type=int, default=200, help="free disk the cache needs")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads for training (0: torch's default)")
+    parser.add_argument("--check", action="store_true", help="run the checks, then exit without joining")
+    return parser.parse_args(argv)
+
+
+def scan_data(root: Path) -> dict[str, dict[str, int]]:
+    """Image files per task and class of ``root/<task>/<class>/``; ClientError if there are none."""
+    if not root.is_dir():
+        raise ClientError(EXIT_DATA, f"data dir {root} does not exist; lay out images as {root}/<task>/<class>/*.png")
+    found: dict[str, dict[str, int]] = {}
+    for task in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        for label in sorted(p for p in task.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            count = sum(1 for f in label.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+            if count:
+                found.setdefault(task.name, {})[label.name] = count
+    if not found:
+        raise ClientError(EXIT_DATA, f"data dir {root} holds no images: expected {root}/<task>/<class>/*.png|jpg "
+                                     "with the task and class names the server uses (e.g. mnist_0_1/0/img.png)")
+    return found
+
+
+def check_cache(cache: Path, min_free_mb: int) -> int:
+    """Free MB in the cache dir (created if needed); ClientError if it is not writable or too full."""
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        probe = cache / ".write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise ClientError(EXIT_DISK, f"cannot write the backbone cache {cache}: {err}; pass --cache DIR") from None
+    free_mb = shutil.disk_usage(cache).free // 2**20
+    if free_mb < min_free_mb:
+        raise ClientError(EXIT_DISK, f"only {free_mb} MB free for the backbone cache in {cache}, {min_free_mb} MB "
+                                     "needed: free space or point --cache at a bigger disk")
+    return int(free_mb)
+
+
+def check_files(args: argparse.Namespace) -> None:
+    if args.root_certificates is not None:
+        try:
+            ssl.create_default_context(cafile=str(args.root_certificates))
+        except (OSError, ssl.SSLError) as err:
+            raise ClientError(EXIT_CERTIFICATE, f"cannot use --root-certificates {args.root_certificates}: {err}; "
+                                                "it must be the server's ca.pem (PEM)") from None
+    if args.auth_key is not None:
+        from cryptography.hazmat.primitives.asymmetric import ec
+        from cryptography.hazmat.primitives.serialization import load_ssh_private_key
+
+        try:
+            key = load_ssh_private_key(args.auth_key.read_bytes(), password=None)
+        except (OSError, ValueError) as err:
+            raise ClientError(EXIT_NODE_KEY, f"cannot read --auth-key {args.auth_key}: {err}") from None
+        if not isinstance(key, ec.EllipticCurvePrivateKey):
+            raise ClientError(EXIT_NODE_KEY, f"{args.auth_key} is not an EC key; create one with "
+                                             "`python -m server.certificates node-key PATH`")
+
+
+def check_server(host: str, port: int, args: argparse.Namespace) -> None:
+    """Reachable (with retries), and its certificate verifies against the CA for ``host``."""
+
+    def retrying(attempt: int, delay: float, error: OSError) -> None:
+        print(f"fedpetah-client: {host}:{port} not reachable ({error}); retry {attempt}/{args.retries} "
+              f"in {delay:.1f} s", file=sys.stderr)
+
+    error = connect_with_retries(host, port, args.retries, args.backoff, retrying)
+    if error is not None:
+        raise ClientError(EXIT_UNREACHABLE, f"cannot reach {host}:{port} after {args.retries + 1} attempts "
+                                            f"({error}): check the address, that fedpetah-server runs there, and "
+                                            "that no firewall blocks the port")
+    if args.insecure:
+        return
+    context = ssl.create_default_context(cafile=str(args.root_certificates) if args.root_certificates else None)
+    try:
+        with socket.create_connection((host, port), timeout=10) as sock, \
+                context.wrap_socket(sock, server_hostname=host):
+            pass
+    except ssl.SSLCertVerificationError as err:
+        source = args.root_certificates or "the system's CAs"
+        raise ClientError(EXIT_CERTIFICATE, f"the certificate of {host}:{port} does not verify against {source}: "
+                                            f"{err.verify_message}; get this server's ca.pem from its operator, "
+                                            f"or have the server certificate issued for {host!r}") from None
+    except (ssl.SSLError, OSError) as err:
+        raise ClientError(EXIT_CERTIFICATE, f"no TLS handshake with {host}:{port} ({err}); is the server running "
+                                            "with --insecure (then this device needs --insecure too)?") from None
+
+
+def supernode_command(args: argparse.Namespace, address: str) -> list[str]:
+    data, cache = args.data.expanduser().resolve(), args.cache.expanduser().resolve()
+    if "'" in f"{data}{cache}":
+        raise ClientError(EXIT_USAGE, "paths for --data and --cache must not contain a single quote")
+    command = [executable("flower-supernode"), "--superlink", address, "--port", str(args.runtime_port),
+               "--node-config", f"data-dir='{data}' cache-dir='{cache}'"]
+    if args.insecure:
+        command.append("--insecure")
+    elif args.root_certificates is not None:
+        command += ["--root-certificates", str(args.root_certificates.expanduser().resolve())]
+    if args.auth_key is not None:
+        command += ["--auth-supernode-private-key", str(args.auth_key.expanduser().resolve())]
+    return command
+
+
+REFUSED = ("[code: 2004]", "Failed to activate SuperNode")  # Flower: this key is not registered (yet)
+KEY_RETRIES = 3  # a device may connect while the server is still registering keys at its start
+
+
+def explain_exit(returncode: int, output: str, args: argparse.Namespace) -> ClientError | None:
+    """Our exit code and advice for a SuperNode that stopped on its own; None for a clean stop."""
+    key = args.auth_key
+    if any(sign in output for sign in REFUSED):
+        return ClientError(EXIT_NODE_KEY, f"the server refused this device's key: register {key}.pub there "
+                                          "(put it in the server's nodes/ dir and restart fedpetah-server)")
+    if "[code: 2001]" in output:
+        return ClientError(EXIT_NODE_KEY, "the server only accepts registered devices: create a key with "
+                                          "`python -m server.certificates node-key PATH`, have PATH.pub registered, "
+                                          "and pass --auth-key PATH")
+    if "Exit Code: 302" in output:
+        return ClientError(EXIT_NODE_KEY, f"Flower could not use the node key {key}")
+    if "CERTIFICATE_VERIFY_FAILED" in output:
+        return ClientError(EXIT_CERTIFICATE, "the server's certificate does not verify (see above)")
+    if returncode == 0:
+        return None
+    return ClientError(EXIT_SUPERNODE, f"Flower's SuperNode exited with code {returncode} (output above)")
+
+
+def _pump(node: subprocess.Popen[bytes], tail: deque[str]) -> None:
+    """Pass the SuperNode's output through, keeping its last lines for :func:`explain_exit`."""
+    assert node.stdout is not None
+    for raw in node.stdout:
+        line = raw.decode(errors="replace")
+        sys.stdout.write(line)
+        sys.stdout.flush()
+        tail.append(line)
+
+
+def supernode(args: argparse.Namespace, address: str) -> tuple[int, str] | None:
+    """Run Flower's SuperNode until it exits (its code and last output) or we are stopped (None)."""
+    extra = {"FLWR_DISABLE_UPDATE_CHECK": "1", "FLWR_TELEMETRY_ENABLED": os.environ.get("FLWR_TELEMETRY_ENABLED", "0")}
+    if args.threads > 0:
+        extra["FEDPETAH_TORCH_THREADS"] = str(args.threads)
+    node = start(supernode_command(args, address), child_env(extra))
+    tail: deque[str] = deque(maxlen=200)
+    # Read in a thread and reap the SuperNode as soon as it exits: Flower's detached SuperExec holds our pipe
+    # open until it sees its parent gone, which it cannot while the parent is an unreaped zombie.
+    pump = threading.Thread(target=_pump, args=(node, tail), daemon=True)
+    pump.start()
+    try:
+        returncode = node.wait()
+    except KeyboardInterrupt:
+        print("fedpetah-client: stopping", file=sys.stderr)
+        return None
+    finally:
+        stop_tree(node)
+        pump.join(timeout=15.0)
+    return returncode, "".join(tail)
+
+
+def join(args: argparse.Namespace, address: str) -> int:
+    """Run the SuperNode; a refused key is retried :data:`KEY_RETRIES` times (the server may be registering it)."""
+    if not port_is_free("127.0.0.1", args.runtime_port):
+        raise ClientError(EXIT_SUPERNODE, f"local port {args.runtime_port} is in use (another fedpetah-client?): "
+                                          "pass --runtime-port")
+    attempt = 0
+    while True:
+        outcome = supernode(args, address)
+        if outcome is None:
+            return 0
+        returncode, output = outcome
+        if attempt == KEY_RETRIES or not any(sign in output for sign in REFUSED):
+            error = explain_exit(returncode, output, args)
+            if error is not None:
+                raise error
+            return 0
+        delay = min(60.0, 8 * args.backoff * 2**attempt)
+        attempt += 1
+        print(f"fedpetah-client: the server refused this device's key (not registered yet?); retry "
+              f"{attempt}/{KEY_RETRIES} in {delay:.0f} s", file=sys.stderr)
+        time.sleep(delay)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    raise_on_sigterm()
+    try:
+        try:
+            host, port = split_address(args.server)
+        except ValueError as err:
+            raise ClientError(EXIT_USAGE, f"--server: {err}") from None
+        if args.insecure:
+            warn_insecure("fedpetah-client")
+        data = scan_data(args.data.expanduser())
+        summary = ", ".join(f"{task} ({sum(c.values())} images, {len(c)} classes)" for task, c in data.items())
+        print(f"fedpetah-client: data {summary}", file=sys.stderr)
+        free = check_cache(args.cache.expanduser(), args.min_free_mb)
+        print(f"fedpetah-client: backbone cache {args.cache} ({free} MB free)", file=sys.stderr)
+        check_files(args)
+        check_server(host, port, args)
+        if args.check:
+            print("fedpetah-client: all checks passed", file=sys.stderr)
+            return 0
+        return join(args, args.server)
+    except ClientError as err:
+        print(f"fedpetah-client: error: {err}", file=sys.stderr)
+        return err.code
+    except KeyboardInterrupt:
+        return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

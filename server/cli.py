@@ -1,0 +1,230 @@
+"""``fedpetah-server``: Flower's SuperLink with TLS, SuperNode authentication, a persistent state database and no
+runtime dependency installation, plus our ServerApp run submitted to it and followed to the end.
+
+    fedpetah-server --state-dir /srv/fedpetah adapter=petah rounds_per_task=5
+    fedpetah-server --state-dir /srv/fedpetah --resume          # after a stop: continue from the bank
+
+Everything lives under the state dir: ``certs/`` (ca.pem, server.pem, server.key), ``nodes/*.pub`` (the device
+keys to register), ``superlink.db``, ``logs/``, ``cache/`` (backbone artifacts), ``run/`` (metrics, bank).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from clients.launch import (
+    LOOPBACK_HOSTS,
+    child_env,
+    executable,
+    port_is_free,
+    raise_on_sigterm,
+    start,
+    stop_tree,
+    wait_for_port,
+    warn_insecure,
+)
+from fedpetah.experiment import ExperimentConfig
+from server.bundle import REPO, compose_experiment, config_json, stage_app
+from server.certificates import TlsFiles, node_keys, server_files
+
+EXIT_CONFIG, EXIT_TLS, EXIT_NODES, EXIT_SUPERLINK, EXIT_RUN, EXIT_RUN_DIR = 2, 3, 4, 5, 6, 7
+CONNECTION = "fedpetah"
+RESUMABLE = frozenset({"resume", "stop_after"})  # settings that may change between a stop and its resume
+
+
+class ServerError(Exception):
+    """A failure the operator can fix; ``code`` is the process exit code."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="fedpetah-server", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides of configs/, e.g. adapter=lora clients=4")
+    parser.add_argument("--state-dir", type=Path, default=Path("fedpetah-state"))
+    parser.add_argument("--run-dir", type=Path, help="metrics, plots and the adapter bank (default STATE/run)")
+    parser.add_argument("--host", default="0.0.0.0", help="address the SuperLink listens on (default all)")
+    parser.add_argument("--port", type=int, default=8000, help="the one HTTPS port devices connect to")
+    parser.add_argument("--certificates", type=Path, help="dir with ca.pem, server.pem, server.key (STATE/certs)")
+    parser.add_argument("--nodes", type=Path, help="dir whose *.pub device keys are registered (STATE/nodes)")
+    parser.add_argument("--resume", action="store_true", help="continue the run in the run dir from its bank")
+    parser.add_argument("--insecure", action="store_true", help="no TLS, no node authentication: loopback demo only")
+    parser.add_argument("--config-dir", type=Path, default=REPO / "configs")
+    parser.add_argument("--config-name", default="config")
+    parser.add_argument("--startup-timeout", type=float, default=60.0)
+    return parser.parse_args(argv)
+
+
+def _experiment(args: argparse.Namespace, run_dir: Path, node_keys: int) -> ExperimentConfig:
+    overrides = list(args.overrides)
+    if not any(o.lstrip("+~").split("=")[0] == "clients" for o in overrides):
+        if node_keys == 0:
+            raise ServerError(EXIT_CONFIG, "say how many devices to wait for: add the override clients=N")
+        overrides.append(f"clients={node_keys}")
+    overrides += [f"output_dir={run_dir}", f"resume={str(args.resume).lower()}"]
+    try:
+        return compose_experiment(overrides, args.config_dir, args.config_name)
+    except Exception as err:  # Hydra's and our dataclasses' validation errors, shown as they are
+        raise ServerError(EXIT_CONFIG, f"bad experiment config: {err}") from None
+
+
+def _check_run_dir(run_dir: Path, config_text: str, resume: bool) -> None:
+    saved = run_dir / "config.json"
+    has_bank = (run_dir / "bank" / "bank.json").is_file()
+    if not resume and has_bank:
+        raise ServerError(EXIT_RUN_DIR, f"{run_dir} holds a previous run: pass --resume to continue it, "
+                                        "or choose another --run-dir")
+    if resume and saved.is_file():
+        before = {k: v for k, v in json.loads(saved.read_text()).items() if k not in RESUMABLE}
+        now = {k: v for k, v in json.loads(config_text).items() if k not in RESUMABLE}
+        changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
+        if changed:
+            raise ServerError(EXIT_RUN_DIR, f"--resume needs the same config as the stopped run; these differ: "
+                                            f"{', '.join(changed)} (see {saved})")
+    if resume and not has_bank:
+        print(f"fedpetah-server: nothing to resume in {run_dir}; starting the run from its first round",
+              file=sys.stderr)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    saved.write_text(config_text)
+
+
+def _superlink_command(args: argparse.Namespace, state: Path, certs: TlsFiles | None) -> list[str]:
+    command = [executable("flower-superlink"), "--host", args.host, "--port", str(args.port),
+               "--database", str(state / "superlink.db"), "--disable-runtime-dependency-installation"]
+    if certs is None:
+        return [*command, "--insecure"]
+    return [*command, "--ssl-ca-certfile", str(certs.ca), "--ssl-certfile", str(certs.cert),
+            "--ssl-keyfile", str(certs.key), "--enable-supernode-auth"]
+
+
+def _flwr(env: dict[str, str], *arguments: str, timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([executable("flwr"), *arguments], env=env, capture_output=True, text=True,
+                          timeout=timeout, check=False)
+
+
+def _flwr_json(env: dict[str, str], *arguments: str) -> dict[str, Any]:
+    done = _flwr(env, *arguments, "--format", "json")
+    try:
+        reply: dict[str, Any] = json.loads(done.stdout[done.stdout.index("{"):])
+    except ValueError:
+        raise ServerError(EXIT_SUPERLINK, f"flwr {' '.join(arguments)} failed:\n{done.stdout}{done.stderr}") from None
+    return reply
+
+
+def _register(env: dict[str, str], keys: list[Path]) -> None:
+    for key in keys:
+        reply = _flwr_json(env, "supernode", "register", str(key), CONNECTION)
+        error = str(reply.get("error-message", ""))
+        if reply.get("success"):
+            print(f"fedpetah-server: registered {key.name} as node {reply['node-id']}", file=sys.stderr)
+        elif "already in use" not in error:  # registered before: the state database keeps it
+            raise ServerError(EXIT_NODES, f"could not register {key}: {error}")
+
+
+def _follow(env: dict[str, str], run_id: str, log_path: Path) -> dict[str, Any]:
+    """Stream the run's log (ServerApp output) to stdout and ``log_path``; the run's final row from ``flwr ls``."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with log_path.open("a") as log:
+        stream = subprocess.Popen([executable("flwr"), "log", run_id, CONNECTION, "--stream"], env=env,
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        assert stream.stdout is not None
+        for line in stream.stdout:
+            sys.stdout.write(line)
+            log.write(line)
+        stream.wait()
+    while True:
+        runs = _flwr_json(env, "ls", "--run-id", run_id, CONNECTION).get("runs", [])
+        if runs and str(runs[0]["status"]).startswith("finished"):
+            return dict(runs[0])
+        time.sleep(2.0)
+
+
+def serve(args: argparse.Namespace) -> int:
+    state = args.state_dir.expanduser().resolve()
+    run_dir = (args.run_dir or state / "run").expanduser().resolve()
+    if args.insecure:
+        if args.host not in LOOPBACK_HOSTS:
+            raise ServerError(EXIT_TLS, f"--insecure only on a loopback host (127.0.0.1), not {args.host}")
+        warn_insecure("fedpetah-server")
+        certs, keys = None, []
+    else:
+        try:
+            certs = server_files((args.certificates or state / "certs").expanduser().resolve())
+        except ValueError as err:
+            raise ServerError(EXIT_TLS, str(err)) from None
+        try:
+            keys = node_keys((args.nodes or state / "nodes").expanduser().resolve())
+        except ValueError as err:
+            raise ServerError(EXIT_NODES, str(err)) from None
+    config = _experiment(args, run_dir, len(keys))
+    text = config_json(config)
+    _check_run_dir(run_dir, text, args.resume)
+    if not port_is_free(args.host, args.port):
+        raise ServerError(EXIT_SUPERLINK, f"port {args.port} on {args.host} is in use (another SuperLink?); "
+                                          "stop it or pass --port")
+    env = child_env({"FLWR_HOME": str(state / "flwr"), "FLWR_DISABLE_UPDATE_CHECK": "1"})
+    env.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    env.setdefault("FEDPETAH_CACHE", str(state / "cache"))
+    local = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
+    connection: dict[str, Any] = {"address": f"{local}:{args.port}"}
+    connection.update({"root-certificates": str(certs.ca)} if certs else {"insecure": True})
+    Path(env["FLWR_HOME"]).mkdir(parents=True, exist_ok=True)
+    (Path(env["FLWR_HOME"]) / "config.toml").write_text(
+        tomli_w.dumps({"superlink": {"default": CONNECTION, CONNECTION: connection}}))
+    link_log = state / "logs" / "superlink.log"
+    link = start(_superlink_command(args, state, certs), env, link_log)
+    run_id = ""
+    try:
+        if not wait_for_port(local, args.port, link, args.startup_timeout):
+            tail = "".join(link_log.read_text(errors="replace").splitlines(keepends=True)[-15:])
+            raise ServerError(EXIT_SUPERLINK, f"the SuperLink did not start (log {link_log}):\n{tail}")
+        print(f"fedpetah-server: SuperLink on {args.host}:{args.port} ({'TLS' if certs else 'INSECURE'}), "
+              f"log {link_log}", file=sys.stderr)
+        _register(env, keys)
+        submitted = _flwr_json(env, "run", str(stage_app(config, state / "app")), CONNECTION)
+        if not submitted.get("success"):
+            raise ServerError(EXIT_RUN, f"the run was not accepted: {submitted.get('error-message')}")
+        run_id = str(submitted["run-id"])
+        print(f"fedpetah-server: run {run_id} ({config.clients} devices, output {run_dir})", file=sys.stderr)
+        final = _follow(env, run_id, state / "logs" / f"run-{run_id}.log")
+        run_id = ""
+    finally:
+        if run_id:  # interrupted: stop the run so no stale messages reach devices after a restart
+            _flwr(env, "stop", run_id, CONNECTION, timeout=30.0)
+        stop_tree(link)
+    with (run_dir / "flower-runs.jsonl").open("a") as runs:  # Flower's view: status, times, network traffic
+        runs.write(json.dumps(final) + "\n")
+    if final["status"] != "finished:completed":
+        raise ServerError(EXIT_RUN, f"run {final['run-id']} {final['status']}: {final.get('status-details', '')}")
+    print(f"fedpetah-server: run completed; summary {run_dir / 'summary.json'}", file=sys.stderr)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    raise_on_sigterm()
+    try:
+        return serve(args)
+    except ServerError as err:
+        print(f"fedpetah-server: error: {err}", file=sys.stderr)
+        return err.code
+    except KeyboardInterrupt:
+        print("fedpetah-server: stopped; continue later with --resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    raise SystemExit(main())

@@ -1,0 +1,108 @@
+"""A whole federation on 127.0.0.1 (for tests, benchmarks and demos): a private CA, device keys, image folders
+from the offline MNIST sample, ``fedpetah-server`` and ``fedpetah-client`` processes on free ports, all stopped
+together (process trees included) by :meth:`Loopback.stop`."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import TracebackType
+
+from clients.launch import child_env, free_port, port_is_free, start, stop_tree
+from server.bundle import REPO
+from server.certificates import make_node_key, make_tls
+
+
+def write_device_data(root: Path, clients: int, per_class: int, num_tasks: int = 2) -> list[Path]:
+    """``root/c<i>/<task>/<class>/*.png`` from split MNIST's training images: device i gets images i, i+clients, ..."""
+    from PIL import Image
+
+    from fedpetah.tasks import TaskStreamConfig, build_stream
+
+    dirs = [root / f"c{i}" for i in range(clients)]
+    for task in build_stream(TaskStreamConfig(name="split_mnist", num_tasks=num_tasks)):
+        counts: dict[tuple[int, int], int] = {}
+        for index in range(len(task.train)):
+            client, label = index % clients, int(task.train.labels[index])
+            if counts.get((client, label), 0) == per_class:
+                continue
+            counts[(client, label)] = counts.get((client, label), 0) + 1
+            folder = dirs[client] / task.name / task.classes[label]
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(task.train.images[index, 0].numpy()).save(folder / f"{index}.png")
+    return dirs
+
+
+class Loopback:
+    """Certificates, keys (the first ``registered`` of ``devices`` are registered), data and processes in ``root``."""
+
+    def __init__(self, root: Path, devices: int, registered: int | None = None, per_class: int = 40,
+                 num_tasks: int = 2) -> None:
+        self.root, self.state = root, root / "state"
+        self.run_dir = self.state / "run"
+        make_tls(self.state / "certs", ["127.0.0.1"])
+        self.keys = [make_node_key(root / "keys" / f"node{i}")[0] for i in range(devices)]
+        (self.state / "nodes").mkdir(parents=True, exist_ok=True)
+        for key in self.keys[: devices if registered is None else registered]:
+            (self.state / "nodes" / f"{key.name}.pub").write_bytes(key.with_name(f"{key.name}.pub").read_bytes())
+        self.data = write_device_data(root / "data", devices, per_class, num_tasks)
+        self.port = free_port()
+        self.runtime_ports = [free_port() for _ in range(devices)]
+        self.processes: dict[str, subprocess.Popen[bytes]] = {}
+
+    @property
+    def ports(self) -> list[int]:
+        return [self.port, *self.runtime_ports]
+
+    def cache(self, device: int) -> Path:
+        return self.root / f"cache{device}"
+
+    def _start(self, name: str, module: str, args: list[str], **env: str) -> subprocess.Popen[bytes]:
+        environment = child_env({"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "FLWR_DISABLE_UPDATE_CHECK": "1",
+                                 "FLWR_TELEMETRY_ENABLED": "0", **env})
+        process = start([sys.executable, "-m", module, *args], environment, self.root / "logs" / f"{name}.log")
+        self.processes[name] = process
+        return process
+
+    def start_server(self, name: str, overrides: list[str], *extra: str) -> subprocess.Popen[bytes]:
+        args = ["--state-dir", str(self.state), "--host", "127.0.0.1", "--port", str(self.port), *extra, *overrides]
+        return self._start(name, "server.cli", args)
+
+    def start_client(self, device: int, *extra: str) -> subprocess.Popen[bytes]:
+        return self._start(f"client{device}", "clients.cli", [
+            "--server", f"127.0.0.1:{self.port}", "--data", str(self.data[device]),
+            "--root-certificates", str(self.state / "certs" / "ca.pem"), "--auth-key", str(self.keys[device]),
+            "--cache", str(self.cache(device)), "--runtime-port", str(self.runtime_ports[device]),
+            "--retries", "20", "--backoff", "0.25", "--threads", "1", *extra,
+        ], FLWR_HOME=str(self.root / f"flwr{device}"))
+
+    def log(self, name: str) -> str:
+        path = self.root / "logs" / f"{name}.log"
+        return path.read_text(errors="replace") if path.is_file() else ""
+
+    def wait(self, name: str, timeout: float) -> int | None:
+        """The exit code of process ``name``, or None if it still runs after ``timeout`` seconds."""
+        try:
+            return self.processes[name].wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def stop(self, port_timeout: float = 20.0) -> bool:
+        """Stop every process and its descendants; True once every port is free again."""
+        for process in self.processes.values():
+            stop_tree(process, grace=10.0)
+        deadline = time.monotonic() + port_timeout
+        while not all(port_is_free("127.0.0.1", p) for p in self.ports):
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.5)
+        return True
+
+    def __enter__(self) -> Loopback:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, value: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()
