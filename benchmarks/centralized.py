@@ -13,9 +13,10 @@ from pathlib import Path
 import torch
 
 from fedpetah.adapters import ADAPTERS, adapter_config, build_adapter
-from fedpetah.backbone import build_backbone
+from fedpetah.artifact import load_artifact
 from fedpetah.config import BackboneConfig, PruningConfig, TrainConfig
-from fedpetah.pruning import prune_backbone
+from fedpetah.experiment import ExperimentConfig
+from fedpetah.prepare import prepare_artifact
 from fedpetah.tasks import TaskStreamConfig, build_stream
 from fedpetah.train import evaluate, train_adapter
 
@@ -30,19 +31,21 @@ def main() -> None:
     parser.add_argument("--ratios", nargs="*", type=float, default=[0.0, 0.5])
     parser.add_argument("--tasks", type=int, default=5, help="evaluate the first N split_mnist tasks")
     parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--first-task-only", nargs="*", default=[], help="adapters evaluated on task 0 only")
     parser.add_argument("--out", default="centralized")
     args = parser.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    backbone = build_backbone(BackboneConfig(name=args.backbone, img_size=args.img_size))
     tasks = build_stream(TaskStreamConfig(name="split_mnist"))[: args.tasks]
     train_cfg = TrainConfig(epochs=args.epochs, lr=5e-3, batch_size=32)
     rows = []
     for ratio in args.ratios:
-        pruned = prune_backbone(backbone, PruningConfig(ratio=ratio)) if ratio > 0 else backbone
+        experiment = ExperimentConfig(backbone=BackboneConfig(name=args.backbone, img_size=args.img_size),
+                                      pruning=PruningConfig(ratio=ratio))
+        pruned = load_artifact(prepare_artifact(experiment))  # what the server ships (cached)
         for name in args.adapters or ADAPTERS.names():
             accuracies, start = [], time.perf_counter()
             lr = 1e-3 if name == "full" else train_cfg.lr
-            for task in tasks:
+            for task in tasks[:1] if name in args.first_task_only else tasks:
                 adapter = build_adapter(adapter_config(name), pruned, task.num_classes)
                 cfg = TrainConfig(epochs=args.epochs, lr=lr, batch_size=32, seed=task.index)
                 train_adapter(adapter, task.train, cfg)
@@ -62,7 +65,7 @@ def main() -> None:
             rows.append(row)
     RESULTS.mkdir(exist_ok=True)
     meta = {"backbone": args.backbone, "img_size": args.img_size, "epochs": args.epochs,
-            "pretraining": backbone.pretraining, "rows": rows}
+            "pretraining": pruned.pretraining, "rows": rows}
     (RESULTS / f"{args.out}.json").write_text(json.dumps(meta, indent=2))
     lines = [
         f"# Centralized split_mnist ({args.backbone}, {args.img_size} px, {args.epochs} epochs per task)",

@@ -54,7 +54,11 @@ class BackboneConfig:
 
 @dataclass
 class PruningConfig:
-    """Structured pruning through torch-pruning; ratio 0 disables it."""
+    """Structured pruning through torch-pruning; ratio 0 disables it.
+
+    ``recovery_epochs``: after pruning, the server fine-tunes the pruned backbone for that many epochs on
+    the warm-up proxy data (prune, then recover), before freezing and shipping it; 0 ships it as pruned.
+    """
 
     ratio: float = 0.0
     importance: str = "magnitude"
@@ -62,14 +66,17 @@ class PruningConfig:
     remove_blocks: int = 0
     calibration_batches: int = 4
     round_to: int = 8
+    recovery_epochs: int = 4
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.ratio < 1.0:
             raise ValueError(f"pruning.ratio must be in [0, 1), got {self.ratio}")
         if self.importance not in {"magnitude", "taylor"}:
             raise ValueError(f"pruning.importance must be magnitude|taylor, got {self.importance!r}")
-        if self.remove_blocks < 0 or self.calibration_batches < 1 or self.round_to < 1:
-            raise ValueError("pruning.remove_blocks >= 0, calibration_batches >= 1, round_to >= 1")
+        if self.remove_blocks < 0 or self.calibration_batches < 1 or self.round_to < 1 or self.recovery_epochs < 0:
+            raise ValueError(
+                "pruning: remove_blocks >= 0, calibration_batches >= 1, round_to >= 1, recovery_epochs >= 0"
+            )
 
 
 @dataclass

@@ -1,20 +1,21 @@
-"""Server-side backbone preparation: build, warm up or load, prune, freeze, pack (cached by settings hash)."""
+"""Server-side backbone preparation: build, warm up or load, prune, recover, freeze, pack (cached by settings)."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import timm
 
 from fedpetah.artifact import ArtifactError, load_artifact, pack_artifact
-from fedpetah.backbone import build_backbone
+from fedpetah.backbone import Backbone, build_backbone
 from fedpetah.backbone.build import default_cache_dir
-from fedpetah.backbone.warmup import digits_tensors
+from fedpetah.backbone.warmup import digits_tensors, warmup_pretrain
 from fedpetah.experiment import ExperimentConfig
+from fedpetah.pruning import prune_backbone
 
 log = logging.getLogger(__name__)
 
@@ -23,6 +24,20 @@ def settings_key(config: ExperimentConfig) -> str:
     """Hash of everything that determines the shipped backbone."""
     payload = {"backbone": asdict(config.backbone), "pruning": asdict(config.pruning), "timm": timm.__version__}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def prepare_backbone(config: ExperimentConfig, cache_dir: Path | None = None) -> Backbone:
+    """Build (warm-up weights cached), prune, and recover on the proxy data; frozen."""
+    backbone = build_backbone(config.backbone, cache_dir)
+    pruning = config.pruning
+    if pruning.ratio > 0 or pruning.remove_blocks:
+        images, _ = digits_tensors(backbone.img_size, backbone.in_chans)
+        calibration = list(images[: 32 * pruning.calibration_batches].split(32))
+        backbone = prune_backbone(backbone, pruning, calibration=calibration)
+        if pruning.recovery_epochs:
+            recovery = replace(config.backbone.warmup, epochs=pruning.recovery_epochs)
+            backbone.pretraining = {**backbone.pretraining, "recovery": warmup_pretrain(backbone, recovery)}
+    return backbone
 
 
 def prepare_artifact(config: ExperimentConfig, cache_dir: Path | None = None) -> Path:
@@ -35,12 +50,5 @@ def prepare_artifact(config: ExperimentConfig, cache_dir: Path | None = None) ->
             return target
         except ArtifactError as err:
             log.warning("rebuilding the cached artifact %s: %s", target, err)
-    backbone = build_backbone(config.backbone, root)
-    if config.pruning.ratio > 0:
-        from fedpetah.pruning import prune_backbone
-
-        images, _ = digits_tensors(backbone.img_size, backbone.in_chans)
-        batches = list(images[: 32 * config.pruning.calibration_batches].split(32))
-        backbone = prune_backbone(backbone, config.pruning, calibration=batches)
-    pack_artifact(backbone, target)
+    pack_artifact(prepare_backbone(config, root), target)
     return target

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import signal
@@ -26,6 +27,8 @@ def simulate(config: ExperimentConfig, run_dir: Path, cache_dir: Path | None = N
     if cache_dir is not None:
         os.environ["FEDPETAH_CACHE"] = str(cache_dir)
     from flwr.simulation import run_simulation
+
+    logging.getLogger("flwr").setLevel(logging.INFO)  # Flower's DEBUG lines would drown the progress display
 
     from clients.app import app as client_app
     from server.app import make_server_app

@@ -20,7 +20,7 @@ from fedpetah.model import IMAGENET_MEAN, IMAGENET_STD
 
 log = logging.getLogger(__name__)
 
-WARMUP_FORMAT = 1
+WARMUP_FORMAT = 2
 
 
 @dataclass

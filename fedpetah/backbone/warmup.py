@@ -38,6 +38,20 @@ def random_affine(images: torch.Tensor, generator: torch.Generator) -> torch.Ten
     return F.grid_sample(images, grid, align_corners=False)
 
 
+def random_stroke_contrast(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Per image, a random soft threshold: from the blurry upscaled 8x8 digit to a crisp binary stroke.
+
+    Upscaled 8x8 digits are blobs; pen strokes in real images (MNIST, photos of text) are thin and sharp.
+    Without this, digits-pretrained features separated MNIST pairs only at 78-86% with a linear probe.
+    """
+    n = images.shape[0]
+    sharpness = 1.0 + 19.0 * torch.rand(n, 1, 1, 1, generator=generator)
+    threshold = 0.25 + 0.35 * torch.rand(n, 1, 1, 1, generator=generator)
+    sharp = torch.sigmoid((images - threshold) * sharpness)
+    low, high = sharp.amin((1, 2, 3), keepdim=True), sharp.amax((1, 2, 3), keepdim=True)
+    return (sharp - low) / (high - low).clamp_min(1e-6)
+
+
 def warmup_pretrain(backbone: Backbone, config: WarmupConfig) -> dict[str, Any]:
     """Train the whole backbone with a temporary 10-way head; report held-out accuracy."""
     torch.manual_seed(config.seed)
@@ -58,7 +72,7 @@ def warmup_pretrain(backbone: Backbone, config: WarmupConfig) -> dict[str, Any]:
         for batch in perm.split(config.batch_size):
             if len(batch) < 2:
                 continue
-            x = random_affine(images[batch], generator)
+            x = random_affine(random_stroke_contrast(images[batch], generator), generator)
             loss = F.cross_entropy(model(x), labels[batch])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

@@ -1,0 +1,111 @@
+"""Federated simulation benchmark: wall time, Flower/Ray overhead, bytes, accuracy, peak memory of the tree.
+
+Each case runs ``simulations/run.py`` with Hydra overrides in a fresh process; the peak resident memory of
+that process and all its children (the Ray workers) is sampled every 0.5 s.
+
+    .venv/bin/python benchmarks/simulation.py                 # the cases below
+    .venv/bin/python benchmarks/simulation.py --case default  # one case
+
+Writes benchmarks/results/simulation.json and .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+
+CASES: dict[str, list[str]] = {
+    "default": [],
+    "full": ["adapter=full"],
+    "clients_200": ["clients=200", "rounds_per_task=1", "strategy.fraction=0.05"],
+    "clients_1000": ["clients=1000", "rounds_per_task=1", "strategy.fraction=0.01"],
+}
+
+
+def tree_rss(process: psutil.Process) -> int:
+    total = 0
+    for p in [process, *process.children(recursive=True)]:
+        with contextlib.suppress(psutil.Error):
+            total += p.memory_info().rss
+    return total
+
+
+def run_case(name: str, overrides: list[str]) -> dict[str, Any]:
+    run_dir = Path(tempfile.mkdtemp(prefix=f"fedpetah-bench-{name}-"))
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    command = [sys.executable, str(ROOT / "simulations" / "run.py"), *overrides, f"hydra.run.dir={run_dir}"]
+    start = time.perf_counter()
+    child = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    handle, peak = psutil.Process(child.pid), 0
+    while child.poll() is None:
+        peak = max(peak, tree_rss(handle))
+        time.sleep(0.5)
+    wall = time.perf_counter() - start
+    if child.returncode != 0:
+        raise RuntimeError(f"case {name} failed:\n{child.stderr.read()[-3000:] if child.stderr else ''}")
+    summary = json.loads((run_dir / "summary.json").read_text())
+    rounds = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    per_round_up = [r["bytes_up"] / max(r["num_clients"], 1) for r in rounds]
+    return {
+        "case": name,
+        "overrides": overrides,
+        "wall_seconds": round(wall, 1),
+        "rounds": len(rounds),
+        "round_seconds_mean": round(sum(r["round_time_s"] for r in rounds) / len(rounds), 2),
+        "overhead_seconds_mean": round(sum(r["extra"]["overhead_s"] for r in rounds) / len(rounds), 2),
+        "average_accuracy": summary["average_accuracy"],
+        "forgetting": summary["forgetting"],
+        "backward_transfer": summary["backward_transfer"],
+        "accuracy_matrix": summary["accuracy_matrix"],
+        "upload_bytes_per_client_update": round(sum(per_round_up) / len(per_round_up)),
+        "bytes_up_total": summary["bytes_up_total"],
+        "bytes_down_total": summary["bytes_down_total"],
+        "bytes_backbone_total": summary["bytes_backbone_total"],
+        "trainable_params": summary["trainable_params"],
+        "peak_rss_mb_process_tree": round(peak / 2**20),
+        "run_dir": str(run_dir),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--case", action="append", choices=sorted(CASES), help="default: all cases")
+    args = parser.parse_args()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / "simulation.json"
+    results = {r["case"]: r for r in json.loads(path.read_text())} if path.is_file() else {}
+    for name in args.case or list(CASES):
+        results[name] = run_case(name, CASES[name])
+        print(json.dumps(results[name]), flush=True)
+        path.write_text(json.dumps(list(results.values()), indent=2))
+    lines = [
+        "# Federated simulation (Flower simulation engine, Ray, 2-core CPU)",
+        "",
+        "| case | overrides | wall s | rounds | s/round | overhead s/round | avg acc | forgetting "
+        "| upload B/client/round | peak RSS MB (tree) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results.values():
+        lines.append(
+            f"| {r['case']} | {' '.join(r['overrides']) or '(defaults)'} | {r['wall_seconds']} | {r['rounds']} "
+            f"| {r['round_seconds_mean']} | {r['overhead_seconds_mean']} | {100 * r['average_accuracy']:.1f}% "
+            f"| {r['forgetting']:.3f} | {r['upload_bytes_per_client_update']:,} | {r['peak_rss_mb_process_tree']:,} |"
+        )
+    (RESULTS / "simulation.md").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
