@@ -78,11 +78,11 @@ def test_pool_tokens_averages_maps_and_token_grids_without_upsampling() -> None:
     assert pool_tokens(torch.ones(2, 5, 3), 2).shape == (2, 4, 3)
 
 
-@pytest.mark.parametrize("name", ["efficientvit_b0", "mobilevit_xxs"])
+@pytest.mark.parametrize(("name", "reuse"), [("efficientvit_b0", False), ("mobilevit_xxs", True)])
 def test_backbone_saves_nothing_for_backward_and_gets_no_gradient(
-    tiny_backbone: BackboneFactory, name: str
+    tiny_backbone: BackboneFactory, name: str, reuse: bool
 ) -> None:
-    adapter = synqt(tiny_backbone(name, SIZE))
+    adapter = synqt(tiny_backbone(name, SIZE), reuse_attention=reuse)
     model = adapter.model.train()
     events: list[str] = []
     model.backbone.register_forward_pre_hook(lambda *_: events.append("backbone start"))
@@ -146,11 +146,11 @@ def digits(per_class: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
     return F.interpolate(x, size=SIZE, mode="bilinear").expand(-1, 3, -1, -1), torch.tensor(data.target)[index]
 
 
-@pytest.mark.parametrize("name", FAMILIES)
-def test_query_path_learns_from_cached_features(tiny_backbone: BackboneFactory, name: str) -> None:
+@pytest.mark.parametrize(("name", "reuse"), [(name, False) for name in FAMILIES] + [("mobilevit_xxs", True)])
+def test_query_path_learns_from_cached_features(tiny_backbone: BackboneFactory, name: str, reuse: bool) -> None:
     backbone = tiny_backbone(name, SIZE)
     torch.manual_seed(0)  # the backbone may or may not have been built (drawing numbers) before
-    adapter = synqt(backbone, num_classes=2)
+    adapter = synqt(backbone, num_classes=2, reuse_attention=reuse)
     x, y = digits()
     features = adapter.frozen_features(x)
     optimizer = torch.optim.AdamW(adapter.model.synqt.parameters(), lr=1e-2)  # the head stays fixed
@@ -166,7 +166,7 @@ def test_query_path_learns_from_cached_features(tiny_backbone: BackboneFactory, 
 
 def test_mobilevit_queries_reuse_the_frozen_attention_blocks(tiny_backbone: BackboneFactory) -> None:
     backbone = tiny_backbone("mobilevit_xxs", SIZE)
-    reused, own = synqt(backbone), synqt(backbone, reuse_attention=False)
+    reused, own = synqt(backbone, reuse_attention=True), synqt(backbone)
     assert all(t.block and ".transformer." in t.module for t in reused.model.taps)
     assert all(isinstance(r, BlockRead) for r in reused.model.synqt.readers)
     assert all(isinstance(r, CrossRead) for r in own.model.synqt.readers)
@@ -178,7 +178,7 @@ def test_mobilevit_queries_reuse_the_frozen_attention_blocks(tiny_backbone: Back
 
 def test_state_round_trip_and_merge_give_identical_logits(tiny_backbone: BackboneFactory) -> None:
     backbone = tiny_backbone("mobilevit_xxs", SIZE)
-    trained = synqt(backbone)
+    trained = synqt(backbone, reuse_attention=True)  # forward_features also runs frozen ViT blocks
     with torch.no_grad():
         for param in trained.trainable().values():
             param.add_(torch.randn_like(param) * 0.1)
@@ -186,7 +186,7 @@ def test_state_round_trip_and_merge_give_identical_logits(tiny_backbone: Backbon
     assert "synqt.queries" in state and "head.weight" in state
     assert all(key.startswith(("synqt.", "head.")) for key in state)
 
-    fresh = synqt(backbone)
+    fresh = synqt(backbone, reuse_attention=True)
     x = images()
     fresh.model.eval(), trained.model.eval()
     assert not torch.equal(fresh.model(x), trained.model(x))
@@ -202,7 +202,7 @@ def test_state_round_trip_and_merge_give_identical_logits(tiny_backbone: Backbon
 
 def test_works_on_a_pruned_backbone(tiny_backbone: BackboneFactory) -> None:
     pruned = prune_backbone(tiny_backbone("mobilevit_xxs", SIZE), PruningConfig(ratio=0.5))
-    adapter = synqt(pruned)
+    adapter = synqt(pruned, reuse_attention=True)
     assert all(t.block for t in adapter.model.taps)  # ViT blocks with pruned heads are still reused
     x = images()
     logits = adapter.model.train()(x)

@@ -28,7 +28,8 @@ class SynQTConfig(AdapterConfig):
     end). ``num_queries`` learnable queries of width ``query_dim`` per stage; ``num_heads`` heads
     for our own cross-attention. Every stage is average-pooled to at most ``grid`` x ``grid``
     tokens. ``reuse_attention``: where a stage holds a ViT block with a Linear qkv (MobileViT),
-    the queries go through that block's frozen attention and MLP instead of our own attention.
+    the queries go through that block's frozen attention and MLP, as in the paper, instead of our
+    own cross-attention (off by default: 4-20 points less accurate on warm-up MobileViT, docs/synqt.md).
     ``frozen_batch``: the frozen forward runs over at most this many images at a time, which
     bounds its peak memory whatever the training batch or the feature-caching chunk (on CPU,
     chunks of 8 were also faster than whole batches of 32; raise it on GPUs).
@@ -40,7 +41,7 @@ class SynQTConfig(AdapterConfig):
     query_dim: int = 64
     num_heads: int = 4
     grid: int = 4
-    reuse_attention: bool = True
+    reuse_attention: bool = False
     frozen_batch: int = 8
 
     def __post_init__(self) -> None:
