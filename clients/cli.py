@@ -29,7 +29,8 @@ from clients.launch import (
     connect_with_retries,
     executable,
     port_is_free,
-    raise_on_sigterm,
+    signals_ignored,
+    sigterm_interrupts,
     split_address,
     start,
     stop_tree,
@@ -217,7 +218,8 @@ def supernode(args: argparse.Namespace, address: str) -> tuple[int, str] | None:
         print("fedpetah-client: stopping", file=sys.stderr)
         return None
     finally:
-        stop_tree(node)
+        with signals_ignored():
+            stop_tree(node)
         pump.join(timeout=15.0)
     return returncode, "".join(tail)
 
@@ -245,27 +247,32 @@ def join(args: argparse.Namespace, address: str) -> int:
         time.sleep(delay)
 
 
+def check_and_join(args: argparse.Namespace) -> int:
+    """Every check in order (each raises ClientError with its exit code), then join unless ``--check``."""
+    try:
+        host, port = split_address(args.server)
+    except ValueError as err:
+        raise ClientError(EXIT_USAGE, f"--server: {err}") from None
+    if args.insecure:
+        warn_insecure("fedpetah-client")
+    data = scan_data(args.data.expanduser())
+    summary = ", ".join(f"{task} ({sum(c.values())} images, {len(c)} classes)" for task, c in data.items())
+    print(f"fedpetah-client: data {summary}", file=sys.stderr)
+    free = check_cache(args.cache.expanduser(), args.min_free_mb)
+    print(f"fedpetah-client: backbone cache {args.cache} ({free} MB free)", file=sys.stderr)
+    check_files(args)
+    check_server(host, port, args)
+    if args.check:
+        print("fedpetah-client: all checks passed", file=sys.stderr)
+        return 0
+    return join(args, args.server)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    raise_on_sigterm()
     try:
-        try:
-            host, port = split_address(args.server)
-        except ValueError as err:
-            raise ClientError(EXIT_USAGE, f"--server: {err}") from None
-        if args.insecure:
-            warn_insecure("fedpetah-client")
-        data = scan_data(args.data.expanduser())
-        summary = ", ".join(f"{task} ({sum(c.values())} images, {len(c)} classes)" for task, c in data.items())
-        print(f"fedpetah-client: data {summary}", file=sys.stderr)
-        free = check_cache(args.cache.expanduser(), args.min_free_mb)
-        print(f"fedpetah-client: backbone cache {args.cache} ({free} MB free)", file=sys.stderr)
-        check_files(args)
-        check_server(host, port, args)
-        if args.check:
-            print("fedpetah-client: all checks passed", file=sys.stderr)
-            return 0
-        return join(args, args.server)
+        with sigterm_interrupts():
+            return check_and_join(args)
     except ClientError as err:
         print(f"fedpetah-client: error: {err}", file=sys.stderr)
         return err.code

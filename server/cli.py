@@ -26,7 +26,8 @@ from clients.launch import (
     child_env,
     executable,
     port_is_free,
-    raise_on_sigterm,
+    signals_ignored,
+    sigterm_interrupts,
     start,
     stop_tree,
     wait_for_port,
@@ -136,13 +137,16 @@ def _register(env: dict[str, str], keys: list[Path]) -> None:
 def _follow(env: dict[str, str], run_id: str, log_path: Path) -> dict[str, Any]:
     """Stream the run's log (ServerApp output) to stdout and ``log_path``; the run's final row from ``flwr ls``."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    with log_path.open("a") as log:
-        stream = subprocess.Popen([executable("flwr"), "log", run_id, CONNECTION, "--stream"], env=env,
-                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        assert stream.stdout is not None
-        for line in stream.stdout:
-            sys.stdout.write(line)
-            log.write(line)
+    stream = subprocess.Popen([executable("flwr"), "log", run_id, CONNECTION, "--stream"], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        with log_path.open("a") as log:
+            assert stream.stdout is not None
+            for line in stream.stdout:
+                sys.stdout.write(line)
+                log.write(line)
+    finally:
+        stream.kill()
         stream.wait()
     while True:
         runs = _flwr_json(env, "ls", "--run-id", run_id, CONNECTION).get("runs", [])
@@ -151,38 +155,41 @@ def _follow(env: dict[str, str], run_id: str, log_path: Path) -> dict[str, Any]:
         time.sleep(2.0)
 
 
-def serve(args: argparse.Namespace) -> int:
-    state = args.state_dir.expanduser().resolve()
-    run_dir = (args.run_dir or state / "run").expanduser().resolve()
+def _security(args: argparse.Namespace, state: Path) -> tuple[TlsFiles | None, list[Path]]:
+    """The SuperLink's certificate files and the device keys to register (none for ``--insecure``)."""
     if args.insecure:
         if args.host not in LOOPBACK_HOSTS:
             raise ServerError(EXIT_TLS, f"--insecure only on a loopback host (127.0.0.1), not {args.host}")
         warn_insecure("fedpetah-server")
-        certs, keys = None, []
-    else:
-        try:
-            certs = server_files((args.certificates or state / "certs").expanduser().resolve())
-        except ValueError as err:
-            raise ServerError(EXIT_TLS, str(err)) from None
-        try:
-            keys = node_keys((args.nodes or state / "nodes").expanduser().resolve())
-        except ValueError as err:
-            raise ServerError(EXIT_NODES, str(err)) from None
-    config = _experiment(args, run_dir, len(keys))
-    text = config_json(config)
-    _check_run_dir(run_dir, text, args.resume)
-    if not port_is_free(args.host, args.port):
-        raise ServerError(EXIT_SUPERLINK, f"port {args.port} on {args.host} is in use (another SuperLink?); "
-                                          "stop it or pass --port")
+        return None, []
+    try:
+        certs = server_files((args.certificates or state / "certs").expanduser().resolve())
+    except ValueError as err:
+        raise ServerError(EXIT_TLS, str(err)) from None
+    try:
+        return certs, node_keys((args.nodes or state / "nodes").expanduser().resolve())
+    except ValueError as err:
+        raise ServerError(EXIT_NODES, str(err)) from None
+
+
+def _flower_env(state: Path, address: str, certs: TlsFiles | None) -> dict[str, str]:
+    """Environment of our Flower processes, with a Flower home whose default connection is this SuperLink."""
     env = child_env({"FLWR_HOME": str(state / "flwr"), "FLWR_DISABLE_UPDATE_CHECK": "1"})
     env.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     env.setdefault("FEDPETAH_CACHE", str(state / "cache"))
-    local = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
-    connection: dict[str, Any] = {"address": f"{local}:{args.port}"}
+    connection: dict[str, Any] = {"address": address}
     connection.update({"root-certificates": str(certs.ca)} if certs else {"insecure": True})
-    Path(env["FLWR_HOME"]).mkdir(parents=True, exist_ok=True)
-    (Path(env["FLWR_HOME"]) / "config.toml").write_text(
-        tomli_w.dumps({"superlink": {"default": CONNECTION, CONNECTION: connection}}))
+    home = Path(env["FLWR_HOME"])
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "config.toml").write_text(tomli_w.dumps({"superlink": {"default": CONNECTION, CONNECTION: connection}}))
+    return env
+
+
+def _operate(args: argparse.Namespace, state: Path, config: ExperimentConfig, certs: TlsFiles | None,
+             keys: list[Path]) -> dict[str, Any]:
+    """Start the SuperLink, register the keys, submit the run, follow it; stop everything; Flower's final row."""
+    local = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
+    env = _flower_env(state, f"{local}:{args.port}", certs)
     link_log = state / "logs" / "superlink.log"
     link = start(_superlink_command(args, state, certs), env, link_log)
     run_id = ""
@@ -197,13 +204,28 @@ def serve(args: argparse.Namespace) -> int:
         if not submitted.get("success"):
             raise ServerError(EXIT_RUN, f"the run was not accepted: {submitted.get('error-message')}")
         run_id = str(submitted["run-id"])
-        print(f"fedpetah-server: run {run_id} ({config.clients} devices, output {run_dir})", file=sys.stderr)
+        print(f"fedpetah-server: run {run_id} ({config.clients} devices, output {config.output_dir})",
+              file=sys.stderr)
         final = _follow(env, run_id, state / "logs" / f"run-{run_id}.log")
         run_id = ""
+        return final
     finally:
-        if run_id:  # interrupted: stop the run so no stale messages reach devices after a restart
-            _flwr(env, "stop", run_id, CONNECTION, timeout=30.0)
-        stop_tree(link)
+        with signals_ignored():  # a second Ctrl-C must not leave the SuperLink running
+            if run_id:  # interrupted: stop the run so no stale messages reach devices after a restart
+                _flwr(env, "stop", run_id, CONNECTION, timeout=30.0)
+            stop_tree(link)
+
+
+def serve(args: argparse.Namespace) -> int:
+    state = args.state_dir.expanduser().resolve()
+    run_dir = (args.run_dir or state / "run").expanduser().resolve()
+    certs, keys = _security(args, state)
+    config = _experiment(args, run_dir, len(keys))
+    _check_run_dir(run_dir, config_json(config), args.resume)
+    if not port_is_free(args.host, args.port):
+        raise ServerError(EXIT_SUPERLINK, f"port {args.port} on {args.host} is in use (another SuperLink?); "
+                                          "stop it or pass --port")
+    final = _operate(args, state, config, certs, keys)
     with (run_dir / "flower-runs.jsonl").open("a") as runs:  # Flower's view: status, times, network traffic
         runs.write(json.dumps(final) + "\n")
     if final["status"] != "finished:completed":
@@ -214,9 +236,9 @@ def serve(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    raise_on_sigterm()
     try:
-        return serve(args)
+        with sigterm_interrupts():
+            return serve(args)
     except ServerError as err:
         print(f"fedpetah-server: error: {err}", file=sys.stderr)
         return err.code
