@@ -6,7 +6,6 @@ import logging
 import time
 from pathlib import Path
 
-from fedpetah.flatconfig import unflatten
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
@@ -22,6 +21,7 @@ from clients.wire import (
 )
 from fedpetah.continual import ClientReply, ContinualServer, RoundPlan
 from fedpetah.experiment import ExperimentConfig, to_experiment
+from fedpetah.flatconfig import unflatten
 from fedpetah.metrics import RoundRecord
 from server.progress import Progress
 
@@ -132,6 +132,8 @@ def _round(grid: Grid, server: ContinualServer, plan: RoundPlan, clients: dict[i
         client = client_of.get(reply.metadata.src_node_id, -1)
         if reply.has_error():
             replies.append(ClientReply(client, None, 0, status="error", reason=reply.error.reason))
+            if "ArtifactError" in reply.error.reason and reply.metadata.src_node_id in server.state.installed:
+                server.state.installed.remove(reply.metadata.src_node_id)  # its copy was discarded: re-send
             continue
         content = reply.content
         status = content["status"]
