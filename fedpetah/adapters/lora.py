@@ -21,18 +21,21 @@ import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
-import peft
 import torch
 import torch.nn as nn
-from peft.tuners.lora import LoraLayer
-from peft.tuners.tuners_utils import BaseTunerLayer
 
 from fedpetah.adapters.base import Adapter, AdapterConfig
 from fedpetah.adapters.registry import ADAPTERS
 from fedpetah.backbone import Backbone
 from fedpetah.backbone.families import LAYER_KINDS, BackboneFamily, compile_targets
+
+if TYPE_CHECKING:
+    from peft.tuners.lora import LoraLayer
+
+# peft is imported where it is used: it pulls in transformers (seconds of start-up), and on a device every
+# Flower message starts a fresh process, most of which (hello, install, head/synqt training) never need it.
 
 PEFT_ADAPTER = "default"
 """The peft adapter name; it appears in every trainable tensor's name."""
@@ -131,6 +134,8 @@ def inject_lora(
     base = max(groups, key=lambda r: len(groups[r]))
     # peft matches pattern keys as ``(.*\.)?(KEY)$``; the leading ``^`` turns that into an exact match.
     patterns = {f"^(?:{compile_targets(names)})": rank for rank, names in groups.items() if rank != base}
+    import peft
+
     config = peft.LoraConfig(
         r=base,
         lora_alpha=scaling * base,  # type: ignore[arg-type]  # annotated int, used as a float
@@ -147,11 +152,15 @@ def inject_lora(
 
 def lora_layers(module: nn.Module) -> dict[str, LoraLayer]:
     """The peft LoRA layers inside ``module`` by qualified name."""
+    from peft.tuners.lora import LoraLayer
+
     return {n: m for n, m in module.named_modules() if isinstance(m, LoraLayer)}
 
 
 def merge_lora(module: nn.Module) -> None:
     """Fold every peft layer inside ``module`` into its base layer, which takes its place again."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
     for name, layer in list(module.named_modules()):
         if isinstance(layer, BaseTunerLayer):
             layer.merge(safe_merge=True)
