@@ -29,7 +29,11 @@ RESULTS = ROOT / "benchmarks" / "results"
 
 CASES: dict[str, list[str]] = {
     "default": [],
-    "full": ["adapter=full"],
+    "full": ["adapter=full", "train.lr=0.0005"],
+    "synqt": ["adapter=synqt"],
+    "rounds_5": ["rounds_per_task=5"],
+    "rotated_lora": ["tasks=rotated_mnist"],
+    "rotated_synqt": ["tasks=rotated_mnist", "adapter=synqt"],
     "clients_200": ["clients=200", "rounds_per_task=1", "strategy.fraction=0.05"],
     "clients_1000": ["clients=1000", "rounds_per_task=1", "strategy.fraction=0.01"],
 }
