@@ -196,6 +196,7 @@ class ContinualServer:
             "backbone_artifact_bytes": self.artifact_bytes,
             "trainable_params": trainable,
             "backbone_params": self.backbone.num_params(),
+            "backbone_pretraining": self.backbone.pretraining,
             "artifact_digest": self.digest,
             **(extra or {}),
         }
