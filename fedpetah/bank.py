@@ -24,8 +24,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import safetensors.torch
 import torch
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
 
 from fedpetah.aggregation.validate import StateDict, validate_update
 
@@ -170,7 +171,7 @@ class AdapterBank:
         records = []
         for task in self.tasks():
             entry = self._entries[task]
-            data = safetensors.torch.save(entry.tensors())
+            data = save_safetensors(entry.tensors())
             digest = hashlib.sha256(data).hexdigest()
             name = f"task-{task:04d}-{digest[:16]}.safetensors"
             if not (root / name).is_file():
@@ -216,7 +217,7 @@ class AdapterBank:
         entry = self[task]
         root = Path(directory)
         root.mkdir(parents=True, exist_ok=True)
-        data = safetensors.torch.save(dataclasses.replace(entry, opt_state={}).tensors())
+        data = save_safetensors(dataclasses.replace(entry, opt_state={}).tensors())
         _atomic_write(root / EXPORT_FILE, data)
         manifest = {
             "format": EXPORT_FORMAT,
@@ -285,7 +286,7 @@ def _read_tensors(root: Path, record: Mapping[str, Any]) -> StateDict:
     if hashlib.sha256(data).hexdigest() != record.get("sha256"):
         raise BankError(f"{root / name}: SHA-256 does not match the manifest (corrupted or tampered)")
     try:
-        return safetensors.torch.load(data)
+        return load_safetensors(data)
     except Exception as error:  # safetensors raises its own SafetensorError
         raise BankError(f"{root / name} is not a safetensors file: {error}") from None
 
