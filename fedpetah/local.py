@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import shutil
@@ -91,10 +90,6 @@ class BackboneCache:
         self.last_load_seconds = time.perf_counter() - start
         self._loaded = {digest: backbone}
         return backbone
-
-
-def sha256_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 _STREAMS: dict[str, tuple[Task, ...]] = {}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -52,8 +53,6 @@ def simulate(config: ExperimentConfig, run_dir: Path, cache_dir: Path | None = N
         restore()
     if not summary_path.is_file():
         raise RuntimeError(f"the simulation ended without a summary in {run_dir}; see the log above")
-    import json
-
     summary: dict[str, Any] = json.loads(summary_path.read_text())
     return summary
 
