@@ -91,12 +91,12 @@ def train_adapter(adapter: Adapter, data: ImageSet, config: TrainConfig) -> Trai
     generator = torch.Generator().manual_seed(config.seed)
     params = list(adapter.trainable().values())
     optimizer = _optimizer(params, config)
-    use_cache = config.cache_features and isinstance(adapter, FeatureCachingAdapter)
+    cached = adapter if config.cache_features and isinstance(adapter, FeatureCachingAdapter) else None
     start = time.perf_counter()
     model.train()
     features = None
-    if use_cache:
-        features = _cached_features(adapter, data, backbone.img_size, backbone.in_chans, device)
+    if cached is not None:
+        features = _cached_features(cached, data, backbone.img_size, backbone.in_chans, device)
         labels = data.labels.to(device)
     steps, seen, loss_sum, correct, step_seconds = 0, 0, 0.0, 0, 0.0
     for _ in range(config.epochs):
@@ -109,7 +109,7 @@ def train_adapter(adapter: Adapter, data: ImageSet, config: TrainConfig) -> Trai
             step_start = time.perf_counter()
             if features is not None:
                 index, y = y, labels[y]
-                logits = adapter.forward_features(_select(features, index))  # type: ignore[union-attr]
+                logits = cached.forward_features(_select(features, index))  # type: ignore[union-attr]
             else:
                 x, y = x.to(device), y.to(device)
                 logits = model(x)

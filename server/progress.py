@@ -15,28 +15,38 @@ from fedpetah.metrics import RoundRecord
 
 
 class Progress:
-    """A progress bar with the last round's accuracy line; a summary table at the end."""
+    """A progress bar with the last round's accuracy line on a terminal, one plain line per round elsewhere (logs,
+    CI, ``flwr log``); a summary table at the end."""
 
     def __init__(self, total_rounds: int, task_names: list[str]) -> None:
         self.console = Console(stderr=True)
+        self.live = self.console.is_terminal
+        self.total_rounds = total_rounds
         self.task_names = task_names
         self.bar = RichProgress(TextColumn("[bold]round"), MofNCompleteColumn(), BarColumn(), TimeElapsedColumn(),
                                 TextColumn("{task.description}"), console=self.console)
         self.task_id = self.bar.add_task("", total=total_rounds)
 
     def __enter__(self) -> Progress:
-        self.bar.__enter__()
+        if self.live:
+            self.bar.__enter__()
         return self
 
     def __exit__(self, kind: type[BaseException] | None, value: BaseException | None,
                  tb: TracebackType | None) -> None:
-        self.bar.__exit__(kind, value, tb)
+        if self.live:
+            self.bar.__exit__(kind, value, tb)
 
     def update(self, record: RoundRecord) -> None:
         accs = " ".join(f"{100 * a:.0f}" for a in record.accuracy.values() if not math.isnan(a))
+        rejected = f", {record.num_rejected} rejected" if record.num_rejected else ""
         text = (f"task {record.task} ({self.task_names[record.task]}) acc% [{accs}] "
-                f"{record.num_clients}/{int(record.extra.get('sampled', 0))} trained, {record.round_time_s:.1f}s")
-        self.bar.update(self.task_id, completed=record.round, description=text)
+                f"{record.num_clients}/{int(record.extra.get('sampled', 0))} trained{rejected}, "
+                f"{record.round_time_s:.1f}s")
+        if self.live:
+            self.bar.update(self.task_id, completed=record.round, description=text)
+        else:
+            self.console.print(f"round {record.round}/{self.total_rounds} {text}", highlight=False)
 
     def final(self, summary: dict[str, Any]) -> None:
         table = Table(title="accuracy matrix R[i][j] (%), row = after task i")
