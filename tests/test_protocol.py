@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable
 
 import numpy as np
@@ -118,3 +119,36 @@ def test_request_without_a_section_or_with_a_non_list_of_classes_is_refused() ->
     records.configs["config"]["task.classes"] = "json:{\"a\": 1}"
     with pytest.raises(ProtocolError, match="classes"):
         TrainRequest.decode(records)
+
+
+def test_random_fuzz_only_ever_decodes_or_raises_protocol_error() -> None:
+    """Random values of random types in random places: decoding never raises anything but ProtocolError."""
+    rng = np.random.default_rng(0)
+    junk: list[object] = [None, True, -1, 0, 2**70, math.nan, -math.inf, 1e300, "", "ok", "x" * 1000, b"\x00",
+                          [1.0], [True], {"a": 1}, np.zeros(0, np.float32), np.full((2, 3), np.nan, np.float32),
+                          np.zeros((2, 3), np.int64), np.zeros((10**4,), np.float32)]
+    outcomes = {"ok": 0, "rejected": 0}
+    for _ in range(500):
+        records = _ok_reply()
+        for _ in range(int(rng.integers(1, 4))):
+            kind = ("arrays", "metrics", "configs")[int(rng.integers(3))]
+            section = getattr(records, kind)
+            name = str(rng.choice([*section, "adapter", "status", "metrics", "other"]))
+            record = section.setdefault(name, {})
+            if not isinstance(record, dict):
+                record = section[name] = {}
+            key = str(rng.choice([*record, "num-examples", "status", "head.bias", "train-loss", "k"])) \
+                if rng.random() < 0.9 else None
+            if key is None:
+                section[name] = junk[int(rng.integers(len(junk)))]  # a whole record of the wrong type
+            else:
+                record[key] = junk[int(rng.integers(len(junk)))]
+        try:
+            reply = TrainReply.decode(records, specs(STATE))
+        except ProtocolError:
+            outcomes["rejected"] += 1
+            continue
+        outcomes["ok"] += 1  # a mutation that missed what the decoder reads: what it returns is still sound
+        assert reply.state is not None and specs(reply.state) == specs(STATE)
+        assert 1 <= reply.num_examples <= 10_000_000 and all(math.isfinite(v) for v in reply.metrics.values())
+    assert outcomes["rejected"] > 100 and outcomes["ok"] > 50
