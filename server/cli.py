@@ -33,6 +33,7 @@ from clients.launch import (
     wait_for_port,
     warn_insecure,
 )
+from fedpetah.atomic import atomic_write_text
 from fedpetah.experiment import ExperimentConfig
 from server.bundle import REPO, compose_experiment, config_json, stage_app
 from server.certificates import TlsFiles, node_keys, server_files
@@ -98,7 +99,7 @@ def _check_run_dir(run_dir: Path, config_text: str, resume: bool) -> None:
         print(f"fedpetah-server: nothing to resume in {run_dir}; starting the run from its first round",
               file=sys.stderr)
     run_dir.mkdir(parents=True, exist_ok=True)
-    saved.write_text(config_text)
+    atomic_write_text(saved, config_text)
 
 
 def _superlink_command(args: argparse.Namespace, state: Path, certs: TlsFiles | None) -> list[str]:
