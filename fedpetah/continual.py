@@ -78,10 +78,9 @@ class ContinualServer:
         self.bank_dir = self.run_dir / "bank"
         resuming = config.resume and (self.bank_dir / "bank.json").is_file()
         self.bank = AdapterBank.load(self.bank_dir) if resuming else AdapterBank()
+        self.bank.check_backbone(self.digest)  # a resumed bank's adapters must fit this backbone
         self.state = RunState(**self.bank.metadata["run"]) if resuming else RunState()
-        if not resuming and (self.run_dir / "metrics.jsonl").exists():
-            (self.run_dir / "metrics.jsonl").unlink()  # a fresh run in an old directory starts a fresh log
-        self.log = RunLog(self.run_dir)
+        self.log = RunLog(self.run_dir, committed_rounds=self.state.completed_rounds)  # drops uncommitted rows
 
     @property
     def artifact_bytes(self) -> int:
