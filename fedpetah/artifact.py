@@ -162,7 +162,7 @@ def read_manifest(directory: Path) -> Manifest:
     for name, kind in MANIFEST_FIELD_TYPES.items():
         if not isinstance(raw[name], kind) or isinstance(raw[name], bool):
             raise ArtifactError(f"manifest field {name} must be {kind.__name__}")
-    _check_bounds(raw)
+    check_manifest_bounds(raw)
     manifest = Manifest(**raw)
     try:
         digest = manifest.digest()
@@ -187,7 +187,7 @@ def _bounded(field: str, value: int, low: int, high: int) -> None:
         raise ArtifactError(f"manifest field {field} = {value} is outside the limits [{low}, {high}]")
 
 
-def _check_bounds(raw: dict[str, Any]) -> None:
+def check_manifest_bounds(raw: dict[str, Any]) -> None:
     """Every size a device would spend CPU or memory on, within this module's limits (fields already typed)."""
     _bounded("img_size", raw["img_size"], MIN_IMG_SIZE, MAX_IMG_SIZE)
     _bounded("in_chans", raw["in_chans"], 1, MAX_IN_CHANS)
