@@ -35,6 +35,7 @@ def device(tmp_path: Path) -> Path:
     _png(tmp_path / "data" / "digits" / "b" / "0.png", 200)
     _png(tmp_path / "outside" / "secret" / "cls" / "private.png", 77)
     (tmp_path / "data" / "escape").symlink_to(tmp_path / "outside" / "secret")
+    (tmp_path / "data" / "loop").symlink_to(tmp_path / "data" / "loop")
     return tmp_path / "data"
 
 
@@ -57,6 +58,7 @@ def test_device_reads_its_own_task(device: Path) -> None:
         ("d" * (MAX_NAME_BYTES + 1), ["a"]),
         ("", ["a"]),
         ("escape", ["cls"]),  # a symbolic link leading out of the data dir
+        ("loop", ["a"]),  # a symbolic link loop
         ("digits", [3]),  # not a string
     ],
 )

@@ -44,8 +44,10 @@ def safe_path(root: Path, *names: object) -> Path:
     path = root
     for index, name in enumerate(names):
         path = path / _check_name(name, "task" if index == 0 else "class")
-    base = root.resolve()
-    resolved = path.resolve()
+    try:
+        base, resolved = root.resolve(), path.resolve()
+    except (OSError, RuntimeError) as err:  # a symbolic link loop
+        raise UnsafeNameError(f"{path} does not resolve: {err}") from None
     if not resolved.is_relative_to(base):
         raise UnsafeNameError(f"{path} resolves to {resolved}, outside the data dir {base} (a symbolic link?): "
                               "keep the images inside the data dir, or point it at their real folder")
