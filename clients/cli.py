@@ -25,6 +25,7 @@ from collections import deque
 from pathlib import Path
 
 from flower_glue.launch import (
+    LOOPBACK_HOSTS,
     child_env,
     connect_with_retries,
     executable,
@@ -60,7 +61,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--root-certificates", type=Path, help="the server's CA (ca.pem); default: system CAs")
     parser.add_argument("--auth-key", type=Path, help="this device's private key (its .pub is registered)")
     parser.add_argument("--cache", type=Path, default=cache, help=f"backbone cache (default {cache})")
-    parser.add_argument("--insecure", action="store_true", help="no TLS: only for a loopback demo server")
+    parser.add_argument("--insecure", action="store_true", help="no TLS: only for a loopback demo server "
+                        "(refused for any other host)")
     parser.add_argument("--runtime-port", type=int, default=9094, help="local port of the SuperNode's app API")
     parser.add_argument("--retries", type=int, default=int(env("FEDPETAH_CONNECT_RETRIES", "8")),
                         help="reconnection attempts before giving up (env FEDPETAH_CONNECT_RETRIES)")
@@ -254,6 +256,11 @@ def check_and_join(args: argparse.Namespace) -> int:
     except ValueError as err:
         raise ClientError(EXIT_USAGE, f"--server: {err}") from None
     if args.insecure:
+        if host not in LOOPBACK_HOSTS:
+            loopback = ", ".join(sorted(LOOPBACK_HOSTS))
+            raise ClientError(EXIT_USAGE, f"--insecure only for a server on this machine ({loopback}), not {host}: "
+                                          "without TLS anyone on the way could read and change the backbone and "
+                                          "the adapters; pass --root-certificates CA.pem instead")
         warn_insecure("fedpetah-client")
     data = scan_data(args.data.expanduser())
     summary = ", ".join(f"{task} ({sum(c.values())} images, {len(c)} classes)" for task, c in data.items())

@@ -10,7 +10,7 @@ import torch
 from flwr.app import Context
 
 from fedpetah.tasks import ImageSet
-from fedpetah.tasks.folder import load_class
+from fedpetah.tasks.folder import load_class, safe_path
 
 log = logging.getLogger("fedpetah.client")
 
@@ -32,10 +32,13 @@ def device_task_data(context: Context, task_name: str, classes: list[str], store
     """Every readable image of ``task_name`` labelled by the server's class order; None if the device has none.
 
     Classes the device lacks are simply absent (label skew is normal); unknown class folders are ignored
-    with a warning; unreadable images are skipped and counted.
+    with a warning; unreadable images are skipped and counted. A task or class name that is not a plain folder
+    name inside the data dir raises :class:`fedpetah.tasks.folder.UnsafeNameError` (an error reply), before
+    anything is read.
     """
     root = data_dir(context)
-    task_dir = root / task_name
+    task_dir = safe_path(root, task_name)  # the names come from the server: checked before any file is touched
+    class_dirs = [safe_path(root, task_name, name) for name in classes]
     if not task_dir.is_dir():
         return None
     key = (str(task_dir), task_name, tuple(classes))
@@ -47,8 +50,7 @@ def device_task_data(context: Context, task_name: str, classes: list[str], store
     images: list[np.ndarray] = []
     labels: list[int] = []
     skipped = 0
-    for label, name in enumerate(classes):
-        class_dir = task_dir / name
+    for label, class_dir in enumerate(class_dirs):
         if not class_dir.is_dir():
             continue
         try:

@@ -16,12 +16,27 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
+from fedpetah.atomic import atomic_write_bytes, atomic_write_text
 from fedpetah.backbone import Backbone, create_timm_model, family_of
 from fedpetah.pruning import clear_attention_caches, replay_pruning
 
 FORMAT_VERSION = 1
 WEIGHTS = "weights.safetensors"
 MANIFEST = "manifest.json"
+
+# Bounds on a manifest, checked before anything is built from it: the manifest comes from the server, and
+# building a model at a huge image size, or replaying millions of pruning steps, would cost a device hours of
+# CPU and gigabytes of memory before any weight is checked. Every timm hybrid we support at 224-384 px is well
+# inside them (benchmarks/manifest_bounds.py measures the largest ones).
+MAX_MANIFEST_BYTES = 16 * 2**20
+MIN_IMG_SIZE, MAX_IMG_SIZE = 16, 768
+MAX_IN_CHANS = 16
+MAX_MODEL_NAME = 128
+MAX_PRUNING_STEPS = 1024  # remove_block / slim_heads steps: at most one per block or attention module
+MAX_WIDTH_STEPS = 8  # each traces the whole model to build torch-pruning's dependency graph
+MAX_TENSORS = 8192
+MAX_TENSOR_DIMS = 8
+MAX_PARAMS = 2**30  # the largest supported hybrid (efficientvit_l3) has about 0.25 of this
 
 
 class ArtifactError(Exception):
@@ -101,8 +116,8 @@ def pack_artifact(backbone: Backbone, directory: Path) -> Manifest:
     directory.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     try:
-        (staging / WEIGHTS).write_bytes(weights)
-        (staging / MANIFEST).write_text(json.dumps(asdict(manifest), indent=1, sort_keys=True))
+        atomic_write_bytes(staging / WEIGHTS, weights)  # durable before the folder is swapped into place
+        atomic_write_text(staging / MANIFEST, json.dumps(asdict(manifest), indent=1, sort_keys=True))
         _swap_into_place(staging, directory)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -130,9 +145,10 @@ def read_manifest(directory: Path) -> Manifest:
     path = Path(directory) / MANIFEST
     if not path.is_file():
         raise ArtifactError(f"no {MANIFEST} in {directory}")
+    check_manifest_size(path.stat().st_size)
     try:
         raw = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
         raise ArtifactError(f"{path} is not valid JSON: {err}") from None
     if not isinstance(raw, dict):
         raise ArtifactError(f"{path} must hold a JSON object")
@@ -146,6 +162,7 @@ def read_manifest(directory: Path) -> Manifest:
     for name, kind in MANIFEST_FIELD_TYPES.items():
         if not isinstance(raw[name], kind) or isinstance(raw[name], bool):
             raise ArtifactError(f"manifest field {name} must be {kind.__name__}")
+    check_manifest_bounds(raw)
     manifest = Manifest(**raw)
     try:
         digest = manifest.digest()
@@ -157,6 +174,42 @@ def read_manifest(directory: Path) -> Manifest:
         if len(stats) != manifest.in_chans or not all(isinstance(v, int | float) for v in stats):
             raise ArtifactError(f"manifest mean/std must hold {manifest.in_chans} numbers")
     return manifest
+
+
+def check_manifest_size(size: int) -> None:
+    """ArtifactError if a manifest of ``size`` bytes exceeds :data:`MAX_MANIFEST_BYTES`."""
+    if size > MAX_MANIFEST_BYTES:
+        raise ArtifactError(f"manifest size {size} bytes exceeds the limit of {MAX_MANIFEST_BYTES} bytes")
+
+
+def _bounded(field: str, value: int, low: int, high: int) -> None:
+    if not low <= value <= high:
+        raise ArtifactError(f"manifest field {field} = {value} is outside the limits [{low}, {high}]")
+
+
+def check_manifest_bounds(raw: dict[str, Any]) -> None:
+    """Every size a device would spend CPU or memory on, within this module's limits (fields already typed)."""
+    _bounded("img_size", raw["img_size"], MIN_IMG_SIZE, MAX_IMG_SIZE)
+    _bounded("in_chans", raw["in_chans"], 1, MAX_IN_CHANS)
+    _bounded("num_params", raw["num_params"], 0, MAX_PARAMS)
+    _bounded("len(model_name)", len(raw["model_name"]), 1, MAX_MODEL_NAME)
+    history = raw["pruning_history"]
+    _bounded("len(pruning_history)", len(history), 0, MAX_PRUNING_STEPS)
+    widths = sum(1 for step in history if isinstance(step, dict) and step.get("op") == "width")
+    _bounded("pruning_history width steps", widths, 0, MAX_WIDTH_STEPS)
+    tensors = raw["tensors"]
+    _bounded("len(tensors)", len(tensors), 1, MAX_TENSORS)
+    total = 0
+    for name, spec in tensors.items():
+        shape = spec.get("shape") if isinstance(spec, dict) else None
+        if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+            raise ArtifactError(f"manifest field tensors[{name!r:.80}].shape must be a list of sizes >= 0")
+        _bounded(f"len(tensors[{name!r:.80}].shape)", len(shape), 0, MAX_TENSOR_DIMS)
+        count = 1
+        for size in shape:
+            count = min(count * size, MAX_PARAMS + 1)  # capped: no huge integers from hostile shapes
+        total += count
+        _bounded("total elements of tensors", total, 0, MAX_PARAMS)
 
 
 def artifact_digest(directory: Path) -> str:

@@ -13,12 +13,10 @@ directory at a time.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +27,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from fedpetah.aggregation.validate import StateDict, validate_update
+from fedpetah.atomic import TEMP_PREFIX, atomic_write_bytes
 
 BANK_FILE = "bank.json"
 BANK_FORMAT = "fedpetah-adapter-bank"
@@ -164,6 +163,18 @@ class AdapterBank:
         self._entries[task] = new
         return new
 
+    def check_backbone(self, digest: str) -> None:
+        """BankError unless every task's adapter was trained on backbone ``digest`` (its ``backbone`` metadata;
+        tasks without one, from older banks, are not checked): adapters only fit the backbone they were made for."""
+        for task in self.tasks():
+            saved = self._entries[task].metadata.get("backbone")
+            if saved is not None and saved != digest:
+                raise BankError(
+                    f"the bank's task {task} was trained on backbone {saved}, but this run's backbone is {digest}: "
+                    "resume with the backbone and pruning settings (and timm version) the run started with, "
+                    "or start a new run in another directory"
+                )
+
     def save(self, directory: str | os.PathLike[str]) -> Path:
         """Write the bank atomically into ``directory``; returns the path of ``bank.json``."""
         root = Path(directory)
@@ -175,7 +186,7 @@ class AdapterBank:
             digest = hashlib.sha256(data).hexdigest()
             name = f"task-{task:04d}-{digest[:16]}.safetensors"
             if not (root / name).is_file():
-                _atomic_write(root / name, data)
+                atomic_write_bytes(root / name, data, mode=0o600)
             records.append({**entry.describe(), "file": name, "sha256": digest})
         manifest = {
             "format": BANK_FORMAT,
@@ -183,9 +194,9 @@ class AdapterBank:
             "metadata": self.metadata,
             "tasks": records,
         }
-        _atomic_write(root / BANK_FILE, json.dumps(manifest, indent=2, allow_nan=False).encode())
+        atomic_write_bytes(root / BANK_FILE, json.dumps(manifest, indent=2, allow_nan=False).encode(), mode=0o600)
         keep = {r["file"] for r in records}
-        for stale in [*root.glob("task-*.safetensors"), *root.glob(".tmp-*")]:
+        for stale in [*root.glob("task-*.safetensors"), *root.glob(f"{TEMP_PREFIX}*")]:
             if stale.name not in keep:
                 stale.unlink(missing_ok=True)
         return root / BANK_FILE
@@ -218,7 +229,7 @@ class AdapterBank:
         root = Path(directory)
         root.mkdir(parents=True, exist_ok=True)
         data = save_safetensors(dataclasses.replace(entry, opt_state={}).tensors())
-        _atomic_write(root / EXPORT_FILE, data)
+        atomic_write_bytes(root / EXPORT_FILE, data, mode=0o600)
         manifest = {
             "format": EXPORT_FORMAT,
             "format_version": FORMAT_VERSION,
@@ -226,7 +237,7 @@ class AdapterBank:
             "file": EXPORT_FILE,
             "sha256": hashlib.sha256(data).hexdigest(),
         }
-        _atomic_write(root / EXPORT_MANIFEST, json.dumps(manifest, indent=2, allow_nan=False).encode())
+        atomic_write_bytes(root / EXPORT_MANIFEST, json.dumps(manifest, indent=2, allow_nan=False).encode(), mode=0o600)
         return root / EXPORT_MANIFEST
 
 
@@ -238,26 +249,6 @@ def read_export(directory: str | os.PathLike[str]) -> TaskEntry:
     if not all(k.startswith("state/") for k in tensors):
         raise BankError(f"{root / EXPORT_FILE}: tensors outside the state/ namespace")
     return _entry(manifest, {k[len("state/") :]: v for k, v in tensors.items()}, {})
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to a temp file beside ``path``, fsync it, rename it over ``path``, fsync the folder."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    folder = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(folder)
-    finally:
-        os.close(folder)
 
 
 def _read_manifest(path: Path, expected_format: str) -> dict[str, Any]:

@@ -91,10 +91,9 @@ class ContinualServer:
         self.bank_dir = self.run_dir / "bank"
         resuming = config.resume and (self.bank_dir / "bank.json").is_file()
         self.bank = AdapterBank.load(self.bank_dir) if resuming else AdapterBank()
+        self.bank.check_backbone(self.digest)  # a resumed bank's adapters must fit this backbone
         self.state = RunState(**self.bank.metadata["run"]) if resuming else RunState()
-        if not resuming and (self.run_dir / "metrics.jsonl").exists():
-            (self.run_dir / "metrics.jsonl").unlink()  # a fresh run in an old directory starts a fresh log
-        self.log = RunLog(self.run_dir)
+        self.log = RunLog(self.run_dir, committed_rounds=self.state.completed_rounds)  # drops uncommitted rows
 
     @property
     def artifact_bytes(self) -> int:
@@ -197,7 +196,7 @@ class ContinualServer:
         for rejection in rejected:
             log.warning("round %d: rejected client %s: %s %s", plan.round, rejection["client"],
                         rejection["reason"], rejection["detail"])
-        self.log.log(record)  # logged before the commit: a re-run round simply overwrites its line
+        self.log.log(record)  # fsynced before the commit; a resume drops rows the bank never committed
         self.state.completed_rounds = plan.round
         self.state.bytes_down += bytes_down
         self.state.bytes_up += bytes_up

@@ -15,7 +15,8 @@ import numpy as np
 import torch
 
 from fedpetah.adapters import AdapterConfig, build_adapter
-from fedpetah.artifact import ArtifactError, load_artifact
+from fedpetah.artifact import ArtifactError, check_manifest_size, load_artifact
+from fedpetah.atomic import atomic_write_bytes
 from fedpetah.backbone import Backbone
 from fedpetah.config import TrainConfig
 from fedpetah.tasks import ImageSet, PartitionConfig, Task, TaskStreamConfig, build_stream, partition
@@ -50,6 +51,7 @@ class BackboneCache:
         """Verify and store an artifact received from the server; returns bytes written (0 if cached)."""
         if self.has(digest):
             return 0
+        check_manifest_size(len(manifest))  # before anything is written
         self.root.mkdir(parents=True, exist_ok=True)
         free = shutil.disk_usage(self.root).free
         needed = 2 * (len(weights) + len(manifest))
@@ -57,8 +59,8 @@ class BackboneCache:
             raise OSError(f"not enough disk for the backbone cache in {self.root}: {free} B free, {needed} B needed")
         staging = Path(tempfile.mkdtemp(prefix=".install-", dir=self.root))
         try:
-            (staging / WEIGHTS_FILE).write_bytes(weights)
-            (staging / MANIFEST_FILE).write_bytes(manifest)
+            atomic_write_bytes(staging / WEIGHTS_FILE, weights)
+            atomic_write_bytes(staging / MANIFEST_FILE, manifest)
             backbone = load_artifact(staging, expected_digest=digest)
             try:
                 os.replace(staging, self.path(digest))

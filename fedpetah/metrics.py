@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from fedpetah.atomic import atomic_write_bytes, atomic_write_text
+
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
@@ -168,33 +170,39 @@ def _jsonable(value: Any) -> Any:
 
 
 class RunLog:
-    """Appends one JSON object per round to ``metrics.jsonl`` (flushed per line) and writes ``summary.json``.
+    """Appends one JSON object per round to ``metrics.jsonl`` (flushed and fsynced per line) and writes
+    ``summary.json``.
 
-    Reopening a run directory appends (a resumed server); a line torn by a kill is cut off first.
+    Reopening a run directory appends (a resumed server); a line torn by a kill is cut off first, and with
+    ``committed_rounds`` the rows of later rounds are dropped too: a round is logged before the bank commits it,
+    so a server killed between the two left a row for a round that the resumed run trains again. Each round then
+    has exactly one row, and every committed round has its row.
     """
 
-    def __init__(self, run_dir: str | os.PathLike[str]) -> None:
+    def __init__(self, run_dir: str | os.PathLike[str], committed_rounds: int | None = None) -> None:
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         path = self.run_dir / METRICS_FILE
         if path.exists():
             data = path.read_bytes()
-            if data and not data.endswith(b"\n"):
-                with path.open("r+b") as handle:
-                    handle.truncate(data.rfind(b"\n") + 1)
+            kept = data[: data.rfind(b"\n") + 1]  # a torn last line goes
+            if committed_rounds is not None:
+                kept = b"".join(line for line in kept.splitlines(keepends=True)
+                                if not _round_after(line, committed_rounds))
+            if kept != data:
+                atomic_write_bytes(path, kept)
         self._file = path.open("a", encoding="utf-8")
 
     def log(self, record: RoundRecord) -> None:
+        """Append the round's row and make it durable (the bank commit that follows must not get ahead of it)."""
         self._file.write(json.dumps(_jsonable(record.to_json()), allow_nan=False) + "\n")
         self._file.flush()
+        os.fsync(self._file.fileno())
 
     def write_summary(self, summary: Mapping[str, Any]) -> Path:
-        """Write ``summary.json`` through a temp file and rename, so a reader never sees half of it."""
-        path = self.run_dir / SUMMARY_FILE
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(_jsonable(summary), indent=2, allow_nan=False))
-        os.replace(tmp, path)
-        return path
+        """Write ``summary.json`` atomically, so a reader never sees half of it."""
+        return atomic_write_text(self.run_dir / SUMMARY_FILE, json.dumps(_jsonable(summary), indent=2,
+                                                                          allow_nan=False))
 
     def close(self) -> None:
         self._file.close()
@@ -206,6 +214,16 @@ class RunLog:
         self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
     ) -> None:
         self.close()
+
+
+def _round_after(line: bytes, committed: int) -> bool:
+    """Whether a ``metrics.jsonl`` line is the row of a round after ``committed`` (unparsable lines are kept,
+    for :func:`read_rounds` to report)."""
+    try:
+        number = json.loads(line).get("round")
+    except (ValueError, AttributeError):
+        return False
+    return isinstance(number, int) and number > committed
 
 
 def read_rounds(run_dir: str | os.PathLike[str]) -> list[RoundRecord]:

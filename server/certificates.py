@@ -3,12 +3,16 @@
     python -m server.certificates tls DIR --host 192.168.1.10 --host fl.lab.example
     python -m server.certificates node-key DIR/nodes/pi-kitchen
 
-``tls`` writes ``ca.pem`` + ``ca.key`` (keep the key offline once the server certificate exists),
-``server.pem`` + ``server.key`` for the SuperLink (SANs: every ``--host`` plus localhost and 127.0.0.1,
-which the SuperLink's own app processes use). Devices get ``ca.pem`` only. Existing files are kept
-unless ``--force``. ``node-key`` writes an EC P-384 key pair in OpenSSH format (``NAME`` private, for
-the device; ``NAME.pub`` public, registered on the server). Real certificates (an ACME/Let's Encrypt
-or company CA) replace ``server.pem``/``server.key``/``ca.pem``; see server/README.md.
+``tls`` writes the CA (``ca.pem`` + ``ca.key``) into its own directory, ``DIR-ca`` beside ``DIR`` unless
+``--ca-dir``, never into ``DIR``, which the running server reads: keep ``ca.key`` offline once the server
+certificate exists, and bring it back only to issue a new one (``tls DIR --ca-dir CA --force --host ...``).
+``DIR`` gets ``server.pem`` + ``server.key`` for the SuperLink (SANs: every ``--host`` plus localhost and
+127.0.0.1, which the SuperLink's own app processes use) and a copy of ``ca.pem``. Devices get ``ca.pem`` only.
+Existing files are kept unless ``--force`` (a new server certificate from the same CA) or ``--new-ca``.
+``node-key`` writes an EC P-384 key pair in OpenSSH format (``NAME`` private, for the device; ``NAME.pub``
+public, registered on the server). Private keys are written owner-only (0600) through a temp file and a
+rename, whatever the file they replace allowed. Real certificates (an ACME/Let's Encrypt or company CA) replace
+``server.pem``/``server.key``/``ca.pem``; see server/README.md.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import argparse
 import datetime as dt
 import ipaddress
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,15 +32,24 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from fedpetah.atomic import atomic_write_bytes, fsync_dir
+
 CA_DAYS, SERVER_DAYS = 5 * 365, 825
 LOOPBACK = ("localhost", "127.0.0.1", "::1")
 
 
 def _write_private(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(data)
+    """Owner-only (0600) whatever ``path`` was before: a new file renamed over it, never rewritten in place."""
+    atomic_write_bytes(path, data, mode=0o600)
+
+
+def _write_public(path: Path, data: bytes) -> None:
+    atomic_write_bytes(path, data, mode=0o644)
+
+
+def default_ca_dir(certs: Path) -> Path:
+    """Where ``tls`` keeps the CA of the certificates in ``certs``: the sibling ``<certs>-ca``."""
+    return certs.with_name(certs.name + "-ca")
 
 
 def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
@@ -71,15 +85,21 @@ def make_ca(out: Path, name: str = "fedpetah lab CA") -> tuple[Path, Path]:
                                          crl_sign=True, encipher_only=False, decipher_only=False), critical=True)
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
             .sign(key, hashes.SHA256()))
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "ca.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    out.mkdir(mode=0o700, parents=True, exist_ok=True)
+    _write_public(out / "ca.pem", cert.public_bytes(serialization.Encoding.PEM))
     _write_private(out / "ca.key", _pem_key(key))
     return out / "ca.pem", out / "ca.key"
 
 
 def make_server_cert(out: Path, hosts: list[str], ca_dir: Path | None = None) -> tuple[Path, Path]:
-    """``out/server.pem`` + ``out/server.key`` signed by the CA in ``ca_dir`` (default ``out``)."""
-    ca_dir = ca_dir or out
+    """``out/server.pem`` + ``out/server.key`` signed by the CA in ``ca_dir`` (default :func:`default_ca_dir`),
+    and a copy of its ``ca.pem`` in ``out``."""
+    ca_dir = default_ca_dir(out) if ca_dir is None else ca_dir
+    missing = [p for p in (ca_dir / "ca.pem", ca_dir / "ca.key") if not p.is_file()]
+    if missing:
+        raise ValueError(f"the CA is needed to issue a server certificate, and {', '.join(map(str, missing))} "
+                         f"is missing: pass --ca-dir with the directory that holds ca.pem and ca.key (kept "
+                         "offline), or --new-ca for a new CA (devices then need its ca.pem)")
     ca_cert = x509.load_pem_x509_certificate((ca_dir / "ca.pem").read_bytes())
     ca_key = serialization.load_pem_private_key((ca_dir / "ca.key").read_bytes(), password=None)
     if not isinstance(ca_key, ec.EllipticCurvePrivateKey):
@@ -97,19 +117,43 @@ def make_server_cert(out: Path, hosts: list[str], ca_dir: Path | None = None) ->
             .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
             .sign(ca_key, hashes.SHA256()))
     out.mkdir(parents=True, exist_ok=True)
-    (out / "server.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     _write_private(out / "server.key", _pem_key(key))
+    _write_public(out / "server.pem", cert.public_bytes(serialization.Encoding.PEM))
+    _write_public(out / "ca.pem", (ca_dir / "ca.pem").read_bytes())
     return out / "server.pem", out / "server.key"
 
 
-def make_tls(out: Path, hosts: list[str], force: bool = False) -> list[Path]:
-    """CA (if absent) and server certificate (if absent) in ``out``; returns the files written."""
-    written: list[Path] = []
-    if force or not (out / "ca.pem").is_file():
-        written += make_ca(out)
-    if force or written or not (out / "server.pem").is_file():
-        written += make_server_cert(out, hosts)
+def make_tls(out: Path, hosts: list[str], force: bool = False, ca_dir: Path | None = None,
+             new_ca: bool = False) -> list[Path]:
+    """The CA in ``ca_dir`` (default :func:`default_ca_dir`; made if there is none, or with ``new_ca``) and the
+    server certificate in ``out`` (made if absent, or with ``force`` or a new CA); returns the files written.
+
+    A ``ca.key`` left in ``out`` by older versions is moved into ``ca_dir`` first."""
+    ca_dir = default_ca_dir(out) if ca_dir is None else ca_dir
+    if ca_dir.resolve() == out.resolve():
+        raise ValueError(f"the CA dir must not be {out}, which the running server reads; pass another --ca-dir")
+    written = _move_ca_key(out, ca_dir)
+    fresh = new_ca or not ((ca_dir / "ca.pem").is_file() or (out / "ca.pem").is_file())
+    if fresh:
+        written += make_ca(ca_dir)
+    if fresh or force or not (out / "server.pem").is_file():
+        written += [*make_server_cert(out, hosts, ca_dir), out / "ca.pem"]
     return written
+
+
+def _move_ca_key(out: Path, ca_dir: Path) -> list[Path]:
+    """Older versions wrote ``ca.key`` beside the server's files: move it (and its ``ca.pem``) into ``ca_dir``."""
+    legacy = out / "ca.key"
+    if not legacy.is_file():
+        return []
+    if (ca_dir / "ca.key").exists():
+        raise ValueError(f"{legacy} and {ca_dir / 'ca.key'} both exist: keep the CA key that signed "
+                         f"{out / 'server.pem'} in {ca_dir} and delete the other")
+    ca_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    _write_public(ca_dir / "ca.pem", (out / "ca.pem").read_bytes())
+    os.replace(legacy, ca_dir / "ca.key")
+    fsync_dir(out)
+    return [ca_dir / "ca.pem", ca_dir / "ca.key"]
 
 
 def make_node_key(path: Path, force: bool = False) -> tuple[Path, Path]:
@@ -121,8 +165,8 @@ def make_node_key(path: Path, force: bool = False) -> tuple[Path, Path]:
     _write_private(path, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
                                            serialization.NoEncryption()))
     comment = f" fedpetah-node-{path.name}".encode()
-    public.write_bytes(key.public_key().public_bytes(serialization.Encoding.OpenSSH,
-                                                     serialization.PublicFormat.OpenSSH) + comment + b"\n")
+    _write_public(public, key.public_key().public_bytes(serialization.Encoding.OpenSSH,
+                                                        serialization.PublicFormat.OpenSSH) + comment + b"\n")
     return path, public
 
 
@@ -138,6 +182,10 @@ class TlsFiles:
 def server_files(directory: Path) -> TlsFiles:
     """Checked ``ca.pem``, ``server.pem``, ``server.key`` in ``directory``; ValueError says how to fix what is wrong."""
     files = TlsFiles(directory / "ca.pem", directory / "server.pem", directory / "server.key")
+    if (directory / "ca.key").exists():
+        raise ValueError(f"{directory / 'ca.key'}: the CA's private key must not be where the running server reads; "
+                         f"move it out with `python -m server.certificates tls {directory}` (it goes to "
+                         f"{default_ca_dir(directory)}) and keep it offline")
     missing = [p.name for p in (files.ca, files.cert, files.key) if not p.is_file()]
     if missing:
         raise ValueError(f"missing {', '.join(missing)} in {directory}: create them with "
@@ -156,7 +204,8 @@ def server_files(directory: Path) -> TlsFiles:
         raise ValueError(f"{files.key} is not the key of {files.cert}")
     if cert.not_valid_after_utc < dt.datetime.now(dt.UTC):
         raise ValueError(f"{files.cert} expired on {cert.not_valid_after_utc:%Y-%m-%d}; "
-                         f"renew it with `python -m server.certificates tls {directory} --force --host ...`")
+                         f"renew it with `python -m server.certificates tls {directory} --force --host ... "
+                         f"--ca-dir <the dir holding ca.key>`")
     return files
 
 
@@ -182,21 +231,33 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     tls = commands.add_parser("tls", help="private CA + SuperLink certificate")
-    tls.add_argument("dir", type=Path)
+    tls.add_argument("dir", type=Path, help="the server's certificate dir (STATE/certs)")
     tls.add_argument("--host", action="append", default=[],
                      help="a name or IP address devices use to reach the server (repeatable)")
-    tls.add_argument("--force", action="store_true", help="replace existing files (devices then need the new ca.pem)")
+    tls.add_argument("--ca-dir", type=Path, help="where the CA's ca.pem and ca.key are or go (default DIR-ca)")
+    tls.add_argument("--force", action="store_true", help="replace the server certificate (same CA)")
+    tls.add_argument("--new-ca", action="store_true",
+                     help="a new CA and server certificate (devices then need the new ca.pem)")
     node = commands.add_parser("node-key", help="a SuperNode authentication key pair")
     node.add_argument("path", type=Path, help="private key path; the public key is PATH.pub")
     node.add_argument("--force", action="store_true")
     args = parser.parse_args(argv)
-    if args.command == "tls":
-        written = make_tls(args.dir, args.host, args.force)
-        print("\n".join(f"wrote {p}" for p in written) or f"kept the existing certificates in {args.dir}")
-        print(f"give devices {args.dir / 'ca.pem'} (never ca.key or server.key)")
-    else:
-        private, public = make_node_key(args.path, args.force)
-        print(f"wrote {private} (stays on the device) and {public} (register it on the server)")
+    try:
+        if args.command == "node-key":
+            private, public = make_node_key(args.path, args.force)
+            print(f"wrote {private} (stays on the device) and {public} (register it on the server)")
+            return 0
+        ca_dir = default_ca_dir(args.dir) if args.ca_dir is None else args.ca_dir
+        written = make_tls(args.dir, args.host, args.force, ca_dir, args.new_ca)
+    except (ValueError, FileExistsError) as err:
+        print(f"python -m server.certificates: error: {err}", file=sys.stderr)
+        return 2
+    print("\n".join(f"wrote {p}" for p in written) or f"kept the existing certificates in {args.dir}")
+    print(f"give devices {args.dir / 'ca.pem'} (never a .key file)")
+    if (ca_dir / "ca.key").is_file():
+        print(f"keep {ca_dir / 'ca.key'} offline (the server never needs it); bring it back only to issue a new "
+              f"server certificate: python -m server.certificates tls {args.dir} --ca-dir {ca_dir} --force "
+              "--host ...")
     return 0
 
 

@@ -21,6 +21,7 @@ from typing import Any
 
 import tomli_w
 
+from fedpetah.atomic import atomic_write_text
 from fedpetah.experiment import ExperimentConfig
 from flower_glue.launch import (
     LOOPBACK_HOSTS,
@@ -98,7 +99,7 @@ def _check_run_dir(run_dir: Path, config_text: str, resume: bool) -> None:
         print(f"fedpetah-server: nothing to resume in {run_dir}; starting the run from its first round",
               file=sys.stderr)
     run_dir.mkdir(parents=True, exist_ok=True)
-    saved.write_text(config_text)
+    atomic_write_text(saved, config_text)
 
 
 def _superlink_command(args: argparse.Namespace, state: Path, certs: TlsFiles | None) -> list[str]:

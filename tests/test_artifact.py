@@ -17,6 +17,9 @@ from safetensors.torch import load_file, save_file
 from fedpetah.artifact import (
     MANIFEST,
     MANIFEST_FIELD_TYPES,
+    MAX_IMG_SIZE,
+    MAX_MANIFEST_BYTES,
+    MIN_IMG_SIZE,
     WEIGHTS,
     ArtifactError,
     Manifest,
@@ -25,9 +28,11 @@ from fedpetah.artifact import (
     load_artifact,
     manifest_digest,
     pack_artifact,
+    read_manifest,
 )
 from fedpetah.backbone import Backbone, create_timm_model, family_of
 from fedpetah.config import PruningConfig
+from fedpetah.local import BackboneCache
 from fedpetah.pruning import prune_backbone
 
 SIZE = 32
@@ -161,3 +166,59 @@ def test_wrong_tensor_shapes_raise_even_when_consistently_signed(packed: Path, t
     edit_manifest(directory, lambda raw: raw["tensors"].pop(key), resign=True)
     with pytest.raises(ArtifactError, match="differ from the manifest"):
         load_artifact(directory)
+
+
+def _steps(count: int, op: str = "remove_block") -> list[dict[str, Any]]:
+    return [{"op": op, "module": "stages.0"} for _ in range(count)]
+
+
+def _huge_tensor(raw: dict[str, Any]) -> None:
+    key = next(iter(raw["tensors"]))
+    raw["tensors"][key]["shape"] = [2**20, 2**20, 2**20]
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda m: m.update(img_size=1_000_000), "img_size = 1000000 is outside the limits \\[16, 768\\]"),
+        (lambda m: m.update(img_size=4), "img_size = 4 is outside"),
+        (lambda m: m.update(in_chans=100_000, mean=[0.5] * 100_000, std=[0.5] * 100_000), "in_chans = 100000"),
+        (lambda m: m.update(pruning_history=_steps(5000)), "len\\(pruning_history\\) = 5000"),
+        (lambda m: m.update(pruning_history=_steps(9, "width")), "pruning_history width steps = 9 is outside"),
+        (lambda m: m.update(num_params=10**12), "num_params = 1000000000000"),
+        (_huge_tensor, "total elements of tensors"),
+        (lambda m: m.update(model_name="x" * 500), "len\\(model_name\\) = 500"),
+    ],
+)
+@pytest.mark.parametrize("resign", [True, False], ids=["signed-by-the-server", "tampered"])
+def test_manifest_bounds_are_checked_before_anything_is_built(
+    packed: Path, tmp_path: Path, edit: Callable[[dict[str, Any]], None], message: str, resign: bool
+) -> None:
+    # A manifest is covered by its own digest, which the server computes: a hostile server signs its own
+    # manifest, so the bounds must hold whether or not the digest matches. read_manifest builds nothing.
+    directory = copy_of(packed, tmp_path)
+    edit_manifest(directory, edit, resign)
+    with pytest.raises(ArtifactError, match=f"manifest field {message}"):
+        read_manifest(directory)
+    with pytest.raises(ArtifactError, match=message):
+        load_artifact(directory)
+
+
+def test_oversized_or_deeply_nested_manifests_are_refused_unparsed(packed: Path, tmp_path: Path) -> None:
+    directory = copy_of(packed, tmp_path)
+    (directory / MANIFEST).write_bytes(b" " * (MAX_MANIFEST_BYTES + 1))
+    with pytest.raises(ArtifactError, match=f"exceeds the limit of {MAX_MANIFEST_BYTES} bytes"):
+        read_manifest(directory)
+    (directory / MANIFEST).write_bytes(b"[" * 200_000 + b"]" * 200_000)
+    with pytest.raises(ArtifactError, match="not valid JSON"):
+        read_manifest(directory)
+    cache = BackboneCache(tmp_path / "device-cache")
+    with pytest.raises(ArtifactError, match="exceeds the limit"):
+        cache.install("ab" * 32, b"weights", b"{" + b" " * MAX_MANIFEST_BYTES + b"}")
+    assert not (tmp_path / "device-cache").exists()  # refused before anything was written
+
+
+def test_real_manifest_is_well_inside_the_bounds(packed: Path) -> None:
+    manifest = read_manifest(packed)
+    assert MIN_IMG_SIZE <= manifest.img_size <= MAX_IMG_SIZE
+    assert (packed / MANIFEST).stat().st_size < MAX_MANIFEST_BYTES // 100

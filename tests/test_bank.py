@@ -95,6 +95,18 @@ def test_a_crash_before_the_commit_leaves_the_old_bank(
     assert len(list(tmp_path.glob("task-*.safetensors"))) == 2
 
 
+def test_a_bank_refuses_adapters_of_another_backbone_naming_both(tmp_path: Path) -> None:
+    old, new = "a" * 64, "b" * 64
+    bank = AdapterBank()
+    bank.add_task(0, "lora", 2, _state(0.0), metadata={"backbone": old})
+    bank.add_task(1, "lora", 2, _state(1.0))  # a task from an older bank, without the digest: not checked
+    bank.save(tmp_path)
+    loaded = AdapterBank.load(tmp_path)
+    loaded.check_backbone(old)
+    with pytest.raises(BankError, match=f"task 0 was trained on backbone {old}, but this run's backbone is {new}"):
+        loaded.check_backbone(new)
+
+
 def test_load_detects_tampering_and_missing_files(tmp_path: Path) -> None:
     _bank().save(tmp_path)
     victim = sorted(tmp_path.glob("task-0000-*"))[0]

@@ -165,8 +165,8 @@ def test_client_image_suffixes_match_the_folder_reader() -> None:
 
 
 def test_certificates_chain_and_node_keys(tmp_path: Path) -> None:
-    make_tls(tmp_path, ["fl.lab.example", "10.0.0.5"])
-    files = server_files(tmp_path)
+    make_tls(tmp_path / "certs", ["fl.lab.example", "10.0.0.5"])
+    files = server_files(tmp_path / "certs")
     context = ssl.create_default_context(cafile=str(files.ca))
     assert context.get_ca_certs()[0]["subject"][0][0][1] == "fedpetah lab CA"
     with pytest.raises(ValueError, match="no device keys"):
@@ -174,9 +174,9 @@ def test_certificates_chain_and_node_keys(tmp_path: Path) -> None:
     make_node_key(tmp_path / "nodes" / "pi")
     assert [p.name for p in node_keys(tmp_path / "nodes")] == ["pi.pub"]
     make_tls(tmp_path / "other", [])
-    (tmp_path / "ca.pem").write_bytes((tmp_path / "other" / "ca.pem").read_bytes())
+    (tmp_path / "certs" / "ca.pem").write_bytes((tmp_path / "other" / "ca.pem").read_bytes())
     with pytest.raises(ValueError, match="not signed by"):
-        server_files(tmp_path)
+        server_files(tmp_path / "certs")
 
 
 def test_server_refuses_unsafe_or_inconsistent_starts(tmp_path: Path) -> None:

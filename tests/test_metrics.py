@@ -107,6 +107,29 @@ def test_run_log_summary_and_resume(tmp_path: Path) -> None:
     assert "NaN" not in text and json.loads(text)["accuracy_matrix"][0] == [0.9, None, None]
 
 
+def test_rows_of_rounds_the_bank_never_committed_are_dropped_on_resume(tmp_path: Path) -> None:
+    # Prepare: rounds 1-4 logged, but the server was killed after logging round 4 and before the bank
+    # committed it (the bank says 3 rounds are complete)
+    records = _records()
+    with RunLog(tmp_path) as log:
+        for record in records[:4]:
+            log.log(record)
+
+    # Execute: the resumed run drops round 4's row, trains round 4 again and goes on
+    with RunLog(tmp_path, committed_rounds=3) as log:
+        assert [r.round for r in read_rounds(tmp_path)] == [1, 2, 3]
+        for record in records[3:]:
+            log.log(record)
+
+    # Assert: every round exactly once in the file itself, not only after read_rounds' de-duplication
+    rounds = [json.loads(line)["round"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert rounds == [1, 2, 3, 4, 5, 6]
+    assert read_rounds(tmp_path) == records
+    with RunLog(tmp_path, committed_rounds=0):  # a fresh run in an old directory starts an empty log
+        pass
+    assert (tmp_path / "metrics.jsonl").read_bytes() == b""
+
+
 def test_unevaluated_accuracies_are_nan_and_survive_json(tmp_path: Path) -> None:
     nan = float("nan")
     records = [

@@ -12,8 +12,9 @@ from typing import Any
 
 import timm
 import torch.nn as nn
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
+from fedpetah.atomic import atomic_write_bytes, atomic_write_text
 from fedpetah.backbone.families import BackboneFamily, family_of
 from fedpetah.config import BackboneConfig
 from fedpetah.model import IMAGENET_MEAN, IMAGENET_STD
@@ -127,8 +128,6 @@ def _warmed_up(backbone: Backbone, config: BackboneConfig, cache_dir: Path) -> d
     log.info("warm-up pretraining %s at %d px on %s (cached)", config.name, config.img_size, config.warmup.dataset)
     info = warmup_pretrain(backbone, config.warmup)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = weights.with_suffix(".tmp")
-    save_file({k: v.contiguous() for k, v in backbone.module.state_dict().items()}, str(tmp))
-    os.replace(tmp, weights)
-    meta.write_text(json.dumps(info, indent=2))
+    atomic_write_bytes(weights, save({k: v.contiguous() for k, v in backbone.module.state_dict().items()}))
+    atomic_write_text(meta, json.dumps(info, indent=2))
     return info

@@ -12,8 +12,46 @@ from fedpetah.tasks.data import Task, split_task
 from fedpetah.tasks.streams import STREAMS, TaskStreamConfig
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg"})
+MAX_NAME_BYTES = 255  # NAME_MAX of Linux file systems
 # What PIL raises on unreadable, truncated or hostile files (SyntaxError: some broken PNG chunks).
 _READ_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+
+class UnsafeNameError(ValueError):
+    """A task or class name from elsewhere (a server) that is not one plain folder name inside the data dir."""
+
+
+def _check_name(name: object, what: str) -> str:
+    if not isinstance(name, str):
+        raise UnsafeNameError(f"{what} name must be a string, got {type(name).__name__}")
+    try:
+        size = len(name.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise UnsafeNameError(f"{what} name {name!r:.80} is not valid UTF-8") from None
+    if not 0 < size <= MAX_NAME_BYTES:
+        raise UnsafeNameError(f"{what} name of {size} bytes: a folder name has 1 to {MAX_NAME_BYTES} bytes")
+    if name in (".", "..") or any(c in name for c in "/\\") or any(ord(c) < 32 or ord(c) == 127 for c in name):
+        raise UnsafeNameError(f"{what} name {name!r:.80} is not a plain folder name (no '.', '..', path "
+                              "separator, NUL or control character)")
+    return name
+
+
+def safe_path(root: Path, *names: object) -> Path:
+    """``root/<names[0]>/<names[1]>/...`` for names that came from elsewhere, checked before any file is touched:
+    each one plain folder name (no separator, ``..``, absolute path, NUL, control character; at most
+    :data:`MAX_NAME_BYTES` bytes), and the resolved path (symlinks followed) inside ``root``.
+    Raises :class:`UnsafeNameError`."""
+    path = root
+    for index, name in enumerate(names):
+        path = path / _check_name(name, "task" if index == 0 else "class")
+    try:
+        base, resolved = root.resolve(), path.resolve()
+    except (OSError, RuntimeError) as err:  # a symbolic link loop
+        raise UnsafeNameError(f"{path} does not resolve: {err}") from None
+    if not resolved.is_relative_to(base):
+        raise UnsafeNameError(f"{path} resolves to {resolved}, outside the data dir {base} (a symbolic link?): "
+                              "keep the images inside the data dir, or point it at their real folder")
+    return path
 
 
 def _subdirs(path: Path) -> list[Path]:
