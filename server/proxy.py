@@ -79,6 +79,7 @@ def server_block(listen: tuple[str, int], superlink_port: int, ca: Path, cert: P
 upstream fedpetah_superlink {{
     server 127.0.0.1:{superlink_port};
     keepalive 32;
+    keepalive_timeout 4s;  # below uvicorn's 5 s, so nginx never reuses a connection the SuperLink is closing
 }}
 
 server {{
