@@ -201,6 +201,10 @@ def test_server_refuses_unsafe_or_inconsistent_starts(tmp_path: Path, capsys: py
     no_nginx = ["--host", "127.0.0.2", "--nginx", str(tmp_path / "nginx"), "clients=1"]
     assert server_cli.main([*state, *no_nginx]) == server_cli.EXIT_NO_PROXY
     assert "apt-get install nginx-light" in capsys.readouterr().err
+    assert server_cli.main([*state, "--expose-control-api", "adapter=nonsense"]) == server_cli.EXIT_CONFIG
+    assert "CONTROL API EXPOSED on 0.0.0.0:8000" in capsys.readouterr().err
+    exposed_insecure = ["--insecure", "--host", "127.0.0.1", "--expose-control-api", "clients=1"]
+    assert server_cli.main([*state, *exposed_insecure]) == server_cli.EXIT_TLS
     assert server_cli.main([*state, "adapter=nonsense"]) == server_cli.EXIT_CONFIG
     run = tmp_path / "run"
     (run / "bank").mkdir(parents=True)
