@@ -109,7 +109,8 @@ server {{
         proxy_ssl_trusted_certificate {_quoted(ca)};
         proxy_ssl_name localhost;  # server/certificates.py always names localhost (Flower's own processes use it)
         proxy_ssl_session_reuse on;
-        proxy_request_buffering off;
+        proxy_request_buffering off;  # stream both ways: no 5 MiB array chunk written to a temp file
+        proxy_buffering off;
         proxy_read_timeout 300s;
         proxy_send_timeout 300s;
     }}
