@@ -1,11 +1,13 @@
 """``fedpetah-server``: Flower's SuperLink with TLS, SuperNode authentication, a persistent state database and no
-runtime dependency installation, plus our ServerApp run submitted to it and followed to the end.
+runtime dependency installation, plus our ServerApp run submitted to it and followed to the end. The SuperLink binds
+127.0.0.1; devices reach only its Fleet API, through nginx on ``--host`` (server/proxy.py).
 
     fedpetah-server --state-dir /srv/fedpetah adapter=petah rounds_per_task=5
     fedpetah-server --state-dir /srv/fedpetah --resume          # after a stop: continue from the bank
 
 Everything lives under the state dir: ``certs/`` (ca.pem, server.pem, server.key), ``nodes/*.pub`` (the device
-keys to register), ``superlink.db``, ``logs/``, ``cache/`` (backbone artifacts), ``run/`` (metrics, bank).
+keys to register), ``superlink.db``, ``logs/``, ``cache/`` (backbone artifacts), ``run/`` (metrics, bank),
+``proxy/`` (the generated nginx.conf, its pid and temp files).
 """
 
 from __future__ import annotations
@@ -37,8 +39,10 @@ from flower_glue.launch import (
 )
 from server.bundle import REPO, compose_experiment, config_json, stage_app
 from server.certificates import TlsFiles, node_keys, server_files
+from server.proxy import FleetProxy, ProxyCertificate, ProxyError, ProxyMissing, find_nginx, warn_control_exposed
 
 EXIT_CONFIG, EXIT_TLS, EXIT_NODES, EXIT_SUPERLINK, EXIT_RUN, EXIT_RUN_DIR = 2, 3, 4, 5, 6, 7
+EXIT_NO_PROXY, EXIT_PROXY = 8, 9
 CONNECTION = "fedpetah"
 RESUMABLE = frozenset({"resume", "stop_after"})  # settings that may change between a stop and its resume
 
@@ -57,8 +61,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("overrides", nargs="*", help="Hydra overrides of configs/, e.g. adapter=lora clients=4")
     parser.add_argument("--state-dir", type=Path, default=Path("fedpetah-state"))
     parser.add_argument("--run-dir", type=Path, help="metrics, plots and the adapter bank (default STATE/run)")
-    parser.add_argument("--host", default="0.0.0.0", help="address the SuperLink listens on (default all)")
+    parser.add_argument("--host", default="0.0.0.0",
+                        help="address devices connect to (default all interfaces); nginx listens there and forwards "
+                             "only the Fleet API to the SuperLink on 127.0.0.1. A loopback host (127.0.0.1, "
+                             "localhost, ::1) needs no proxy: the SuperLink listens there itself")
     parser.add_argument("--port", type=int, default=8000, help="the one HTTPS port devices connect to")
+    parser.add_argument("--superlink-port", type=int,
+                        help="the SuperLink's own port on 127.0.0.1 behind the proxy (default PORT+1)")
+    parser.add_argument("--nginx", help="the nginx binary (default: found on PATH or in /usr/sbin)")
+    parser.add_argument("--expose-control-api", action="store_true",
+                        help="DANGEROUS: no proxy; the SuperLink itself listens on --host, so its Control API "
+                             "(submit runs = run code on this server and every device; register node keys), which "
+                             "open-source Flower does not authenticate, is open to anyone who reaches the port")
     parser.add_argument("--certificates", type=Path, help="dir with ca.pem, server.pem, server.key (STATE/certs)")
     parser.add_argument("--nodes", type=Path, help="dir whose *.pub device keys are registered (STATE/nodes)")
     parser.add_argument("--resume", action="store_true", help="continue the run in the run dir from its bank")
@@ -102,8 +116,21 @@ def _check_run_dir(run_dir: Path, config_text: str, resume: bool) -> None:
     atomic_write_text(saved, config_text)
 
 
+def _proxied(args: argparse.Namespace) -> bool:
+    """Devices reach the SuperLink through the Fleet-only proxy (unless it listens on loopback, or on request)."""
+    return not (args.insecure or args.expose_control_api or args.host in LOOPBACK_HOSTS)
+
+
+def _superlink_address(args: argparse.Namespace) -> tuple[str, int]:
+    """Where the SuperLink (Fleet, Control and Runtime APIs) listens."""
+    if _proxied(args):
+        return "127.0.0.1", args.superlink_port or args.port + 1
+    return args.host, args.port
+
+
 def _superlink_command(args: argparse.Namespace, state: Path, certs: TlsFiles | None) -> list[str]:
-    command = [executable("flower-superlink"), "--host", args.host, "--port", str(args.port),
+    host, port = _superlink_address(args)
+    command = [executable("flower-superlink"), "--host", host, "--port", str(port),
                "--database", str(state / "superlink.db"), "--disable-runtime-dependency-installation"]
     if certs is None:
         return [*command, "--insecure"]
@@ -186,20 +213,57 @@ def _flower_env(state: Path, address: str, certs: TlsFiles | None) -> dict[str, 
     return env
 
 
+def _proxy(args: argparse.Namespace, state: Path, certs: TlsFiles | None) -> FleetProxy | None:
+    """The Fleet-only proxy to start in front of the SuperLink (None without one); a missing nginx fails here,
+    before anything starts."""
+    if args.expose_control_api:
+        if certs is None:
+            raise ServerError(EXIT_TLS, "--expose-control-api needs TLS (it is not a loopback demo)")
+        warn_control_exposed(args.host, args.port)
+    if not _proxied(args):
+        return None
+    assert certs is not None
+    try:
+        nginx = find_nginx(args.nginx)
+    except ProxyMissing as err:
+        raise ServerError(EXIT_NO_PROXY, str(err)) from None
+    return FleetProxy(nginx, (args.host, args.port), _superlink_address(args)[1], certs, state / "proxy",
+                      state / "logs" / "proxy.log")
+
+
+def _start_proxy(proxy: FleetProxy, timeout: float) -> subprocess.Popen[bytes]:
+    try:
+        process = proxy.start(timeout)
+    except ProxyCertificate as err:
+        raise ServerError(EXIT_TLS, str(err)) from None
+    except ProxyError as err:
+        raise ServerError(EXIT_PROXY, str(err)) from None
+    host, port = proxy.listen
+    print(f"fedpetah-server: devices connect to {host}:{port}: nginx (log {proxy.log}) forwards only the Fleet API "
+          f"to the SuperLink on 127.0.0.1:{proxy.superlink_port}; checked: the Control API is refused there",
+          file=sys.stderr)
+    return process
+
+
 def _operate(args: argparse.Namespace, state: Path, config: ExperimentConfig, certs: TlsFiles | None,
-             keys: list[Path]) -> dict[str, Any]:
-    """Start the SuperLink, register the keys, submit the run, follow it; stop everything; Flower's final row."""
-    local = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
-    env = _flower_env(state, f"{local}:{args.port}", certs)
+             keys: list[Path], proxy: FleetProxy | None) -> dict[str, Any]:
+    """Start the SuperLink (and the proxy), register the keys, submit the run, follow it; stop everything;
+    Flower's final row."""
+    host, port = _superlink_address(args)
+    local = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    env = _flower_env(state, f"{local}:{port}", certs)
     link_log = state / "logs" / "superlink.log"
     link = start(_superlink_command(args, state, certs), env, link_log)
+    front: subprocess.Popen[bytes] | None = None
     run_id = ""
     try:
-        if not wait_for_port(local, args.port, link, args.startup_timeout):
+        if not wait_for_port(local, port, link, args.startup_timeout):
             tail = "".join(link_log.read_text(errors="replace").splitlines(keepends=True)[-15:])
             raise ServerError(EXIT_SUPERLINK, f"the SuperLink did not start (log {link_log}):\n{tail}")
-        print(f"fedpetah-server: SuperLink on {args.host}:{args.port} ({'TLS' if certs else 'INSECURE'}), "
+        print(f"fedpetah-server: SuperLink on {host}:{port} ({'TLS' if certs else 'INSECURE'}), "
               f"log {link_log}", file=sys.stderr)
+        if proxy is not None:
+            front = _start_proxy(proxy, args.startup_timeout)
         _register(env, keys)
         submitted = _flwr_json(env, "run", str(stage_app(config, state / "app")), CONNECTION)
         if not submitted.get("success"):
@@ -214,6 +278,8 @@ def _operate(args: argparse.Namespace, state: Path, config: ExperimentConfig, ce
         with signals_ignored():  # a second Ctrl-C must not leave the SuperLink running
             if run_id:  # interrupted: stop the run so no stale messages reach devices after a restart
                 _flwr(env, "stop", run_id, CONNECTION, timeout=30.0)
+            if front is not None:
+                stop_tree(front)
             stop_tree(link)
 
 
@@ -221,12 +287,17 @@ def serve(args: argparse.Namespace) -> int:
     state = args.state_dir.expanduser().resolve()
     run_dir = (args.run_dir or state / "run").expanduser().resolve()
     certs, keys = _security(args, state)
+    proxy = _proxy(args, state, certs)
     config = _experiment(args, run_dir, len(keys))
     _check_run_dir(run_dir, config_json(config), args.resume)
-    if not port_is_free(args.host, args.port):
-        raise ServerError(EXIT_SUPERLINK, f"port {args.port} on {args.host} is in use (another SuperLink?); "
-                                          "stop it or pass --port")
-    final = _operate(args, state, config, certs, keys)
+    ports = [(args.host, args.port, "--port")]
+    if _proxied(args):
+        ports.append((*_superlink_address(args), "--superlink-port"))
+    for host, port, option in ports:
+        if not port_is_free(host, port):
+            raise ServerError(EXIT_SUPERLINK, f"port {port} on {host} is in use (another SuperLink?); "
+                                              f"stop it or pass {option}")
+    final = _operate(args, state, config, certs, keys, proxy)
     with (run_dir / "flower-runs.jsonl").open("a") as runs:  # Flower's view: status, times, network traffic
         runs.write(json.dumps(final) + "\n")
     if final["status"] != "finished:completed":

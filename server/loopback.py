@@ -1,6 +1,7 @@
-"""A whole federation on 127.0.0.1 (for tests, benchmarks and demos): a private CA, device keys, image folders
-from the offline MNIST sample, ``fedpetah-server`` and ``fedpetah-client`` processes on free ports, all stopped
-together (process trees included) by :meth:`Loopback.stop`."""
+"""A whole federation on loopback (for tests, benchmarks and demos): a private CA, device keys, image folders from
+the offline MNIST sample, ``fedpetah-server`` and ``fedpetah-client`` processes on free ports, all stopped together
+(process trees included) by :meth:`Loopback.stop`. Devices use 127.0.0.2, where only the server's nginx proxy
+listens (the Fleet API); the SuperLink and everything else stay on 127.0.0.1."""
 
 from __future__ import annotations
 
@@ -36,25 +37,27 @@ def write_device_data(root: Path, clients: int, per_class: int, num_tasks: int =
 
 
 class Loopback:
-    """Certificates, keys (the first ``registered`` of ``devices`` are registered), data and processes in ``root``."""
+    """Certificates, keys (the first ``registered`` of ``devices`` are registered), data and processes in ``root``;
+    devices connect to ``host`` (127.0.0.1: straight to the SuperLink, no proxy)."""
 
     def __init__(self, root: Path, devices: int, registered: int | None = None, per_class: int = 40,
-                 num_tasks: int = 2) -> None:
-        self.root, self.state = root, root / "state"
+                 num_tasks: int = 2, host: str = "127.0.0.2") -> None:
+        self.root, self.state, self.host = root, root / "state", host
         self.run_dir = self.state / "run"
-        make_tls(self.state / "certs", ["127.0.0.1"])
+        make_tls(self.state / "certs", [host])
         self.keys = [make_node_key(root / "keys" / f"node{i}")[0] for i in range(devices)]
         (self.state / "nodes").mkdir(parents=True, exist_ok=True)
         for key in self.keys[: devices if registered is None else registered]:
             (self.state / "nodes" / f"{key.name}.pub").write_bytes(key.with_name(f"{key.name}.pub").read_bytes())
         self.data = write_device_data(root / "data", devices, per_class, num_tasks)
-        self.port = free_port()
+        self.port, self.superlink_port = free_port(host), free_port()
         self.runtime_ports = [free_port() for _ in range(devices)]
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
 
     @property
-    def ports(self) -> list[int]:
-        return [self.port, *self.runtime_ports]
+    def ports(self) -> list[tuple[str, int]]:
+        """Every (host, port) the federation's processes listen on."""
+        return [(self.host, self.port), *(("127.0.0.1", p) for p in [self.superlink_port, *self.runtime_ports])]
 
     def cache(self, device: int) -> Path:
         return self.root / f"cache{device}"
@@ -67,12 +70,13 @@ class Loopback:
         return process
 
     def start_server(self, name: str, overrides: list[str], *extra: str) -> subprocess.Popen[bytes]:
-        args = ["--state-dir", str(self.state), "--host", "127.0.0.1", "--port", str(self.port), *extra, *overrides]
+        args = ["--state-dir", str(self.state), "--host", self.host, "--port", str(self.port),
+                "--superlink-port", str(self.superlink_port), *extra, *overrides]
         return self._start(name, "server.cli", args)
 
     def start_client(self, device: int, *extra: str) -> subprocess.Popen[bytes]:
         return self._start(f"client{device}", "clients.cli", [
-            "--server", f"127.0.0.1:{self.port}", "--data", str(self.data[device]),
+            "--server", f"{self.host}:{self.port}", "--data", str(self.data[device]),
             "--root-certificates", str(self.state / "certs" / "ca.pem"), "--auth-key", str(self.keys[device]),
             "--cache", str(self.cache(device)), "--runtime-port", str(self.runtime_ports[device]),
             "--retries", "20", "--backoff", "0.25", "--threads", "1", *extra,
@@ -94,7 +98,7 @@ class Loopback:
         for process in self.processes.values():
             stop_tree(process, grace=10.0)
         deadline = time.monotonic() + port_timeout
-        while not all(port_is_free("127.0.0.1", p) for p in self.ports):
+        while not all(port_is_free(host, port) for host, port in self.ports):
             if time.monotonic() > deadline:
                 return False
             time.sleep(0.5)

@@ -1,5 +1,6 @@
-"""fedpetah-server / fedpetah-client on Flower's deployment engine, on 127.0.0.1 only: TLS from our private CA,
-registered node keys, a stop and ``--resume`` in the middle of the run; plus the CLIs' error paths."""
+"""fedpetah-server / fedpetah-client on Flower's deployment engine, on loopback only: devices on 127.0.0.2 reach the
+SuperLink on 127.0.0.1 through the Fleet-only nginx proxy, TLS from our private CA, registered node keys, a stop and
+``--resume`` in the middle of the run; plus the CLIs' error paths."""
 
 from __future__ import annotations
 
@@ -20,16 +21,21 @@ from server import cli as server_cli
 from server.bundle import REPO, compose_experiment, flat_config, stage_app
 from server.certificates import make_node_key, make_tls, node_keys, server_files
 from server.loopback import Loopback
+from server.proxy import REFUSAL, ProxyMissing, find_nginx, probe
 
 OVERRIDES = ["rounds_per_task=1", "tasks.num_tasks=2", "backbone=edgenext_xx_small", "backbone.img_size=32",
              "backbone.weights=random", "pruning=none", "adapter=lora", "partition=iid", "train.epochs=4",
              "train.batch_size=16", "train.max_steps=10", "strategy.fraction=1.0"]
-TIMEOUT = 240.0
+TIMEOUT = 360.0  # a guard, not a measurement: under load ~25 on 2 cores a resume needed 255 s from start to exit
 
 
 @pytest.fixture
 def loopback(tmp_path: Path) -> Iterator[Loopback]:
     """Two registered devices and one unregistered; every process stopped and every port freed at the end."""
+    try:
+        find_nginx()
+    except ProxyMissing as err:
+        pytest.fail(f"this test needs nginx (the server's Fleet-only proxy): {err}")
     federation = Loopback(tmp_path, devices=3, registered=2)
     try:
         yield federation
@@ -66,6 +72,9 @@ def test_two_devices_tls_node_auth_stop_and_resume(loopback: Loopback) -> None:
         assert server.poll() is None, loopback.log("server")[-4000:]
         assert time.monotonic() < deadline, f"round 1 did not complete:\n{loopback.log('server')[-4000:]}"
         time.sleep(1.0)
+    ca, control = loopback.state / "certs" / "ca.pem", "/v1/control/list-runs"
+    refused = probe(loopback.host, loopback.port, ca, control)  # a stranger on the devices' address
+    inside = probe("127.0.0.1", loopback.superlink_port, ca, control)
     server.terminate()
     assert _exit_code(loopback, "server", 60) == 130
     [cached] = [p for p in loopback.cache(1).iterdir() if not p.name.startswith(".")]
@@ -74,7 +83,10 @@ def test_two_devices_tls_node_auth_stop_and_resume(loopback: Loopback) -> None:
     loopback.start_server("resumed", OVERRIDES, "--resume")
     assert _exit_code(loopback, "resumed") == 0, loopback.log("resumed")[-4000:]
 
-    # Assert: both tasks in the bank, above chance, one backbone install per device, the tampered copy refused
+    # Assert: the Control API answers on loopback only; both tasks in the bank, above chance, one backbone install
+    # per device, the tampered copy refused
+    assert refused == (403, REFUSAL + "\n") and inside[0] == 200, (refused, inside)
+    assert f"devices connect to {loopback.host}:{loopback.port}" in loopback.log("server")
     from fedpetah.bank import AdapterBank
     from fedpetah.metrics import read_rounds
 
@@ -179,13 +191,20 @@ def test_certificates_chain_and_node_keys(tmp_path: Path) -> None:
         server_files(tmp_path / "certs")
 
 
-def test_server_refuses_unsafe_or_inconsistent_starts(tmp_path: Path) -> None:
+def test_server_refuses_unsafe_or_inconsistent_starts(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     state = ["--state-dir", str(tmp_path)]
     assert server_cli.main([*state, "clients=2"]) == server_cli.EXIT_TLS  # no certificates yet
     make_tls(tmp_path / "certs", ["127.0.0.1"])
     assert server_cli.main([*state, "clients=2"]) == server_cli.EXIT_NODES  # no device keys yet
     assert server_cli.main([*state, "--insecure", "--host", "0.0.0.0", "clients=2"]) == server_cli.EXIT_TLS
     make_node_key(tmp_path / "nodes" / "pi")
+    no_nginx = ["--host", "127.0.0.2", "--nginx", str(tmp_path / "nginx"), "clients=1"]
+    assert server_cli.main([*state, *no_nginx]) == server_cli.EXIT_NO_PROXY
+    assert "apt-get install nginx-light" in capsys.readouterr().err
+    assert server_cli.main([*state, "--expose-control-api", "adapter=nonsense"]) == server_cli.EXIT_CONFIG
+    assert "CONTROL API EXPOSED on 0.0.0.0:8000" in capsys.readouterr().err
+    exposed_insecure = ["--insecure", "--host", "127.0.0.1", "--expose-control-api", "clients=1"]
+    assert server_cli.main([*state, *exposed_insecure]) == server_cli.EXIT_TLS
     assert server_cli.main([*state, "adapter=nonsense"]) == server_cli.EXIT_CONFIG
     run = tmp_path / "run"
     (run / "bank").mkdir(parents=True)
