@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from clients.launch import split_address, start, stop_tree, wait_for_port
+from flower_glue.launch import split_address, start, stop_tree, wait_for_port
 from server.certificates import TlsFiles
 
 FLEET_PATHS = r"^/v1/fleet/[a-z-]+$"  # every Fleet API route of Flower 1.42 (all POST, no query string)
