@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from clients.launch import child_env, executable, free_port, start, stop_tree, wait_for_port
+from flower_glue.launch import child_env, executable, free_port, start, stop_tree, wait_for_port
 from server.certificates import TlsFiles, make_tls, server_files
 from server.proxy import REFUSAL, FleetProxy, ProxyCertificate, ProxyError, ProxyMissing, find_nginx, server_block
 
