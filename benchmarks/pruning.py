@@ -1,9 +1,11 @@
-"""Pruning benchmark: parameters, MACs, pruning time and CPU latency of hybrid backbones at several ratios.
+"""Pruning benchmark: parameters, MACs, pruning time and one-thread CPU latency of hybrid backbones.
 
 Run: ``.venv/bin/python benchmarks/pruning.py`` (writes benchmarks/results/pruning.{json,md}).
-Weights are random: size, MACs and latency do not depend on their values. Latency is the median
-wall time of ``--repeats`` eval forwards (after a warm-up pass) with ``--threads`` torch threads,
-the ratios of one model taking turns.
+Weights are random: size, MACs and latency do not depend on their values (which blocks the depth rule
+removes does, through the calibration scores). Latency is the median wall time of eval forwards of a
+batch of 1 (``--repeats``) and of 32 (an eighth of that), after a warm-up pass, with ``--threads`` torch
+threads; the ratios of one model take turns within each repeat, and the 1-minute load average is
+recorded beside every figure.
 """
 
 from __future__ import annotations
@@ -26,15 +28,13 @@ from fedpetah.model import feature_dim
 from fedpetah.pruning import prune_backbone, prune_report
 
 RESULTS = Path(__file__).parent / "results"
-MODELS = [
-    "efficientvit_b0",
-    "edgenext_xx_small",
-    "mobilevit_xxs",
-    "mobilevitv2_050",
-    "mobilenetv4_hybrid_medium",
-    "efficientformerv2_s0",
+ROWS = [
+    "efficientvit_b0:64",
+    "efficientvit_b0:224",
+    "mobilevit_xxs:224",
+    "mobilevitv2_050:224",
+    "mobilenetv4_hybrid_medium:64",
 ]
-LARGE_MODELS = ["efficientvit_b0", "mobilevit_xxs", "mobilevitv2_050"]
 
 
 @torch.no_grad()
@@ -79,13 +79,17 @@ def measure(name: str, size: int, ratios: list[float], repeats: int) -> list[dic
                 "mac_ratio": round(report.mac_ratio, 3),
                 "features": feature_dim(pruned.module, size),
                 "heads_slimmed": sum(s["op"] == "slim_heads" for s in pruned.pruning_history),
+                "blocks_removed": sum(s["op"] == "remove_block" for s in pruned.pruning_history),
                 "prune_seconds": round(seconds, 2),
             }
         )
-    single = latencies_ms(modules, 1, size, repeats)
-    batched = latencies_ms(modules, 32, size, max(3, repeats // 4))
-    for row, b1, b32 in zip(rows, single, batched, strict=True):
-        row["latency_b1_ms"], row["latency_b32_ms"] = round(b1, 2), round(b32, 1)
+    for batch, repeats_now in ((1, repeats), (32, max(3, repeats // 8))):
+        times = latencies_ms(modules, batch, size, repeats_now)
+        load = round(os.getloadavg()[0], 1)
+        for row, ms in zip(rows, times, strict=True):
+            row[f"latency_b{batch}_ms"], row[f"load_b{batch}"] = round(ms, 2), load
+            row[f"speedup_b{batch}"] = round(times[0] / ms, 2) if ratios[0] == 0 else None
+    for row in rows:
         print(json.dumps(row), flush=True)
     return rows
 
@@ -94,30 +98,32 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     lines = [
         "# Pruning benchmark",
         "",
-        f"`{meta['command']}` on {meta['machine']} ({meta['threads']} torch threads, load average "
-        f"{meta['load_before']} before, {meta['load_after']} after; other jobs shared the CPU). Random "
-        "weights, magnitude importance, heads slimmed where the family allows, no blocks removed. "
+        f"`{meta['command']}` on {meta['machine']} ({meta['threads']} torch thread(s); 1-minute load average "
+        f"{meta['load_before']} before, {meta['load_after']} after, and beside each latency; other jobs shared "
+        "the CPU, so absolute times are noisy and only the ratios measured side by side (x) compare). Random "
+        "weights, magnitude importance, each family's policy (heads slimmed, blocks removed where it allows). "
         "MACs count convolutions, linear layers and norms (torch-pruning's counter), not attention products.",
         "",
-        "| model | px | ratio | params | x | MMACs | x | features | heads cut in | prune s | b1 ms | b32 ms |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model | px | ratio | params | x | MMACs | x | heads cut in | blocks removed | prune s "
+        "| b1 ms | b1 x | load | b32 ms | b32 x | load |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['model']} | {r['img_size']} | {r['ratio']} | {r['params']:,} | {r['param_ratio']} | "
-            f"{r['mmacs']} | {r['mac_ratio']} | {r['features']} | {r['heads_slimmed']} | "
-            f"{r['prune_seconds']} | {r['latency_b1_ms']} | {r['latency_b32_ms']} |"
+            f"{r['mmacs']} | {r['mac_ratio']} | {r['heads_slimmed']} | {r['blocks_removed']} | "
+            f"{r['prune_seconds']} | {r['latency_b1_ms']} | {r['speedup_b1']} | {r['load_b1']} | "
+            f"{r['latency_b32_ms']} | {r['speedup_b32']} | {r['load_b32']} |"
         )
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--models", nargs="*", default=MODELS)
-    parser.add_argument("--large-models", nargs="*", default=LARGE_MODELS, help="also measured at 224 px")
+    parser.add_argument("--rows", nargs="*", default=ROWS, help="MODEL:PX pairs")
     parser.add_argument("--ratios", nargs="*", type=float, default=[0.0, 0.3, 0.5])
-    parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=40)
+    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default="pruning")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -128,9 +134,9 @@ def main() -> None:
         "load_before": round(os.getloadavg()[0], 1),
     }
     rows = []
-    for size, models in ((64, args.models), (224, args.large_models)):
-        for name in models:
-            rows += measure(name, size, args.ratios, args.repeats)
+    for spec in args.rows:
+        name, _, size = spec.partition(":")
+        rows += measure(name, int(size), args.ratios, args.repeats)
     meta["load_after"] = round(os.getloadavg()[0], 1)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{args.out}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
