@@ -67,6 +67,7 @@ def main() -> None:
     parser.add_argument("--streams", nargs="*", default=["split_mnist", "rotated_mnist"])
     parser.add_argument("--adapters", nargs="*", default=["lora"])
     parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--variants", nargs="*", default=["whole", "slimmed"], choices=["whole", "slimmed"])
     parser.add_argument("--out", default="pruning_accuracy")
     args = parser.parse_args()
     config = BackboneConfig(name=args.backbone, img_size=args.img_size)
@@ -74,7 +75,8 @@ def main() -> None:
     policy = policy_of(base.family)
     rows: list[dict[str, Any]] = []
     load_before = round(os.getloadavg()[0], 1)
-    for variant, chosen in (("whole", whole_attention(policy)), ("slimmed", policy)):
+    for variant in args.variants:
+        chosen = whole_attention(policy) if variant == "whole" else policy
         backbone = shipped(base, config, PruningConfig(ratio=args.ratio), chosen)
         macs, params = macs_and_params(backbone)
         blocks = [s["module"] for s in backbone.pruning_history if s["op"] == "remove_block"]
