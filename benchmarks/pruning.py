@@ -3,9 +3,9 @@
 Run: ``.venv/bin/python benchmarks/pruning.py`` (writes benchmarks/results/pruning.{json,md}).
 Weights are random: size, MACs and latency do not depend on their values (which blocks the depth rule
 removes does, through the calibration scores). Latency is the median wall time of eval forwards of a
-batch of 1 (``--repeats``) and of 32 (an eighth of that), after a warm-up pass, with ``--threads`` torch
+batch of 1 (``--repeats``) and of 32 (``--repeats-b32``), after a warm-up pass, with ``--threads`` torch
 threads; the ratios of one model take turns within each repeat, and the 1-minute load average is
-recorded beside every figure.
+recorded beside every figure. The minimum (least disturbed by other jobs) is recorded beside the median.
 """
 
 from __future__ import annotations
@@ -38,11 +38,12 @@ ROWS = [
 
 
 @torch.no_grad()
-def latencies_ms(modules: list[torch.nn.Module], batch: int, size: int, repeats: int) -> list[float]:
-    """Median milliseconds of one eval forward of ``batch`` random images, per module.
+def latencies_ms(modules: list[torch.nn.Module], batch: int, size: int, repeats: int) -> list[tuple[float, float]]:
+    """(median, minimum) milliseconds of one eval forward of ``batch`` random images, per module.
 
     The modules take turns within each repeat, so load from other jobs on a shared CPU hits
-    every variant alike instead of skewing whichever happened to run during a busy spell.
+    every variant alike instead of skewing whichever happened to run during a busy spell; the
+    minimum is the forward least disturbed by other jobs.
     """
     x = torch.rand(batch, 3, size, size)
     times: list[list[float]] = [[] for _ in modules]
@@ -54,10 +55,10 @@ def latencies_ms(modules: list[torch.nn.Module], batch: int, size: int, repeats:
             start = time.perf_counter()
             module(x)
             record.append(time.perf_counter() - start)
-    return [1000 * statistics.median(record) for record in times]
+    return [(1000 * statistics.median(record), 1000 * min(record)) for record in times]
 
 
-def measure(name: str, size: int, ratios: list[float], repeats: int) -> list[dict[str, Any]]:
+def measure(name: str, size: int, ratios: list[float], repeats: int, repeats_b32: int) -> list[dict[str, Any]]:
     torch.manual_seed(0)
     module, kwargs = create_timm_model(name, size)
     base = Backbone(module.eval().requires_grad_(False), name, family_of(name), size, create_kwargs=kwargs)
@@ -83,12 +84,15 @@ def measure(name: str, size: int, ratios: list[float], repeats: int) -> list[dic
                 "prune_seconds": round(seconds, 2),
             }
         )
-    for batch, repeats_now in ((1, repeats), (32, max(3, repeats // 8))):
-        times = latencies_ms(modules, batch, size, repeats_now)
+    for batch, count in ((1, repeats), (32, repeats_b32)):
+        times = latencies_ms(modules, batch, size, count)
         load = round(os.getloadavg()[0], 1)
-        for row, ms in zip(rows, times, strict=True):
-            row[f"latency_b{batch}_ms"], row[f"load_b{batch}"] = round(ms, 2), load
-            row[f"speedup_b{batch}"] = round(times[0] / ms, 2) if ratios[0] == 0 else None
+        for row, (median, least) in zip(rows, times, strict=True):
+            row[f"latency_b{batch}_ms"], row[f"min_b{batch}_ms"] = round(median, 2), round(least, 2)
+            row[f"load_b{batch}"] = load
+            if ratios[0] == 0:
+                row[f"speedup_b{batch}"] = round(times[0][0] / median, 2)
+                row[f"min_speedup_b{batch}"] = round(times[0][1] / least, 2)
     for row in rows:
         print(json.dumps(row), flush=True)
     return rows
@@ -105,15 +109,17 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         "MACs count convolutions, linear layers and norms (torch-pruning's counter), not attention products.",
         "",
         "| model | px | ratio | params | x | MMACs | x | heads cut in | blocks removed | prune s "
-        "| b1 ms | b1 x | load | b32 ms | b32 x | load |",
+        "| b1 ms median / min | b1 x median / min | load | b32 ms median / min | b32 x median / min | load |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['model']} | {r['img_size']} | {r['ratio']} | {r['params']:,} | {r['param_ratio']} | "
             f"{r['mmacs']} | {r['mac_ratio']} | {r['heads_slimmed']} | {r['blocks_removed']} | "
-            f"{r['prune_seconds']} | {r['latency_b1_ms']} | {r['speedup_b1']} | {r['load_b1']} | "
-            f"{r['latency_b32_ms']} | {r['speedup_b32']} | {r['load_b32']} |"
+            f"{r['prune_seconds']} | {r['latency_b1_ms']} / {r['min_b1_ms']} | "
+            f"{r.get('speedup_b1')} / {r.get('min_speedup_b1')} | {r['load_b1']} | "
+            f"{r['latency_b32_ms']} / {r['min_b32_ms']} | {r.get('speedup_b32')} / {r.get('min_speedup_b32')} | "
+            f"{r['load_b32']} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -122,7 +128,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rows", nargs="*", default=ROWS, help="MODEL:PX pairs")
     parser.add_argument("--ratios", nargs="*", type=float, default=[0.0, 0.3, 0.5])
-    parser.add_argument("--repeats", type=int, default=40)
+    parser.add_argument("--repeats", type=int, default=100, help="batch-1 forwards per ratio")
+    parser.add_argument("--repeats-b32", type=int, default=5, help="batch-32 forwards per ratio")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default="pruning")
     args = parser.parse_args()
@@ -134,13 +141,13 @@ def main() -> None:
         "load_before": round(os.getloadavg()[0], 1),
     }
     rows = []
-    for spec in args.rows:
-        name, _, size = spec.partition(":")
-        rows += measure(name, int(size), args.ratios, args.repeats)
-    meta["load_after"] = round(os.getloadavg()[0], 1)
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{args.out}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    (RESULTS / f"{args.out}.md").write_text(markdown(rows, meta))
+    for spec in args.rows:  # results rewritten after every model, so an interrupted run keeps what it measured
+        name, _, size = spec.partition(":")
+        rows += measure(name, int(size), args.ratios, args.repeats, args.repeats_b32)
+        meta["load_after"] = round(os.getloadavg()[0], 1)
+        (RESULTS / f"{args.out}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+        (RESULTS / f"{args.out}.md").write_text(markdown(rows, meta))
 
 
 if __name__ == "__main__":
