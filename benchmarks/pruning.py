@@ -22,10 +22,11 @@ from typing import Any
 
 import torch
 
-from fedpetah.backbone import Backbone, create_timm_model, family_of
-from fedpetah.config import PruningConfig
+from fedpetah.backbone import Backbone, build_backbone, create_timm_model, family_of
+from fedpetah.backbone.warmup import digits_tensors
+from fedpetah.config import BackboneConfig, PruningConfig
 from fedpetah.model import feature_dim
-from fedpetah.pruning import prune_backbone, prune_report
+from fedpetah.pruning import prune_backbone, prune_report, replay_pruning
 
 RESULTS = Path(__file__).parent / "results"
 ROWS = [
@@ -58,14 +59,32 @@ def latencies_ms(modules: list[torch.nn.Module], batch: int, size: int, repeats:
     return [(1000 * statistics.median(record), 1000 * min(record)) for record in times]
 
 
-def measure(name: str, size: int, ratios: list[float], repeats: int, repeats_b32: int) -> list[dict[str, Any]]:
+def shipped_structure(name: str, size: int, ratio: float, warmup_size: int) -> Backbone:
+    """The tree the server ships: pruned from the cached warm-up backbone on the proxy calibration
+    batches (as fedpetah.prepare does; recovery only changes weights), replayed at ``size`` on random weights."""
+    warm = build_backbone(BackboneConfig(name=name, img_size=warmup_size))
+    images, _ = digits_tensors(warmup_size, warm.in_chans)
+    history = prune_backbone(warm, PruningConfig(ratio=ratio), calibration=list(images[:128].split(32))).pruning_history
+    torch.manual_seed(0)
+    module, kwargs = create_timm_model(name, size)
+    replay_pruning(module, warm.family, history, size)
+    module.eval().requires_grad_(False)
+    return Backbone(module, name, warm.family, size, create_kwargs=kwargs, pruning_history=history)
+
+
+def measure(
+    name: str, size: int, ratios: list[float], repeats: int, repeats_b32: int, warmup_size: int | None = None
+) -> list[dict[str, Any]]:
     torch.manual_seed(0)
     module, kwargs = create_timm_model(name, size)
     base = Backbone(module.eval().requires_grad_(False), name, family_of(name), size, create_kwargs=kwargs)
     rows, modules = [], []
     for ratio in ratios:
         start = time.perf_counter()
-        pruned = prune_backbone(base, PruningConfig(ratio=ratio))
+        if warmup_size is None or ratio == 0:
+            pruned = prune_backbone(base, PruningConfig(ratio=ratio))
+        else:
+            pruned = shipped_structure(name, size, ratio, warmup_size)
         seconds = time.perf_counter() - start
         report = prune_report(base, pruned)
         modules.append(pruned.module)
@@ -105,7 +124,8 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         f"`{meta['command']}` on {meta['machine']} ({meta['threads']} torch thread(s); 1-minute load average "
         f"{meta['load_before']} before, {meta['load_after']} after, and beside each latency; other jobs shared "
         "the CPU, so absolute times are noisy and only the ratios measured side by side (x) compare). Random "
-        "weights, magnitude importance, each family's policy (heads slimmed, blocks removed where it allows). "
+        f"weights ({meta['structure']}), magnitude importance, each family's policy (heads slimmed, blocks removed "
+        "where it allows). "
         "MACs count convolutions, linear layers and norms (torch-pruning's counter), not attention products.",
         "",
         "| model | px | ratio | params | x | MMACs | x | heads cut in | blocks removed | prune s "
@@ -131,6 +151,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=100, help="batch-1 forwards per ratio")
     parser.add_argument("--repeats-b32", type=int, default=5, help="batch-32 forwards per ratio")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--warmup-size", type=int, default=None,
+        help="prune the cached warm-up backbone built at this size (the shipped structure) instead of random weights",
+    )
     parser.add_argument("--out", default="pruning")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -139,12 +163,14 @@ def main() -> None:
         "machine": f"{platform.machine()} {os.cpu_count()} CPUs, torch {torch.__version__}",
         "threads": args.threads,
         "load_before": round(os.getloadavg()[0], 1),
+        "structure": "pruned on random weights" if args.warmup_size is None
+        else f"the tree pruned from the {args.warmup_size} px warm-up backbone, as shipped, replayed",
     }
     rows = []
     RESULTS.mkdir(exist_ok=True)
     for spec in args.rows:  # results rewritten after every model, so an interrupted run keeps what it measured
         name, _, size = spec.partition(":")
-        rows += measure(name, int(size), args.ratios, args.repeats, args.repeats_b32)
+        rows += measure(name, int(size), args.ratios, args.repeats, args.repeats_b32, args.warmup_size)
         meta["load_after"] = round(os.getloadavg()[0], 1)
         (RESULTS / f"{args.out}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
         (RESULTS / f"{args.out}.md").write_text(markdown(rows, meta))
