@@ -79,6 +79,20 @@ def test_round_trip_gives_identical_features(which: str, request: pytest.Fixture
     assert artifact_size(tmp_path / "artifact") == sum(f.stat().st_size for f in files)
 
 
+def test_slimmed_efficientvit_round_trip_gives_identical_logits(tmp_path: Path) -> None:
+    """LiteMLA heads cut, its ports pruned and blocks removed: all rebuilt from timm and the JSON history."""
+    torch.manual_seed(0)
+    module, kwargs = create_timm_model("efficientvit_b0", SIZE)
+    module.eval().requires_grad_(False)
+    backbone = Backbone(module, "efficientvit_b0", family_of("efficientvit_b0"), SIZE, create_kwargs=kwargs)
+    pruned = prune_backbone(backbone, PruningConfig(ratio=0.5))
+    assert {"remove_block", "slim_heads", "width"} <= {s["op"] for s in pruned.pruning_history}
+    pack_artifact(pruned, tmp_path / "artifact")
+    loaded = load_artifact(tmp_path / "artifact")
+    assert torch.equal(features(loaded), features(pruned))
+    assert loaded.num_params() == pruned.num_params() < backbone.num_params()
+
+
 def test_repacking_replaces_the_artifact_atomically(unpruned: Backbone, pruned: Backbone, tmp_path: Path) -> None:
     first = pack_artifact(unpruned, tmp_path / "artifact")
     second = pack_artifact(pruned, tmp_path / "artifact")

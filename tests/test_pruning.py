@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import copy
 import json
+from dataclasses import replace
 from functools import cache
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from fedpetah.adapters import adapter_config, build_adapter
+from fedpetah.adapters.lora import LoraAdapter
 from fedpetah.backbone import Backbone, create_timm_model, family_of
 from fedpetah.config import PruningConfig
 from fedpetah.model import TaskModel
-from fedpetah.pruning import prune_backbone, prune_report, replay_pruning
+from fedpetah.pruning import policy_of, prune_backbone, prune_report, replay_pruning
+from fedpetah.pruning.structure import head_layout, remove_heads
 
 SIZE = 32
 MODELS = [
@@ -171,3 +175,76 @@ def test_malformed_history_raises(history: object, message: str) -> None:
     backbone = fresh("mobilevit_xxs")
     with pytest.raises(ValueError, match=message):
         replay_pruning(backbone.module, backbone.family, history, SIZE)  # type: ignore[arg-type]
+
+
+def lite_heads(attn: torch.nn.Module) -> int:
+    return int(attn.get_submodule("qkv.conv").out_channels) // (3 * int(attn.dim))
+
+
+def lite_modules(backbone: Backbone) -> dict[str, torch.nn.Module]:
+    return {n: m for n, m in backbone.module.named_modules() if type(m).__name__ == "LiteMLA"}
+
+
+def test_litemla_heads_channels_and_groups_stay_consistent() -> None:
+    before, after = lite_modules(base("efficientvit_b0")), lite_modules(pruned("efficientvit_b0", 0.5))
+    assert after and set(after) <= set(before)
+    for name, attn in after.items():
+        heads, dim, scales = lite_heads(attn), int(attn.dim), 1 + len(attn.aggreg)
+        assert heads == lite_heads(before[name]) // 2
+        assert attn.qkv.conv.out_channels == 3 * heads * dim
+        for depthwise, grouped in attn.aggreg:
+            assert depthwise.in_channels == depthwise.out_channels == depthwise.groups == 3 * heads * dim
+            assert grouped.in_channels == grouped.out_channels == 3 * heads * dim and grouped.groups == 3 * heads
+        assert attn.proj.conv.in_channels == scales * heads * dim
+        # the ports follow the residual stream, which channel pruning narrowed
+        assert attn.qkv.conv.in_channels == attn.proj.conv.out_channels == attn.proj.norm.num_features
+        assert attn.qkv.conv.in_channels < before[name].qkv.conv.in_channels
+
+
+def test_removing_a_litemla_head_equals_silencing_it() -> None:
+    """A head only reaches the output through its columns of ``proj``: zeroing them is cutting the head."""
+    name, original = next(iter(lite_modules(base("efficientvit_b0")).items()))
+    heads, dim, scales = lite_heads(original), int(original.dim), 1 + len(original.aggreg)
+    silenced, cut = copy.deepcopy(original), copy.deepcopy(original)
+    head = heads - 2
+    with torch.no_grad():
+        for s in range(scales):
+            silenced.proj.conv.weight[:, (s * heads + head) * dim : (s * heads + head + 1) * dim] = 0
+    remove_heads(cut, head_layout("lite"), [head])
+    assert lite_heads(cut) == heads - 1
+    x = torch.randn(2, original.qkv.conv.in_channels, 4, 4, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        torch.testing.assert_close(cut(x), silenced(x))
+        assert not torch.allclose(cut(x), original(x))
+    with pytest.raises(ValueError, match="invalid heads"):
+        remove_heads(cut, head_layout("lite"), list(range(heads - 1)))
+
+
+def test_depth_rule_removes_blocks_and_whole_attention_policy_keeps_litemla() -> None:
+    policy = policy_of(family_of("efficientvit_b0"))
+    removed = [s["module"] for s in pruned("efficientvit_b0", 0.5).pruning_history if s["op"] == "remove_block"]
+    assert removed and all(n not in lite_modules(pruned("efficientvit_b0", 0.5)) for n in removed)
+    whole = replace(policy, head_layout=None, head_skip_reason="test", prune_ports=False, depth_ratio=0.0)
+    kept = prune_backbone(base("efficientvit_b0"), PruningConfig(ratio=0.5), policy=whole)
+    assert not any(s["op"] in ("remove_block", "slim_heads") for s in kept.pruning_history)
+    before = lite_modules(base("efficientvit_b0"))
+    for name, attn in lite_modules(kept).items():
+        assert [p.shape for p in attn.parameters()] == [p.shape for p in before[name].parameters()]
+    assert kept.num_params() > pruned("efficientvit_b0", 0.5).num_params()
+    with pytest.raises(ValueError, match="depth_ratio"):
+        replace(policy, depth_ratio=1.5)
+
+
+@pytest.mark.parametrize("adapter", ["lora", "petah", "synqt"])
+def test_adapters_attach_to_slimmed_efficientvit(adapter: str) -> None:
+    backbone = pruned("efficientvit_b0", 0.5)
+    model = build_adapter(adapter_config(adapter), backbone, 3)
+    trainable = model.trainable()
+    assert any(not n.startswith("head.") for n in trainable)
+    if adapter == "lora":
+        assert isinstance(model, LoraAdapter)
+        assert model.targets and all(".context_module.main." in n for n in model.targets)
+    model.model.train()
+    loss = F.cross_entropy(model.model(images()), torch.tensor([0, 1, 2, 0]))
+    loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in trainable.values())

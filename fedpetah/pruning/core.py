@@ -27,7 +27,8 @@ from sklearn.datasets import load_digits
 
 from fedpetah.backbone import Backbone, BackboneFamily
 from fedpetah.config import PruningConfig
-from fedpetah.pruning.policy import policy_of
+from fedpetah.pruning.policy import PrunePolicy, policy_of
+from fedpetah.pruning.ports import PORT_PRUNERS, has_ports, opaque
 from fedpetah.pruning.structure import (
     block_candidates,
     block_scores,
@@ -45,13 +46,18 @@ CALIBRATION_BATCH = 16
 
 
 def prune_backbone(
-    backbone: Backbone, config: PruningConfig, calibration: Iterable[torch.Tensor] | None = None
+    backbone: Backbone,
+    config: PruningConfig,
+    calibration: Iterable[torch.Tensor] | None = None,
+    policy: PrunePolicy | None = None,
 ) -> Backbone:
     """A new, physically pruned and frozen copy of ``backbone``; the input is left untouched.
 
-    Order: remove ``config.remove_blocks`` residual blocks, slim attention heads (a fraction
-    ``config.ratio`` of each attention's heads, at least one kept), then prune a fraction
-    ``config.ratio`` of the channels of every group outside attention modules, rounded to
+    ``policy`` (default: the family's) says what may be cut. Order: remove
+    ``config.remove_blocks`` residual blocks plus those of the policy's depth rule, slim attention
+    heads (a fraction ``config.ratio`` of each attention's heads, at least one kept), then prune a
+    fraction ``config.ratio`` of the channels of every group outside attention modules (and of the
+    attention's input/output channels where the policy opens them), rounded to
     ``config.round_to``. Block importance is the relative change a block makes to its input on
     the calibration batches. Taylor importance (``config.importance == "taylor"``) uses the
     gradient of the mean squared pooled feature (the backbone's feature energy) on those batches.
@@ -63,18 +69,19 @@ def prune_backbone(
     if config.ratio == 0:
         return _with(backbone, module.requires_grad_(False), history)
     taylor = config.importance == "taylor"
+    policy = policy or policy_of(backbone.family)
+    by_depth = policy.depth_ratio > 0 and config.ratio > 0
     batches = (
         _calibration_batches(backbone, config, calibration)
-        if taylor or config.remove_blocks
+        if taylor or config.remove_blocks or by_depth
         else []
     )
-    policy = policy_of(backbone.family)
     example = torch.zeros(1, backbone.in_chans, backbone.img_size, backbone.img_size)
     with _trainable(module):
-        if config.remove_blocks:
-            candidates = block_candidates(module, policy.removable_blocks)
-            scores = block_scores(module, candidates, batches)
-            for name in least_important_blocks(scores, config.remove_blocks):
+        if config.remove_blocks or by_depth:
+            scores = block_scores(module, block_candidates(module, policy.removable_blocks), batches)
+            count = config.remove_blocks + policy.blocks_to_remove(config.ratio, len(scores))
+            for name in least_important_blocks(scores, count):
                 remove_block(module, name)
                 history.append({"op": "remove_block", "module": name})
         if taylor:  # one-shot: every score below comes from these gradients (pruning slices them)
@@ -84,18 +91,21 @@ def prune_backbone(
         elif config.prune_heads and policy.head_layout is not None:
             history += _slim_heads(module, backbone.family, policy.head_layout, config.ratio, taylor)
         importance = tp.importance.TaylorImportance() if taylor else tp.importance.MagnitudeImportance()
-        with _quiet_unwrapped():
+        attention = _attention_modules(module, backbone.family)
+        opened = [m for m in attention if policy.prune_ports and has_ports(m)]
+        with _quiet_unwrapped(), opaque(opened) as customized:
             pruner = tp.pruner.MetaPruner(
                 module,
                 example,
                 importance,
                 pruning_ratio=config.ratio,
-                ignored_layers=_attention_modules(module, backbone.family),
+                ignored_layers=[m for m in attention if m not in opened],
+                customized_pruners=customized,
                 round_to=config.round_to,
             )
         pruner.step()
         groups = [[str(n), bool(out), [int(i) for i in idx]] for n, out, idx in pruner.pruning_history()]
-        history.append({"op": "width", "groups": groups})
+        history.append({"op": "width", "groups": groups, "opaque": sorted({type(m).__name__ for m in opened})})
     _check_output(module, example)
     clear_attention_caches(module)
     return _with(backbone, module, history)
@@ -127,9 +137,14 @@ def replay_pruning(
             remove_heads(attn, head_layout(layout), _int_list(step.get("heads")))
         elif op == "width":
             groups = _width_groups(module, step.get("groups"))
+            classes = _opaque_classes(step.get("opaque", []))
+            opened = [m for m in module.modules() if family.is_attention(m) and type(m).__name__ in classes]
             example = torch.zeros(1, in_chans, img_size, img_size)
             with _trainable(module), _quiet_unwrapped():
-                graph = tp.DependencyGraph().build_dependency(module, example_inputs=example)
+                with opaque(opened) as customized:
+                    graph = tp.DependencyGraph().build_dependency(
+                        module, example_inputs=example, customized_pruners=customized
+                    )
                 graph.load_pruning_history(groups)
         else:
             raise ValueError(f"pruning step {number}: unknown op {op!r}")
@@ -174,7 +189,7 @@ def _slim_heads(
     for name, attn in list(module.named_modules()):
         if not family.is_attention(attn) or type(attn).__name__ != layout.attention_class:
             continue
-        total = int(attn.num_heads)
+        total = layout.num_heads(attn)
         count = min(int(ratio * total), total - 1)
         if count == 0:
             continue
@@ -263,6 +278,12 @@ def _int_list(values: object) -> list[int]:
     if not isinstance(values, list) or not all(type(v) is int for v in values):
         raise ValueError(f"expected a list of integers, got {str(values)[:80]}")
     return values
+
+
+def _opaque_classes(names: object) -> set[str]:
+    if not isinstance(names, list) or not all(isinstance(n, str) and n in PORT_PRUNERS for n in names):
+        raise ValueError(f"width step: 'opaque' must list attention classes of {sorted(PORT_PRUNERS)}")
+    return set(names)
 
 
 def _width_groups(module: nn.Module, groups: object) -> list[list[Any]]:

@@ -19,16 +19,29 @@ class PrunePolicy:
     - ``removable_blocks``: class names of residual blocks that may be replaced by ``Identity``
       (only where they sit in an ``nn.Sequential`` and keep their input shape);
     - ``head_layout``: a key of :data:`fedpetah.pruning.structure.HEAD_LAYOUTS` naming how
-      whole heads are cut from this family's attention, or ``None`` with ``head_skip_reason``.
+      whole heads are cut from this family's attention, or ``None`` with ``head_skip_reason``;
+    - ``prune_ports``: the attention's input and output channels join the channel groups of the
+      stream around it (needs a pruner in :data:`fedpetah.pruning.ports.PORT_PRUNERS`); otherwise
+      the attention module keeps them, and so does the residual stream it sits on;
+    - ``depth_ratio``: at pruning ratio ``r``, ``floor(r * depth_ratio * n)`` of the ``n`` removable
+      blocks are removed too (least important first), on top of ``PruningConfig.remove_blocks``.
     """
 
     removable_blocks: tuple[str, ...] = ()
     head_layout: str | None = None
     head_skip_reason: str = "no head-slimming rule for this family"
+    prune_ports: bool = False
+    depth_ratio: float = 0.0
 
     def __post_init__(self) -> None:
         if self.head_layout is None and not self.head_skip_reason:
             raise ValueError("a policy without head_layout must say why (head_skip_reason)")
+        if not 0.0 <= self.depth_ratio <= 1.0:
+            raise ValueError(f"depth_ratio must be in [0, 1], got {self.depth_ratio}")
+
+    def blocks_to_remove(self, ratio: float, candidates: int) -> int:
+        """How many of ``candidates`` removable blocks the depth rule removes at ``ratio``."""
+        return int(ratio * self.depth_ratio * candidates)
 
 
 POLICIES: Registry[PrunePolicy] = Registry("pruning policy")
@@ -37,8 +50,9 @@ POLICIES.add(
     "efficientvit",
     PrunePolicy(
         removable_blocks=("ResidualBlock", "EfficientVitBlock", "EfficientVitLargeBlock"),
-        head_skip_reason="LiteMLA's multi-scale aggregation convolutions are grouped per head across "
-        "q/k/v and its output width is implied by channel counts; slimming is not implemented",
+        head_layout="lite",
+        prune_ports=True,
+        depth_ratio=0.9,
     ),
 )
 POLICIES.add(

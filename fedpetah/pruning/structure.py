@@ -25,6 +25,7 @@ class HeadLayout:
     attention_class: str
     parts: Callable[[Any], list[HeadPart]]
     set_num_heads: Callable[[Any, int], None]
+    num_heads: Callable[[Any], int] = lambda attn: int(attn.num_heads)  # noqa: E731
 
 
 def _vit_parts(attn: Any) -> list[HeadPart]:
@@ -55,9 +56,34 @@ def _mqa_set(attn: Any, heads: int) -> None:
     attn.num_heads = heads
 
 
+def _lite_heads(attn: Any) -> int:
+    """timm ``LiteMLA`` keeps no head count: its forward reshapes ``qkv`` into heads of ``3 * dim`` channels."""
+    heads, rest = divmod(int(attn.qkv.conv.out_channels), 3 * int(attn.dim))
+    if rest:
+        raise ValueError(f"LiteMLA qkv width {attn.qkv.conv.out_channels} is not a multiple of 3 * dim")
+    return heads
+
+
+def _lite_parts(attn: Any) -> list[HeadPart]:
+    """timm ``LiteMLA``: ``qkv`` rows and every aggregation branch are laid out (head, q|k|v, dim); the
+    multi-scale outputs are concatenated (scale, head, dim) into ``proj``'s input."""
+    heads, dim = _lite_heads(attn), int(attn.dim)
+    rows = [list(range(h * 3 * dim, (h + 1) * 3 * dim)) for h in range(heads)]
+    scales = 1 + len(attn.aggreg)
+    proj = [[(s * heads + h) * dim + j for s in range(scales) for j in range(dim)] for h in range(heads)]
+    branches = [(conv, True, rows) for branch in attn.aggreg for conv in branch]
+    return [(attn.qkv.conv, True, rows), *branches, (attn.proj.conv, False, proj)]
+
+
+def _lite_set(attn: Any, heads: int) -> None:
+    if _lite_heads(attn) != heads:  # nothing to rewrite: the head count follows from the channels
+        raise ValueError(f"LiteMLA has {_lite_heads(attn)} heads after slimming, expected {heads}")
+
+
 HEAD_LAYOUTS: dict[str, HeadLayout] = {
     "vit": HeadLayout("Attention", _vit_parts, _vit_set),
     "mqa": HeadLayout("MultiQueryAttention2d", _mqa_parts, _mqa_set),
+    "lite": HeadLayout("LiteMLA", _lite_parts, _lite_set, _lite_heads),
 }
 
 
@@ -69,7 +95,7 @@ def head_layout(name: str) -> HeadLayout:
 
 def head_scores(attn: Any, layout: HeadLayout, taylor: bool) -> torch.Tensor:
     """Importance of each head: sum of w^2 (magnitude) or |w * dL/dw| (Taylor) over its channels."""
-    scores = torch.zeros(int(attn.num_heads))
+    scores = torch.zeros(layout.num_heads(attn))
     for layer, out_side, per_head in layout.parts(attn):
         tensors = [p for n, p in layer.named_parameters(recurse=False) if n == "weight" or (out_side and n == "bias")]
         for tensor in tensors:
@@ -85,9 +111,9 @@ def head_scores(attn: Any, layout: HeadLayout, taylor: bool) -> torch.Tensor:
 
 def remove_heads(attn: Any, layout: HeadLayout, heads: Sequence[int]) -> None:
     """Physically remove ``heads`` (indices into the current heads) and update the head count."""
-    total = int(attn.num_heads)
     if type(attn).__name__ != layout.attention_class:
         raise ValueError(f"head layout for {layout.attention_class} applied to {type(attn).__name__}")
+    total = layout.num_heads(attn)
     if len(set(heads)) != len(heads) or not all(0 <= h < total for h in heads) or len(heads) >= total:
         raise ValueError(f"invalid heads {list(heads)} to remove out of {total}")
     for layer, out_side, per_head in layout.parts(attn):
@@ -96,9 +122,27 @@ def remove_heads(attn: Any, layout: HeadLayout, heads: Sequence[int]) -> None:
             (tp.prune_linear_out_channels if out_side else tp.prune_linear_in_channels)(layer, idxs)
         elif isinstance(layer, nn.Conv2d) and layer.groups == 1:
             (tp.prune_conv_out_channels if out_side else tp.prune_conv_in_channels)(layer, idxs)
+        elif isinstance(layer, nn.Conv2d) and out_side:
+            _drop_conv_groups(layer, idxs)
         else:
             raise ValueError(f"cannot slim heads through a {type(layer).__name__}")
     layout.set_num_heads(attn, total - len(heads))
+
+
+def _drop_conv_groups(conv: nn.Conv2d, idxs: list[int]) -> None:
+    """Remove whole groups of a grouped (or depthwise) convolution that maps each group onto itself."""
+    per_group = conv.out_channels // conv.groups
+    if conv.in_channels != conv.out_channels or len(idxs) % per_group or conv.transposed:
+        raise ValueError(f"cannot drop {len(idxs)} channels of a grouped conv as whole groups")
+    dropped = set(idxs)
+    if any(set(range(i - i % per_group, i - i % per_group + per_group)) - dropped for i in idxs):
+        raise ValueError("head channels of a grouped conv must cover whole groups")
+    keep = torch.tensor([c for c in range(conv.out_channels) if c not in dropped])
+    conv.weight = nn.Parameter(conv.weight.detach()[keep], requires_grad=conv.weight.requires_grad)
+    if conv.bias is not None:
+        conv.bias = nn.Parameter(conv.bias.detach()[keep], requires_grad=conv.bias.requires_grad)
+    conv.out_channels = conv.in_channels = len(keep)
+    conv.groups = len(keep) // per_group
 
 
 def block_candidates(module: nn.Module, classes: tuple[str, ...]) -> list[str]:
