@@ -21,10 +21,8 @@ import torch.nn as nn
 
 from fedpetah.backbone import Backbone
 from fedpetah.model import TaskModel
+from fedpetah.protocol import STATS_KEYS
 from fedpetah.tasks import ImageSet, batches
-
-STATS_KEYS = ("count", "sum", "scatter")
-"""Tensor names of one task's statistics, as they travel and as the bank stores them."""
 
 MAX_STATS_COUNT = 10_000_000
 """Default bound on one class's example count in a client's statistics (a larger one is rejected)."""
@@ -296,14 +294,19 @@ class TaskFreeModel(nn.Module):
     """
 
     def __init__(self, features: FrozenFeatures, router: nn.Linear, experts: Sequence[nn.Module],
-                 widths: Sequence[int]) -> None:
+                 widths: Sequence[int], shared: Sequence[bool] | None = None) -> None:
         super().__init__()
         if len(experts) != len(widths) or sum(widths) != router.out_features:
             raise ValueError(f"{len(experts)} experts with widths {list(widths)} for {router.out_features} scores")
         self.features = features
         self.router = router
         self.widths = [int(w) for w in widths]
-        self.shared = [shares_frozen_backbone(e, features.backbone) for e in experts]
+        if shared is None:
+            shared = [shares_frozen_backbone(e, features.backbone) for e in experts]
+        if len(shared) != len(experts) or any(s and not isinstance(e, TaskModel) for e, s in zip(experts, shared,
+                                                                                                    strict=True)):
+            raise ValueError("shared: one flag per expert, True only for a TaskModel on the frozen backbone")
+        self.shared = [bool(s) for s in shared]
         self.experts = nn.ModuleList(
             [e.head if shared else e for e, shared in zip(experts, self.shared, strict=True)]  # type: ignore[misc]
         )

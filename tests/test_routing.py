@@ -6,6 +6,7 @@ import copy
 import dataclasses
 import math
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,9 +17,11 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from fedpetah.adapters import adapter_config, build_adapter
 from fedpetah.backbone import Backbone
 from fedpetah.bank import AdapterBank
+from fedpetah.collect import StatsCollector
 from fedpetah.config import TrainConfig
 from fedpetah.local import train_task
 from fedpetah.predict import build_predictor, evaluate_task_free
+from fedpetah.protocol import ProtocolError, Records, Status, TaskInfo, TrainReply, TrainRequest, stats_specs
 from fedpetah.routing import (
     FeatureStats,
     RouterConfig,
@@ -202,3 +205,53 @@ def test_predictor_needs_statistics_of_every_task(two_tasks: tuple[Backbone, lis
     with pytest.raises(ValueError, match="statistics for 3 classes"):
         build_predictor(backbone, adapter_config("head"), bank, wrong)
     assert np.isfinite(stats[0].scatter.numpy()).all()
+
+
+def _stats_reply(examples: int = 40, **arrays: np.ndarray) -> Records:
+    x, y, _ = _clusters(5, per_class=10, dim=4)
+    stats = {k: v.numpy() for k, v in class_stats(x, y, 4).tensors().items()}
+    stats.update(arrays)
+    return TrainReply(Status.OK, "", {"w": np.zeros(2, np.float32)}, examples, {}, stats).encode()
+
+
+def test_statistics_travel_with_the_train_reply_and_are_decoded_defensively() -> None:
+    request = TrainRequest("a" * 64, 1, 0, 2, TaskInfo(0, "t", ("0", "1")),
+                           {s: {} for s in ("adapter", "train", "tasks", "partition")}, {}, stats=(256, 7))
+    assert TrainRequest.decode(request.encode()).stats == (256, 7)
+    expected, specs = {"w": ((2,), "<f4")}, stats_specs(4, 4)
+    reply = TrainReply.decode(_stats_reply(), expected, specs)
+    assert reply.stats is not None and int(reply.stats["count"].sum()) == 40
+    hostile = {
+        "not asked for": (_stats_reply(), None),
+        "missing": (TrainReply(Status.OK, "", {"w": np.zeros(2, np.float32)}, 40).encode(), specs),
+        "shape": (_stats_reply(sum=np.zeros((4, 5))), specs),
+        "dtype": (_stats_reply(count=np.full(4, 10, np.int32)), specs),
+        "counts": (_stats_reply(examples=41), specs),
+        "nan": (_stats_reply(scatter=np.full((4, 4), np.nan)), specs),
+    }
+    for name, (records, wanted) in hostile.items():
+        with pytest.raises(ProtocolError) as error:
+            TrainReply.decode(records, expected, wanted)
+        assert error.value.reason == "stats", name
+
+
+def test_collector_sums_each_clients_statistics_once_into_the_bank(
+        two_tasks: tuple[Backbone, list[Task]], tmp_path: Path) -> None:
+    backbone, tasks = two_tasks
+    bank = AdapterBank()
+    task = tasks[0]
+    bank.add_task(0, "head", 2, build_adapter(adapter_config("head"), backbone, 2).state(), task.classes)
+    collector = StatsCollector(bank, backbone, RouterConfig(dim=16))
+    assert collector.wanted(0, 3) == (16, 0)
+    halves = [task.train.subset(range(0, 100)), task.train.subset(range(100, len(task.train)))]
+    parts = [data_stats(backbone, h, 2, collector.config).tensors() for h in halves]
+    bad = dict(parts[1], scatter=parts[1]["scatter"] + torch.triu(torch.ones(16, 16), 1))
+    assert set(collector.collect(0, [(3, parts[0]), (4, bad)])) == {4}  # asymmetric: rejected
+    assert set(collector.collect(0, [(3, parts[0]), (4, parts[1])])) == {3}  # 3 counted already
+    assert collector.wanted(0, 3) is None and collector.wanted(0, 4) is None
+    whole = data_stats(backbone, task.train, 2, collector.config)
+    bank.save(tmp_path)
+    stored = AdapterBank.load(tmp_path)[0].stats
+    assert torch.equal(stored["count"], whole.count)
+    torch.testing.assert_close(stored["scatter"], whole.scatter, rtol=1e-10, atol=1e-8)
+    assert StatsCollector(AdapterBank.load(tmp_path), backbone, RouterConfig(dim=64)).config.dim == 16  # resumed
