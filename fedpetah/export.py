@@ -113,7 +113,7 @@ def load_run(run_dir: str | Path, artifact: str | Path | None = None) -> Run:
     if not len(bank):
         raise ExportError(f"{root / 'bank'} holds no task yet")
     path = Path(artifact) if artifact is not None else find_artifact(config, root)
-    expected = {bank[t].metadata.get("backbone") for t in bank.tasks()} - {None}
+    expected = {str(bank[t].metadata["backbone"]) for t in bank.tasks() if bank[t].metadata.get("backbone")}
     try:
         digest = artifact_digest(path)
         if expected and expected != {digest}:
