@@ -20,6 +20,7 @@ from fedpetah.bank import AdapterBank
 from fedpetah.collect import StatsCollector
 from fedpetah.config import TrainConfig
 from fedpetah.local import train_task
+from fedpetah.metrics import RoundRecord, RunLog, plot_run, summarize
 from fedpetah.predict import build_predictor, evaluate_task_free
 from fedpetah.protocol import ProtocolError, Records, Status, TaskInfo, TrainReply, TrainRequest, stats_specs
 from fedpetah.routing import (
@@ -255,3 +256,23 @@ def test_collector_sums_each_clients_statistics_once_into_the_bank(
     assert torch.equal(stored["count"], whole.count)
     torch.testing.assert_close(stored["scatter"], whole.scatter, rtol=1e-10, atol=1e-8)
     assert StatsCollector(AdapterBank.load(tmp_path), backbone, RouterConfig(dim=64)).config.dim == 16  # resumed
+
+
+def test_summary_and_plots_carry_the_task_free_matrix(tmp_path: Path) -> None:
+    records = [
+        RoundRecord(1, 0, {0: 0.9}, extra={"bytes_stats_up": 100.0}),
+        RoundRecord(2, 0, {0: 0.95}, extra={"task_free_0": 0.95, "task_free_all": 0.95, "task_free_routing": 1.0}),
+        RoundRecord(3, 1, {0: 0.95, 1: 0.8}, extra={"bytes_stats_up": 50.0}),
+        RoundRecord(4, 1, {0: 0.95, 1: 0.9}, extra={"task_free_0": 0.7, "task_free_1": 0.85, "task_free_all": 0.78,
+                                                   "task_free_routing": 0.8}),
+    ]
+    summary = summarize(records, 2)
+    assert summary["task_free_matrix"] == [[0.95, None], [0.7, 0.85]]
+    assert summary["task_free_accuracy"] == 0.78 and summary["task_free_routing"] == 0.8
+    assert summary["bytes_stats_up_total"] == 150.0
+    with RunLog(tmp_path) as log:
+        for record in records:
+            log.log(record)
+    names = {p.name for p in plot_run(tmp_path, 2)}
+    assert {"accuracy_matrix.png", "task_free_matrix.png"} <= names
+    assert (tmp_path / "task_free_matrix.png").stat().st_size > 1000
