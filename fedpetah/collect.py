@@ -56,24 +56,31 @@ class StatsCollector:
     def specs(self, num_classes: int) -> dict[str, ArraySpec]:
         return stats_specs(num_classes, self.width)
 
-    def collect(self, task: int, replies: Sequence[tuple[int, Mapping[str, torch.Tensor]]]) -> dict[int, str]:
-        """Validate each ``(client, statistics)`` (in the given, fixed order), add the valid ones to the task's
-        statistics in the bank; returns ``{client: reason}`` for the rejected ones."""
-        entry = self.bank[task]
-        valid, rejected, seen = [], {}, set(self.counted(task))
+    def check(self, task: int, replies: Sequence[tuple[int, Mapping[str, torch.Tensor]]]) -> dict[int, str]:
+        """``{client: reason}`` for each ``(client, statistics)`` that fails validation or comes twice."""
+        entry, rejected, seen = self.bank[task], {}, set(self.counted(task))
         for client, tensors in replies:
             if client in seen:
                 rejected[client] = "statistics sent twice for this task"
                 continue
             try:
-                valid.append(FeatureStats.from_tensors(tensors, entry.num_classes, self.width))
+                FeatureStats.from_tensors(tensors, entry.num_classes, self.width)
                 seen.add(client)
             except StatsError as error:
                 rejected[client] = str(error)
+        return rejected
+
+    def collect(self, task: int, replies: Sequence[tuple[int, Mapping[str, torch.Tensor]]]) -> dict[int, str]:
+        """Add the valid ``(client, statistics)`` (in the given, fixed order) to the task's statistics in the
+        bank; returns ``{client: reason}`` for the rejected ones (see :meth:`check`)."""
+        entry = self.bank[task]
+        rejected = self.check(task, replies)
+        valid = [(c, FeatureStats.from_tensors(t, entry.num_classes, self.width)) for c, t in replies
+                 if c not in rejected]
         if valid:
             parts = ([FeatureStats.from_tensors(entry.stats, entry.num_classes, self.width)] if entry.stats else [])
-            self.bank.set_stats(task, aggregate_stats(parts + valid).tensors())
-            self.bank.metadata[CLIENTS_KEY][str(task)] = sorted(seen)
+            self.bank.set_stats(task, aggregate_stats(parts + [s for _, s in valid]).tensors())
+            self.bank.metadata[CLIENTS_KEY][str(task)] = sorted({*self.counted(task), *(c for c, _ in valid)})
         return rejected
 
     def evaluate(self, adapter: AdapterConfig, tasks: Sequence[Task], upto: int) -> dict[str, float]:

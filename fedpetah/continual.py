@@ -158,11 +158,13 @@ class ContinualServer:
 
         ``replies`` come in a fixed order (by client id), so the same replies always give the same sums.
         """
-        bad_stats = self.router.collect(plan.task, [(r.client, r.stats) for r in replies
-                                                    if r.status == "ok" and r.stats is not None])
+        with_stats = [(r.client, r.stats) for r in replies if r.status == "ok" and r.stats is not None]
+        bad_stats = self.router.check(plan.task, with_stats)
         trained = [r for r in replies if r.status == "ok" and r.state is not None and r.client not in bad_stats]
         filtered = filter_updates([r.state for r in trained], [r.num_examples for r in trained],  # type: ignore[misc]
                                   current, self.config.strategy.max_update_norm)
+        refused = {trained[r.index].client for r in filtered.rejected}  # a rejected update's statistics go too
+        self.router.collect(plan.task, [(c, s) for c, s in with_stats if c not in bad_stats and c not in refused])
         rejected = [{"client": trained[r.index].client, "reason": r.reason, "detail": r.detail}
                     for r in filtered.rejected]
         rejected += [{"client": r.client, "reason": r.reason, "detail": r.detail} for r in replies
