@@ -3,7 +3,7 @@
 Layout of a bank directory::
 
     bank.json                              the commit point: tasks, versions, file names, SHA-256
-    task-0000-<digest16>.safetensors       "state/<name>" and "opt/<name>" tensors of one task
+    task-0000-<digest16>.safetensors       "state/<name>", "opt/<name>" and "stats/<name>" tensors of one task
 
 Tensor files are content-addressed and written (temp file, fsync, ``os.replace``) before ``bank.json`` is
 replaced the same way, and files no longer referenced are deleted only after that. A server killed at
@@ -45,7 +45,8 @@ class TaskEntry:
     """One task's global adapter.
 
     ``version`` counts aggregations, ``last_round`` is the server round of the latest one (-1: never),
-    ``opt_state`` is the server optimizer's state, ``metadata`` anything JSON-serialisable.
+    ``opt_state`` is the server optimizer's state, ``stats`` the task-free router's aggregated statistics
+    (:mod:`fedpetah.routing`), ``metadata`` anything JSON-serialisable.
     """
 
     task: int
@@ -57,6 +58,7 @@ class TaskEntry:
     version: int = 0
     last_round: int = -1
     metadata: dict[str, Any] = field(default_factory=dict)
+    stats: StateDict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.task < 0 or self.num_classes < 1 or self.version < 0 or self.last_round < -1:
@@ -67,7 +69,7 @@ class TaskEntry:
             raise ValueError(f"task {self.task}: {len(self.class_names)} class names for {self.num_classes}")
         if not self.state:
             raise ValueError(f"task {self.task}: empty adapter state")
-        for key, value in {**self.state, **self.opt_state}.items():
+        for key, value in {**self.state, **self.opt_state, **self.stats}.items():
             if not isinstance(value, torch.Tensor):
                 raise TypeError(f"task {self.task}: {key} is not a tensor")
         json.dumps(self.metadata, allow_nan=False)  # fail now, not at save time
@@ -76,6 +78,7 @@ class TaskEntry:
         """The tensors of one task file: ``state/<name>`` and ``opt/<name>``, CPU and contiguous."""
         out = {f"state/{k}": v.detach().to("cpu").contiguous() for k, v in self.state.items()}
         out.update({f"opt/{k}": v.detach().to("cpu").contiguous() for k, v in self.opt_state.items()})
+        out.update({f"stats/{k}": v.detach().to("cpu").contiguous() for k, v in self.stats.items()})
         return out
 
     def describe(self) -> dict[str, Any]:
@@ -175,6 +178,12 @@ class AdapterBank:
                     "or start a new run in another directory"
                 )
 
+    def set_stats(self, task: int, stats: Mapping[str, torch.Tensor]) -> TaskEntry:
+        """Replace task ``task``'s router statistics (validated by the caller, :mod:`fedpetah.routing`)."""
+        entry = dataclasses.replace(self[task], stats=_copy(stats))
+        self._entries[task] = entry
+        return entry
+
     def save(self, directory: str | os.PathLike[str]) -> Path:
         """Write the bank atomically into ``directory``; returns the path of ``bank.json``."""
         root = Path(directory)
@@ -214,9 +223,10 @@ class AdapterBank:
             tensors = _read_tensors(root, record)
             state = {k[len("state/") :]: v for k, v in tensors.items() if k.startswith("state/")}
             opt = {k[len("opt/") :]: v for k, v in tensors.items() if k.startswith("opt/")}
-            if len(state) + len(opt) != len(tensors):
-                raise BankError(f"{record['file']}: tensors outside the state/ and opt/ namespaces")
-            entry = _entry(record, state, opt)
+            stats = {k[len("stats/") :]: v for k, v in tensors.items() if k.startswith("stats/")}
+            if len(state) + len(opt) + len(stats) != len(tensors):
+                raise BankError(f"{record['file']}: tensors outside the state/, opt/ and stats/ namespaces")
+            entry = dataclasses.replace(_entry(record, state, opt), stats=stats)
             if entry.task in bank._entries:
                 raise BankError(f"{root / BANK_FILE}: task {entry.task} listed twice")
             bank._entries[entry.task] = entry
@@ -228,7 +238,7 @@ class AdapterBank:
         entry = self[task]
         root = Path(directory)
         root.mkdir(parents=True, exist_ok=True)
-        data = save_safetensors(dataclasses.replace(entry, opt_state={}).tensors())
+        data = save_safetensors(dataclasses.replace(entry, opt_state={}, stats={}).tensors())
         atomic_write_bytes(root / EXPORT_FILE, data, mode=0o600)
         manifest = {
             "format": EXPORT_FORMAT,

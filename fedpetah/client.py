@@ -15,6 +15,7 @@ from fedpetah.config import TrainConfig
 from fedpetah.flatconfig import build_dataclass
 from fedpetah.local import BackboneCache, simulated_shard, train_task
 from fedpetah.protocol import NO_PARTITION, HelloReply, HelloRequest, Status, TrainReply, TrainRequest
+from fedpetah.routing import RouterConfig, data_stats
 from fedpetah.tasks import ImageSet, PartitionConfig, TaskStreamConfig
 
 log = logging.getLogger("fedpetah.client")
@@ -78,6 +79,11 @@ class ClientRuntime:
             state = {k: torch.from_numpy(np.array(v, copy=True)) for k, v in request.state.items()}
             trained, metrics = train_task(backbone, settings.adapter, request.task.num_classes, state, images,
                                           settings.train)
+            stats = None
+            if request.stats is not None:  # the task-free router's statistics of this client's data
+                router = RouterConfig(dim=request.stats[0], seed=request.stats[1])
+                found = data_stats(backbone, images, request.task.num_classes, router)
+                stats = {k: v.numpy() for k, v in found.tensors().items()}
         except ArtifactError as error:
             return TrainReply(Status.NEEDS_BACKBONE, str(error))
         except (ValueError, TypeError, KeyError, OSError, RuntimeError) as error:
@@ -86,5 +92,5 @@ class ClientRuntime:
         metrics["backbone-load-seconds"] = self.cache.last_load_seconds
         count = int(metrics.pop("num-examples"))
         return TrainReply(Status.OK, "", {k: v.detach().cpu().contiguous().numpy() for k, v in trained.items()},
-                          count, {k: float(v) for k, v in metrics.items()})
+                          count, {k: float(v) for k, v in metrics.items()}, stats)
 

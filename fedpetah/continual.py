@@ -22,6 +22,7 @@ from fedpetah.aggregation import aggregator_config, build_aggregator, filter_upd
 from fedpetah.artifact import artifact_digest, load_artifact
 from fedpetah.backbone import Backbone
 from fedpetah.bank import AdapterBank
+from fedpetah.collect import StatsCollector
 from fedpetah.experiment import ExperimentConfig
 from fedpetah.local import MANIFEST_FILE, WEIGHTS_FILE, load_stream
 from fedpetah.metrics import RoundRecord, RunLog, plot_run, read_rounds, summarize
@@ -56,12 +57,14 @@ class ClientReply:
     status: str = Status.OK.value
     reason: str = ""
     detail: str = ""
+    stats: StateDict | None = None  # the task-free router's statistics, when asked for
 
     @classmethod
     def of(cls, client: int, reply: TrainReply) -> ClientReply:
         state = None if reply.state is None else {k: torch.from_numpy(v.copy()) for k, v in reply.state.items()}
+        stats = None if reply.stats is None else {k: torch.from_numpy(v.copy()) for k, v in reply.stats.items()}
         return cls(client, state, reply.num_examples, dict(reply.metrics), reply.status.value,
-                   reply.status.value if reply.status is not Status.OK else "", reply.reason)
+                   reply.status.value if reply.status is not Status.OK else "", reply.reason, stats)
 
 
 @dataclass
@@ -93,6 +96,7 @@ class ContinualServer:
         self.bank = AdapterBank.load(self.bank_dir) if resuming else AdapterBank()
         self.bank.check_backbone(self.digest)  # a resumed bank's adapters must fit this backbone
         self.state = RunState(**self.bank.metadata["run"]) if resuming else RunState()
+        self.router = StatsCollector(self.bank, self.backbone)
         self.log = RunLog(self.run_dir, committed_rounds=self.state.completed_rounds)  # drops uncommitted rows
 
     @property
@@ -144,7 +148,7 @@ class ContinualServer:
         return TrainRequest(digest=self.digest, round=plan.round, seed=config.seed, clients=config.clients,
                             task=TaskInfo(plan.task, task.name, tuple(task.classes)), sections=sections,
                             state={k: v.detach().cpu().contiguous().numpy() for k, v in current.items()},
-                            artifact=artifact)
+                            artifact=artifact, stats=self.router.wanted(plan.task, client))
 
     def complete_round(self, plan: RoundPlan, current: StateDict, replies: list[ClientReply],
                        bytes_down: int, bytes_up: int, started: float,
@@ -153,19 +157,25 @@ class ContinualServer:
 
         ``replies`` come in a fixed order (by client id), so the same replies always give the same sums.
         """
-        trained = [r for r in replies if r.status == "ok" and r.state is not None]
+        with_stats = [(r.client, r.stats) for r in replies if r.status == "ok" and r.stats is not None]
+        bad_stats = self.router.check(plan.task, with_stats)
+        trained = [r for r in replies if r.status == "ok" and r.state is not None and r.client not in bad_stats]
         filtered = filter_updates([r.state for r in trained], [r.num_examples for r in trained],  # type: ignore[misc]
                                   current, self.config.strategy.max_update_norm)
+        refused = {trained[r.index].client for r in filtered.rejected}  # a rejected update's statistics go too
+        self.router.collect(plan.task, [(c, s) for c, s in with_stats if c not in bad_stats and c not in refused])
         rejected = [{"client": trained[r.index].client, "reason": r.reason, "detail": r.detail}
                     for r in filtered.rejected]
         rejected += [{"client": r.client, "reason": r.reason, "detail": r.detail} for r in replies
                      if r.status == "rejected"]
+        rejected += [{"client": client, "reason": "stats", "detail": detail} for client, detail in bad_stats.items()]
         aggregated = bool(filtered.updates)
         if aggregated:
             result = self.aggregator(current, filtered.updates, filtered.weights, self.bank[plan.task].opt_state)
             self.bank.update(plan.task, result.state, plan.round, result.opt_state)
         last_of_task = plan.round_in_task == self.config.rounds_per_task
         accuracies = self.evaluate_seen(plan.task) if (self.config.evaluate_every_round or last_of_task) else []
+        task_free = self.router.evaluate(self.config.adapter, self.tasks, plan.task) if last_of_task else {}
         ok = [r for r in replies if r.status == "ok"]
         compute = [r.metrics.get("train-seconds", 0.0) for r in ok]
         steps = [r.metrics["step-time-ms"] / 1000 for r in ok if "step-time-ms" in r.metrics]
@@ -191,6 +201,7 @@ class ContinualServer:
                 "peak_memory_p50_mb": float(np.median(memory)) if memory else math.nan,
                 "slowest_client_s": max(compute, default=0.0),
                 "overhead_s": wall - max(compute, default=0.0),
+                **task_free,
             },
         )
         for rejection in rejected:

@@ -241,6 +241,31 @@ def read_rounds(run_dir: str | os.PathLike[str]) -> list[RoundRecord]:
     return [by_round[r] for r in sorted(by_round)]
 
 
+def task_free_rows(records: Sequence[RoundRecord]) -> dict[int, RoundRecord]:
+    """Per task, its last round that evaluated task-free prediction (extras ``task_free_<j>``)."""
+    return {r.task: r for r in records if "task_free_0" in r.extra}
+
+
+def task_free_summary(records: Sequence[RoundRecord], num_tasks: int) -> dict[str, Any]:
+    """``task_free_matrix`` (row i: accuracy on task j <= i without task ids, after learning task i, NaN where
+    not evaluated), ``task_free_accuracy`` (after the last evaluated task, over all its tasks' test images),
+    the router's share of right tasks, its time per image and the statistics' upload bytes."""
+    rows = task_free_rows(records)
+    matrix = np.full((num_tasks, num_tasks), np.nan)
+    for i, record in rows.items():
+        for j in range(i + 1):
+            matrix[i, j] = record.extra.get(f"task_free_{j}", math.nan)
+    last = rows[max(rows)] if rows else None
+    return {
+        "task_free_matrix": [[None if math.isnan(v) else float(v) for v in row] for row in matrix],
+        "task_free_accuracy": last.extra.get("task_free_all") if last else None,
+        "task_free_after_task": last.task if last else None,
+        "task_free_routing": last.extra.get("task_free_routing") if last else None,
+        "task_free_s_per_image": last.extra.get("task_free_s_per_image") if last else None,
+        "bytes_stats_up_total": sum(r.extra.get("bytes_stats_up", 0.0) for r in records),
+    }
+
+
 def summarize(records: Sequence[RoundRecord], num_tasks: int | None = None) -> dict[str, Any]:
     """Run totals and continual-learning metrics from the round records."""
     matrix = AccuracyMatrix.from_rounds(records, num_tasks)
@@ -265,6 +290,7 @@ def summarize(records: Sequence[RoundRecord], num_tasks: int | None = None) -> d
         },
         "step_time_s": percentiles(steps) if steps else None,
         "peak_memory_mb": max(memory) if memory else None,
+        **task_free_summary(records, matrix.num_tasks),
     }
 
 
@@ -277,17 +303,11 @@ def plot_run(run_dir: str | os.PathLike[str], num_tasks: int | None = None) -> l
     rounds = [r.round for r in records]
     paths = []
 
-    side = 1.0 + 0.6 * matrix.num_tasks
-    fig = _figure((side + 0.4, side))
-    ax = fig.add_subplot()
-    image = ax.imshow(np.ma.masked_invalid(matrix.values), vmin=0.0, vmax=1.0, cmap="viridis")
-    for (i, j), value in np.ndenumerate(matrix.values):
-        if not math.isnan(value):
-            color = "w" if value < 0.6 else "k"
-            ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=8, color=color)
-    ax.set(xlabel="evaluated task j", ylabel="after learning task i", title="accuracy R[i][j]")
-    fig.colorbar(image, ax=ax)
-    paths.append(_save(fig, root / "accuracy_matrix.png"))
+    paths.append(_heatmap(matrix.values, "accuracy R[i][j]", root / "accuracy_matrix.png"))
+    free = task_free_summary(records, matrix.num_tasks)["task_free_matrix"]
+    if any(v is not None for row in free for v in row):
+        values = np.array([[math.nan if v is None else v for v in row] for row in free])
+        paths.append(_heatmap(values, "task-free accuracy (no task id)", root / "task_free_matrix.png"))
 
     fig = _figure((7, 4))
     ax = fig.add_subplot()
@@ -310,6 +330,20 @@ def plot_run(run_dir: str | os.PathLike[str], num_tasks: int | None = None) -> l
     ax.legend(fontsize=8)
     paths.append(_save(fig, root / "bytes_per_round.png"))
     return paths
+
+
+def _heatmap(values: np.ndarray, title: str, path: Path) -> Path:
+    side = 1.0 + 0.6 * values.shape[0]
+    fig = _figure((side + 0.4, side))
+    ax = fig.add_subplot()
+    image = ax.imshow(np.ma.masked_invalid(values), vmin=0.0, vmax=1.0, cmap="viridis")
+    for (i, j), value in np.ndenumerate(values):
+        if not math.isnan(value):
+            color = "w" if value < 0.6 else "k"
+            ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=8, color=color)
+    ax.set(xlabel="evaluated task j", ylabel="after learning task i", title=title)
+    fig.colorbar(image, ax=ax)
+    return _save(fig, path)
 
 
 def _figure(size: tuple[float, float]) -> Figure:

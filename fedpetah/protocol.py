@@ -29,15 +29,23 @@ HELLO, TRAIN = "query.hello", "train"
 NO_PARTITION = -1
 """The partition id a real device reports (simulated clients report their partition)."""
 
-REASONS = ("malformed", "status", "count", "metrics", "keys", "shape", "dtype", "size")
+REASONS = ("malformed", "status", "count", "metrics", "keys", "shape", "dtype", "size", "stats")
 MAX_REASON_CHARS = 500
 MAX_METRICS = 32
 MAX_EXAMPLES = 10_000_000  # a claim above this is not a client's local data set
 MAX_CLASSES = 10_000
 MAX_NAME_CHARS = 128
 MAX_ARTIFACT_BYTES = 512 * 2**20
+MAX_STATS_DIM = 4096
 DIGEST = re.compile(r"[0-9a-f]{64}")
 ArraySpec = tuple[tuple[int, ...], str]  # (shape, numpy dtype string)
+STATS_KEYS = ("count", "sum", "scatter")
+"""Arrays of a task-free router's statistics (fedpetah.routing.FeatureStats), in the ``stats`` array record."""
+
+
+def stats_specs(num_classes: int, dim: int) -> dict[str, ArraySpec]:
+    """What a client's statistics of ``dim``-wide features of a ``num_classes``-class task must look like."""
+    return {"count": ((num_classes,), "<i8"), "sum": ((num_classes, dim), "<f8"), "scatter": ((dim, dim), "<f8")}
 
 
 class ProtocolError(ValueError):
@@ -209,7 +217,8 @@ class TrainRequest:
 
     ``seed`` is the run's seed (it fixes the simulated partitioning, identical for every client);
     ``sections["train"]["seed"]`` is this client's own training seed (:func:`client_seed`). ``artifact`` carries
-    the backbone (weights and manifest bytes) to a client that does not hold it yet.
+    the backbone (weights and manifest bytes) to a client that does not hold it yet. ``stats`` = (dim, seed)
+    asks for the task-free router's statistics of the client's data, projected as ``RouterConfig(dim, seed)``.
     """
 
     digest: str
@@ -220,10 +229,13 @@ class TrainRequest:
     sections: dict[str, dict[str, Any]]
     state: dict[str, np.ndarray]
     artifact: tuple[bytes, ...] | None = None  # (weights, manifest)
+    stats: tuple[int, int] | None = None  # (dim, seed)
 
     def encode(self) -> Records:
         header = {"digest": self.digest, "round": self.round, "seed": self.seed, "clients": self.clients,
                   "task": {"index": self.task.index, "name": self.task.name, "classes": list(self.task.classes)}}
+        if self.stats is not None:
+            header["stats"] = {"dim": self.stats[0], "seed": self.stats[1]}
         records = Records(arrays={"adapter": dict(self.state)},
                           configs={"config": flatten({**header, **self.sections})})
         if self.artifact is not None:
@@ -257,12 +269,16 @@ class TrainRequest:
             if len(weights) + len(manifest) > MAX_ARTIFACT_BYTES:
                 raise ProtocolError("size", f"artifact of {len(weights) + len(manifest)} B exceeds the limit")
             artifact = (weights, manifest)
+        stats = nested.get("stats")
+        if stats is not None and not isinstance(stats, dict):
+            raise ProtocolError("malformed", "the stats section must hold dim and seed")
         return cls(
             digest=_digest(config), round=_int(nested, "round", 1, 2**31), seed=_int(nested, "seed", -2**62, 2**62),
             clients=_int(nested, "clients", 1, 2**31),
             task=TaskInfo(_int(task, "index", 0, 2**31), _str(task, "name"), tuple(classes)),
             sections=sections,  # type: ignore[arg-type]
-            state=dict(state), artifact=artifact)
+            state=dict(state), artifact=artifact,
+            stats=None if stats is None else (_int(stats, "dim", 0, MAX_STATS_DIM), _int(stats, "seed", 0, 2**31)))
 
 
 METRICS = ("train-loss", "train-accuracy", "step-time-ms", "train-seconds", "peak-memory-mb",
@@ -272,24 +288,32 @@ METRICS = ("train-loss", "train-accuracy", "step-time-ms", "train-seconds", "pea
 
 @dataclass(frozen=True)
 class TrainReply:
-    """A client's answer: a status, its trained adapter state (status ok), its example count and metrics."""
+    """A client's answer: a status, its trained adapter state (status ok), its example count and metrics, and
+    the router statistics of its data when the request asked for them (:data:`STATS_KEYS`)."""
 
     status: Status
     reason: str = ""
     state: dict[str, np.ndarray] | None = None
     num_examples: int = 0
     metrics: dict[str, float] = field(default_factory=dict)
+    stats: dict[str, np.ndarray] | None = None
 
     def encode(self) -> Records:
         records = Records(configs={"status": {"status": self.status.value, "reason": self.reason[:MAX_REASON_CHARS]}},
                           metrics={"metrics": {"num-examples": self.num_examples, **self.metrics}})
         if self.state is not None:
             records.arrays["adapter"] = dict(self.state)
+        if self.stats is not None:
+            records.arrays["stats"] = dict(self.stats)
         return records
 
     @classmethod
-    def decode(cls, records: Records, expected: Mapping[str, ArraySpec]) -> TrainReply:
-        """Decode and bound a reply to a request whose adapter state had ``expected`` specs."""
+    def decode(cls, records: Records, expected: Mapping[str, ArraySpec],
+               expected_stats: Mapping[str, ArraySpec] | None = None) -> TrainReply:
+        """Decode and bound a reply to a request whose adapter state had ``expected`` specs.
+
+        Statistics must come exactly when ``expected_stats`` is given, match it, be finite, and count
+        exactly the reply's ``num-examples`` (reason ``stats`` otherwise)."""
         status_record = _record(records, "configs", "status")
         try:
             status = Status(str(status_record.get("status")))
@@ -311,4 +335,24 @@ class TrainReply:
             if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
                 raise ProtocolError("metrics", f"{key} must be a finite number, got {value!r:.40}")
             metrics[key] = float(value)
-        return cls(status, reason, _arrays(records, "adapter", expected), count, metrics)
+        return cls(status, reason, _arrays(records, "adapter", expected), count, metrics,
+                   _stats(records, expected_stats, count))
+
+
+def _stats(records: Records, expected: Mapping[str, ArraySpec] | None, count: int) -> dict[str, np.ndarray] | None:
+    if expected is None:
+        if "stats" in records.arrays:
+            raise ProtocolError("stats", "statistics that were not asked for")
+        return None
+    if "stats" not in records.arrays:
+        raise ProtocolError("stats", "the statistics asked for are missing")
+    try:
+        stats = _arrays(records, "stats", expected)
+    except ProtocolError as error:
+        raise ProtocolError("stats", error.detail) from None
+    counts = stats["count"]
+    if int(counts.min(initial=0)) < 0 or int(counts.sum()) != count:
+        raise ProtocolError("stats", f"class counts {counts.tolist()[:8]} do not add up to num-examples={count}")
+    if not (np.isfinite(stats["sum"]).all() and np.isfinite(stats["scatter"]).all()):
+        raise ProtocolError("stats", "statistics hold NaN or infinite values")
+    return stats

@@ -135,33 +135,38 @@ def _round(exchange: Exchange, server: ContinualServer, plan: RoundPlan, clients
     current = server.global_state(plan.task)
     messages, artifact_bytes, bytes_down = [], 0, 0
     client_of: dict[int, int] = {}
+    asked: set[int] = set()  # nodes asked for the task-free router's statistics
     for client in sampled:
         node = clients[client]
         request = server.train_request(plan, client, current, with_artifact=node not in server.state.installed)
         if request.artifact is not None:
             artifact_bytes += sum(len(part) for part in request.artifact)
+        if request.stats is not None:
+            asked.add(node)
         records = request.encode()
         bytes_down += records.array_bytes("adapter")
         messages.append(Message(to_recorddict(records), node, TRAIN))
         client_of[node] = client
     answers, late = exchange(messages, server.config.reply_timeout_s)
     expected = specs({k: v.numpy() for k, v in current.items()})
-    replies, bytes_up = [], 0
+    expected_stats = server.router.specs(server.tasks[plan.task].num_classes)
+    replies, bytes_up, bytes_stats = [], 0, 0
     for node, client in sorted(client_of.items(), key=lambda item: item[1]):  # a fixed order: reproducible sums
         if node not in answers:
             replies.append(ClientReply(client, None, 0, status="rejected", reason="timeout"))
             continue
         try:
             records = records_of(answers[node])
-            answer = TrainReply.decode(records, expected)
+            answer = TrainReply.decode(records, expected, expected_stats if node in asked else None)
         except ProtocolError as error:
             replies.append(ClientReply(client, None, 0, status="rejected", reason=error.reason, detail=error.detail))
             continue
-        bytes_up += records.array_bytes("adapter")
+        bytes_up += records.array_bytes("adapter") + records.array_bytes("stats")
+        bytes_stats += records.array_bytes("stats")
         _track_install(server, node, answer.status)
         replies.append(ClientReply.of(client, answer))
     return server.complete_round(plan, current, replies, bytes_down, bytes_up, started, artifact_bytes,
-                                 {"late_replies": float(late)})
+                                 {"late_replies": float(late), "bytes_stats_up": float(bytes_stats)})
 
 
 def _track_install(server: ContinualServer, node: int, status: Status) -> None:

@@ -116,7 +116,12 @@ def _hello_as_device(message: Message) -> Message:
 def _valid_reply(message: Message) -> Records:
     """A well-formed ok reply to ``message`` (the global state sent back, 10 examples claimed)."""
     request = TrainRequest.decode(records_of(message))
-    return TrainReply(Status.OK, "", {k: v.copy() for k, v in request.state.items()}, 10).encode()
+    stats = None
+    if request.stats is not None:  # the router statistics asked for: 10 all-zero feature vectors of class 0
+        dim, classes = request.stats[0], request.task.num_classes  # dim < the backbone's 1,280 features
+        stats = {"count": np.array([10] + [0] * (classes - 1), np.int64), "sum": np.zeros((classes, dim)),
+                 "scatter": np.zeros((dim, dim))}
+    return TrainReply(Status.OK, "", {k: v.copy() for k, v in request.state.items()}, 10, {}, stats).encode()
 
 
 def _hostile(changes: list[str], malform: Callable[[Records, str], Records]) -> Answer:

@@ -1,0 +1,103 @@
+"""Size and batch-1 CPU latency of the exported task-free model (ONNX Runtime) against the unmerged PyTorch one.
+
+A bank of ``--tasks`` split_mnist LoRA adapters is trained briefly on the backbone the server ships, with router
+statistics from the tasks' training data; both forms are timed interleaved (one ONNX call, one PyTorch call,
+repeated), and the load average is recorded beside every timing.
+
+Run: ``.venv/bin/python benchmarks/export.py`` (writes benchmarks/results/export.{json,md}).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import onnxruntime as ort
+import torch
+
+from fedpetah.adapters import adapter_config, build_adapter
+from fedpetah.artifact import load_artifact
+from fedpetah.bank import AdapterBank
+from fedpetah.config import TrainConfig
+from fedpetah.experiment import ExperimentConfig
+from fedpetah.export import write_export
+from fedpetah.predict import build_predictor
+from fedpetah.prepare import prepare_artifact
+from fedpetah.routing import FrozenFeatures, RouterConfig, TaskFreeModel, data_stats
+from fedpetah.tasks import TaskStreamConfig, batches, build_stream
+from fedpetah.train import train_adapter
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--adapter", default="lora")
+    parser.add_argument("--tasks", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=20, help="training steps per task (accuracy is not the point)")
+    parser.add_argument("--repeats", type=int, default=50)
+    parser.add_argument("--out", default="export")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    backbone = load_artifact(prepare_artifact(ExperimentConfig()))
+    tasks = build_stream(TaskStreamConfig(name="split_mnist"))[: args.tasks]
+    config, router = adapter_config(args.adapter), RouterConfig()
+    bank, stats, unmerged = AdapterBank(), {}, []
+    for task in tasks:
+        adapter = build_adapter(config, backbone, task.num_classes)
+        train_adapter(adapter, task.train, TrainConfig(epochs=1, max_steps=args.steps, batch_size=32))
+        bank.add_task(task.index, args.adapter, task.num_classes, adapter.state(), task.classes,
+                      {"task_name": task.name})
+        stats[task.index] = data_stats(backbone, task.train, task.num_classes, router)
+        unmerged.append(adapter.model.eval())
+    predictor = build_predictor(backbone, config, bank, stats, router=router)
+    features = FrozenFeatures(backbone.module, backbone.mean, backbone.std)
+    pytorch = TaskFreeModel(features, predictor.model.router, unmerged, predictor.model.widths,
+                            shared=[False] * len(unmerged))  # the adapters as trained: peft layers, not merged
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.perf_counter()
+        write_export(predictor, backbone, config, Path(tmp))
+        export_s = time.perf_counter() - start
+        sizes = {p.name: p.stat().st_size for p in Path(tmp).iterdir() if p.is_file()}
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = options.inter_op_num_threads = 1
+        session = ort.InferenceSession(str(Path(tmp) / "model.onnx"), options, providers=["CPUExecutionProvider"])
+    x = next(batches(tasks[0].test, backbone.img_size, backbone.in_chans, 1))[0]
+    timings: dict[str, list[float]] = {"onnx": [], "pytorch_unmerged": [], "load": []}
+    with torch.no_grad():
+        for _ in range(3):  # warm-up
+            session.run(None, {"images": x.numpy()})
+            pytorch(x)
+        for _ in range(args.repeats):
+            start = time.perf_counter()
+            session.run(None, {"images": x.numpy()})
+            timings["onnx"].append(time.perf_counter() - start)
+            start = time.perf_counter()
+            pytorch(x)
+            timings["pytorch_unmerged"].append(time.perf_counter() - start)
+            timings["load"].append(os.getloadavg()[0])
+    median = {k: sorted(v)[len(v) // 2] for k, v in timings.items() if k != "load"}
+    adapter_bytes = sum(t.numel() * t.element_size() for e in bank.tasks() for t in bank[e].state.values())
+    result = {"adapter": args.adapter, "tasks": args.tasks, "labels": len(predictor.labels), "sizes": sizes,
+              "adapter_state_bytes": adapter_bytes, "export_seconds": export_s, "batch1_median_s": median,
+              "speedup": median["pytorch_unmerged"] / median["onnx"], "load_average": timings["load"],
+              "torch": torch.__version__, "onnxruntime": ort.__version__}
+    print(json.dumps({k: v for k, v in result.items() if k != "load_average"}), flush=True)
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"{args.out}.json").write_text(json.dumps(result, indent=2))
+    load = timings["load"]
+    lines = [f"# Export of {args.tasks} {args.adapter} tasks (efficientvit_b0, 64 px, pruned 0.5)", "",
+             "| file | bytes |", "|---|---|", *[f"| {k} | {v:,} |" for k, v in sorted(sizes.items())], "",
+             f"Batch-1 CPU latency, 1 thread, median of {args.repeats} interleaved calls (load average "
+             f"{min(load):.1f}-{max(load):.1f}): ONNX Runtime {1000 * median['onnx']:.1f} ms, unmerged PyTorch "
+             f"{1000 * median['pytorch_unmerged']:.1f} ms ({result['speedup']:.2f}x).",
+             f"Export took {export_s:.1f} s. torch {torch.__version__}, onnxruntime {ort.__version__}."]
+    (RESULTS / f"{args.out}.md").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,101 @@
+"""Server side of task-free routing: whom to ask for statistics, validate and sum them into the bank, evaluate."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict
+from typing import Any
+
+import torch
+
+from fedpetah.adapters import AdapterConfig
+from fedpetah.backbone import Backbone
+from fedpetah.bank import AdapterBank
+from fedpetah.predict import build_predictor, evaluate_task_free
+from fedpetah.protocol import ArraySpec, stats_specs
+from fedpetah.routing import FeatureStats, FrozenFeatures, RouterConfig, StatsError, aggregate_stats
+from fedpetah.tasks import Task
+
+log = logging.getLogger(__name__)
+
+ROUTER_KEY, CLIENTS_KEY = "router", "router_clients"
+"""Bank metadata: the router config the statistics were taken with; per task, the clients counted already."""
+
+
+def feature_width(backbone: Backbone) -> int:
+    """Width of the frozen backbone's pooled features (one forward pass of zeros)."""
+    module = FrozenFeatures(backbone.module, backbone.mean, backbone.std)
+    with torch.no_grad():
+        return int(module(torch.zeros(1, backbone.in_chans, backbone.img_size, backbone.img_size)).shape[1])
+
+
+class StatsCollector:
+    """Asks each client once per task for its statistics and sums the valid ones into the bank entry.
+
+    The router config and the clients counted per task live in the bank's metadata, so they are committed
+    with the round (and survive a resume); a resumed bank keeps the config it started with.
+    """
+
+    def __init__(self, bank: AdapterBank, backbone: Backbone, config: RouterConfig | None = None) -> None:
+        self.bank = bank
+        self.backbone = backbone
+        recorded = bank.metadata.get(ROUTER_KEY)
+        self.config = RouterConfig(**recorded) if isinstance(recorded, dict) else (config or RouterConfig())
+        bank.metadata[ROUTER_KEY] = asdict(self.config)
+        bank.metadata.setdefault(CLIENTS_KEY, {})
+        self.width = self.config.width(feature_width(backbone))
+
+    def counted(self, task: int) -> list[int]:
+        return list(self.bank.metadata[CLIENTS_KEY].get(str(task), []))
+
+    def wanted(self, task: int, client: int) -> tuple[int, int] | None:
+        """``(dim, seed)`` for a train request when ``client`` has not contributed to ``task`` yet."""
+        return None if client in self.counted(task) else (self.config.dim, self.config.seed)
+
+    def specs(self, num_classes: int) -> dict[str, ArraySpec]:
+        return stats_specs(num_classes, self.width)
+
+    def check(self, task: int, replies: Sequence[tuple[int, Mapping[str, torch.Tensor]]]) -> dict[int, str]:
+        """``{client: reason}`` for each ``(client, statistics)`` that fails validation or comes twice."""
+        entry, rejected, seen = self.bank[task], {}, set(self.counted(task))
+        for client, tensors in replies:
+            if client in seen:
+                rejected[client] = "statistics sent twice for this task"
+                continue
+            try:
+                FeatureStats.from_tensors(tensors, entry.num_classes, self.width)
+                seen.add(client)
+            except StatsError as error:
+                rejected[client] = str(error)
+        return rejected
+
+    def collect(self, task: int, replies: Sequence[tuple[int, Mapping[str, torch.Tensor]]]) -> dict[int, str]:
+        """Add the valid ``(client, statistics)`` (in the given, fixed order) to the task's statistics in the
+        bank; returns ``{client: reason}`` for the rejected ones (see :meth:`check`)."""
+        entry = self.bank[task]
+        rejected = self.check(task, replies)
+        valid = [(c, FeatureStats.from_tensors(t, entry.num_classes, self.width)) for c, t in replies
+                 if c not in rejected]
+        if valid:
+            parts = ([FeatureStats.from_tensors(entry.stats, entry.num_classes, self.width)] if entry.stats else [])
+            self.bank.set_stats(task, aggregate_stats(parts + [s for _, s in valid]).tensors())
+            self.bank.metadata[CLIENTS_KEY][str(task)] = sorted({*self.counted(task), *(c for c, _ in valid)})
+        return rejected
+
+    def evaluate(self, adapter: AdapterConfig, tasks: Sequence[Task], upto: int) -> dict[str, float]:
+        """Task-free accuracy on tasks 0..upto among every class learned so far, as round-record extras:
+        ``task_free_<j>`` per task, ``task_free_all`` over all their test images, ``task_free_routing``,
+        ``task_free_s_per_image``; empty (with a warning) while a task has no statistics."""
+        learned = list(range(upto + 1))
+        missing = [t for t in learned if t not in self.bank or not self.bank[t].stats]
+        if missing:
+            log.warning("no task-free evaluation after task %d: tasks %s have no router statistics", upto, missing)
+            return {}
+        stats = {t: FeatureStats.from_tensors(self.bank[t].stats, self.bank[t].num_classes, self.width)
+                 for t in learned}
+        predictor = build_predictor(self.backbone, adapter, self.bank, stats, learned, self.config)
+        result = evaluate_task_free(predictor, tasks[: upto + 1])
+        out: dict[str, Any] = {f"task_free_{j}": a for j, a in enumerate(result.per_task)}
+        return {**out, "task_free_all": result.accuracy, "task_free_routing": result.routing_accuracy,
+                "task_free_s_per_image": result.seconds_per_image}

@@ -1,0 +1,335 @@
+"""Task-free prediction across the adapter bank: federated class statistics of frozen features -> Gaussian router.
+
+Every client summarises its local data of a task as sufficient statistics of the frozen backbone's pooled
+features (:class:`FeatureStats`: per class a count and a sum, plus one sum of outer products); sums and
+counts add up exactly across clients. The server turns the statistics of every learned task into a
+shared-covariance Gaussian classifier (LDA with shrinkage) over all learned ``(task, class)`` pairs: a
+single linear layer on the frozen features (:func:`fit_router`). :class:`TaskFreeModel` combines it with
+each task's adapter: ``score(t, c) = log p(t | x) + log softmax(adapter_t(x))_c``, where ``p(t | x)`` sums
+the router's posterior over the classes of task ``t``. Neither the router nor the adapters ever see a
+task id at prediction time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from fedpetah.backbone import Backbone
+from fedpetah.model import TaskModel
+from fedpetah.protocol import STATS_KEYS
+from fedpetah.tasks import ImageSet, batches
+
+MAX_STATS_COUNT = 10_000_000
+"""Default bound on one class's example count in a client's statistics (a larger one is rejected)."""
+
+
+class StatsError(ValueError):
+    """Statistics that do not fit what the server expects (keys, shapes, dtypes, values)."""
+
+
+@dataclass(frozen=True)
+class FeatureStats:
+    """Sufficient statistics of one task's frozen features.
+
+    ``count`` (C,) int64 examples per class, ``sum`` (C, D) float64 sum of features per class,
+    ``scatter`` (D, D) float64 sum of ``x x^T`` over every example of the task.
+    """
+
+    count: torch.Tensor
+    sum: torch.Tensor
+    scatter: torch.Tensor
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.count.shape[0])
+
+    @property
+    def dim(self) -> int:
+        return int(self.sum.shape[1])
+
+    @classmethod
+    def zeros(cls, num_classes: int, dim: int) -> FeatureStats:
+        return cls(
+            torch.zeros(num_classes, dtype=torch.int64),
+            torch.zeros(num_classes, dim, dtype=torch.float64),
+            torch.zeros(dim, dim, dtype=torch.float64),
+        )
+
+    def __add__(self, other: FeatureStats) -> FeatureStats:
+        if (self.num_classes, self.dim) != (other.num_classes, other.dim):
+            raise StatsError(f"cannot add statistics of shape {(self.num_classes, self.dim)} and "
+                             f"{(other.num_classes, other.dim)}")
+        return FeatureStats(self.count + other.count, self.sum + other.sum, self.scatter + other.scatter)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """``{"count", "sum", "scatter"}``, CPU and contiguous: what a client sends."""
+        return {k: getattr(self, k).detach().to("cpu").contiguous() for k in STATS_KEYS}
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors().values())
+
+    @classmethod
+    def from_tensors(
+        cls, tensors: Mapping[str, torch.Tensor], num_classes: int, dim: int, max_count: int = MAX_STATS_COUNT
+    ) -> FeatureStats:
+        """Validate untrusted statistics: exact keys, shapes and dtypes, finite values, counts in
+        ``0..max_count``, a symmetric scatter with a non-negative diagonal. Raises :class:`StatsError`."""
+        if set(tensors) != set(STATS_KEYS):
+            raise StatsError(f"statistics need exactly the keys {list(STATS_KEYS)}, got {sorted(tensors)[:8]}")
+        expected = {
+            "count": ((num_classes,), torch.int64),
+            "sum": ((num_classes, dim), torch.float64),
+            "scatter": ((dim, dim), torch.float64),
+        }
+        for key, (shape, dtype) in expected.items():
+            value = tensors[key]
+            if not isinstance(value, torch.Tensor) or tuple(value.shape) != shape or value.dtype != dtype:
+                got = (tuple(value.shape), value.dtype) if isinstance(value, torch.Tensor) else type(value)
+                raise StatsError(f"statistics {key!r}: expected {dtype} {shape}, got {got}")
+        count, total, scatter = tensors["count"], tensors["sum"], tensors["scatter"]
+        if int(count.min()) < 0 or int(count.max()) > max_count:
+            raise StatsError(f"statistics counts must be in 0..{max_count}, got {count.tolist()[:10]}")
+        if not bool(torch.isfinite(total).all()) or not bool(torch.isfinite(scatter).all()):
+            raise StatsError("statistics hold NaN or infinite values")
+        if bool((scatter.diagonal() < 0).any()):
+            raise StatsError("statistics scatter has a negative diagonal")
+        tolerance = 1e-6 * float(scatter.abs().max()) + 1e-12
+        if float((scatter - scatter.T).abs().max()) > tolerance:
+            raise StatsError("statistics scatter is not symmetric")
+        if bool((total.abs().sum(1)[count == 0] > 0).any()):
+            raise StatsError("statistics hold a feature sum for a class with no examples")
+        return cls(count.clone(), total.clone(), scatter.clone())
+
+
+def aggregate_stats(parts: Iterable[FeatureStats]) -> FeatureStats:
+    """Sum statistics in the order given (float64 sums of a fixed order are reproducible bit for bit)."""
+    iterator = iter(parts)
+    try:
+        result = next(iterator)
+    except StopIteration:
+        raise StatsError("no statistics to aggregate") from None
+    for part in iterator:
+        result = result + part
+    return result
+
+
+class FrozenFeatures(nn.Module):
+    """``backbone(normalize(x))`` for ``x`` in [0, 1]: the pooled features the router reads."""
+
+    mean: torch.Tensor
+    std: torch.Tensor
+
+    def __init__(self, backbone: nn.Module, mean: Sequence[float], std: Sequence[float]) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone((x - self.mean) / self.std)
+
+
+@torch.no_grad()
+def frozen_features(backbone: Backbone, data: ImageSet, batch_size: int = 256) -> torch.Tensor:
+    """(N, D) float32 pooled features of the frozen backbone for every image of ``data``."""
+    module = FrozenFeatures(backbone.module, backbone.mean, backbone.std)
+    was_training = backbone.module.training
+    backbone.module.eval()
+    try:
+        parts = [module(x) for x, _ in batches(data, backbone.img_size, backbone.in_chans, batch_size)]
+    finally:
+        backbone.module.train(was_training)
+    return torch.cat(parts) if parts else torch.zeros(0, 0)
+
+
+def class_stats(features: torch.Tensor, labels: torch.Tensor, num_classes: int) -> FeatureStats:
+    """Statistics of (N, D) features with labels in ``0..num_classes-1``, accumulated in float64."""
+    if features.ndim != 2 or labels.shape != (features.shape[0],):
+        raise StatsError(f"features (N, D) and labels (N,) expected, got {tuple(features.shape)}, "
+                         f"{tuple(labels.shape)}")
+    if len(labels) and not 0 <= int(labels.min()) <= int(labels.max()) < num_classes:
+        raise StatsError(f"labels outside 0..{num_classes - 1}")
+    x = features.detach().to(torch.float64)
+    y = labels.to(torch.int64)
+    total = torch.zeros(num_classes, x.shape[1], dtype=torch.float64).index_add_(0, y, x)
+    return FeatureStats(torch.bincount(y, minlength=num_classes), total, x.T @ x)
+
+
+def data_stats(backbone: Backbone, data: ImageSet, num_classes: int, config: RouterConfig | None = None
+               ) -> FeatureStats:
+    """What one client computes for one task: the statistics of its local images' projected frozen features."""
+    return class_stats(project(frozen_features(backbone, data), config or RouterConfig()), data.labels, num_classes)
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    """``dim``: width the features are projected to before statistics are taken (0: no projection; the
+    scatter costs ``8 * dim**2`` bytes); ``seed``: the projection's seed; ``shrinkage``: weight of the scaled
+    identity in the pooled covariance (0: plain LDA, 1: nearest mean); ``prior``: ``uniform`` over
+    (task, class) pairs or ``counts`` (the classes' share of the data)."""
+
+    dim: int = 256
+    seed: int = 0
+    shrinkage: float = 0.0
+    prior: str = "uniform"
+
+    def __post_init__(self) -> None:
+        if self.dim < 0 or self.seed < 0:
+            raise ValueError(f"router.dim and router.seed must be >= 0, got {self.dim}, {self.seed}")
+        if not 0.0 <= self.shrinkage <= 1.0:
+            raise ValueError(f"router.shrinkage must be in [0, 1], got {self.shrinkage}")
+        if self.prior not in ("uniform", "counts"):
+            raise ValueError(f"router.prior must be 'uniform' or 'counts', got {self.prior!r}")
+
+    def width(self, features: int) -> int:
+        """Width of the statistics for backbone features of width ``features``."""
+        return features if self.dim == 0 or self.dim >= features else self.dim
+
+
+def projection(features: int, config: RouterConfig) -> torch.Tensor | None:
+    """(D, dim) float64 random signs / sqrt(dim), or None when no projection applies.
+
+    The signs come from splitmix64 of (seed, index): integer arithmetic, so a client and the server build
+    the same matrix on any platform and library version.
+    """
+    width = config.width(features)
+    if width == features:
+        return None
+    mask = np.uint64(0xFFFFFFFFFFFFFFFF)
+    with np.errstate(over="ignore"):
+        z = np.arange(features * width, dtype=np.uint64) + np.uint64(config.seed) * np.uint64(0x9E3779B97F4A7C15)
+        z = (z + np.uint64(0x9E3779B97F4A7C15)) & mask
+        z = ((z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)) & mask
+        z = ((z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)) & mask
+        z = z ^ (z >> np.uint64(31))
+    signs = np.where((z >> np.uint64(63)) == 1, 1.0, -1.0).reshape(features, width)
+    return torch.from_numpy(signs / np.sqrt(width))
+
+
+def project(features: torch.Tensor, config: RouterConfig) -> torch.Tensor:
+    """(N, D) features -> (N, width) float64 features in the router's statistics space."""
+    matrix = projection(features.shape[1], config)
+    x = features.detach().to(torch.float64)
+    return x if matrix is None else x @ matrix
+
+
+def fit_router(stats: Sequence[FeatureStats], features: int, config: RouterConfig | None = None) -> nn.Linear:
+    """A linear layer on (N, ``features``) frozen features scoring every (task, class) pair, task-major.
+
+    ``W = mu_k^T S^-1``, ``b = -mu_k^T S^-1 mu_k / 2 + log prior_k`` with ``S`` the pooled within-class
+    covariance shrunk towards ``tr(S)/D * I`` (float64 maths, float32 layer). A class without examples
+    gets the lowest score possible, so it is never predicted.
+    """
+    config = config or RouterConfig()
+    if not stats:
+        raise StatsError("the router needs the statistics of at least one task")
+    dim = config.width(features)
+    if any(s.dim != dim for s in stats):
+        raise StatsError(f"statistics of width {[s.dim for s in stats]}, the router expects {dim}")
+    counts = torch.cat([s.count for s in stats]).to(torch.float64)
+    sums = torch.cat([s.sum for s in stats])
+    seen = counts > 0
+    total = float(counts.sum())
+    if int(seen.sum()) < 1 or total <= int(seen.sum()):
+        raise StatsError(f"too few examples to fit the router: {int(total)} over {int(seen.sum())} classes")
+    means = torch.where(seen[:, None], sums / counts.clamp(min=1)[:, None], torch.zeros_like(sums))
+    scatter = sum((s.scatter for s in stats), torch.zeros(dim, dim, dtype=torch.float64))
+    within = (scatter - (means * counts[:, None]).T @ means) / (total - int(seen.sum()))
+    within = (within + within.T) / 2
+    scale = float(within.diagonal().mean().clamp(min=1e-12))
+    shrunk = (1 - config.shrinkage) * within + config.shrinkage * scale * torch.eye(dim, dtype=torch.float64)
+    shrunk += 1e-9 * scale * torch.eye(dim, dtype=torch.float64)  # keeps a rank-deficient S invertible
+    weight = torch.linalg.solve(shrunk, means.T).T  # (K, D): mu_k^T S^-1
+    prior = counts / total if config.prior == "counts" else seen.to(torch.float64) / float(seen.sum())
+    bias = -0.5 * (weight * means).sum(1) + torch.log(prior.clamp(min=1e-300))
+    bias = torch.where(seen, bias, torch.full_like(bias, torch.finfo(torch.float32).min / 4))
+    matrix = projection(features, config)
+    if matrix is not None:
+        weight = weight @ matrix.T  # (K, D): the projection folded into the layer
+    layer = nn.Linear(features, len(counts))
+    with torch.no_grad():
+        layer.weight.copy_(weight.to(torch.float32))
+        layer.bias.copy_(bias.to(torch.float32))
+    layer.requires_grad_(False)
+    return layer
+
+
+def joint_scores(router_scores: torch.Tensor, expert_logits: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``log p(t | x) + log softmax(expert_t)``: (N, K) log-probabilities over every (task, class) pair.
+
+    ``router_scores`` are (N, K) task-major; expert ``t`` gives (N, C_t) and ``sum C_t == K``.
+    """
+    widths = [int(e.shape[1]) for e in expert_logits]
+    if sum(widths) != router_scores.shape[1]:
+        raise ValueError(f"router scores {router_scores.shape[1]} classes, experts {widths}")
+    log_joint = torch.log_softmax(router_scores, dim=1)
+    parts, start = [], 0
+    for logits, width in zip(expert_logits, widths, strict=True):
+        log_task = torch.logsumexp(log_joint[:, start : start + width], dim=1, keepdim=True)
+        parts.append(log_task + torch.log_softmax(logits, dim=1))
+        start += width
+    return torch.cat(parts, dim=1)
+
+
+def shares_frozen_backbone(expert: nn.Module, backbone: nn.Module) -> bool:
+    """True for a plain :class:`TaskModel` whose backbone tensors equal the frozen backbone's (a head adapter)."""
+    if type(expert) is not TaskModel:
+        return False
+    mine, frozen = expert.backbone.state_dict(), backbone.state_dict()
+    return mine.keys() == frozen.keys() and all(
+        mine[k].shape == frozen[k].shape and torch.equal(mine[k], frozen[k]) for k in mine
+    )
+
+
+class TaskFreeModel(nn.Module):
+    """One model for every learned task: images in [0, 1] -> (N, K) scores over every learned class.
+
+    ``experts[t]`` is task ``t``'s inference model (merged where the adapter allows); an expert that is a
+    plain head on the frozen backbone reuses the router's features instead of running the backbone again.
+    """
+
+    def __init__(self, features: FrozenFeatures, router: nn.Linear, experts: Sequence[nn.Module],
+                 widths: Sequence[int], shared: Sequence[bool] | None = None) -> None:
+        super().__init__()
+        if len(experts) != len(widths) or sum(widths) != router.out_features:
+            raise ValueError(f"{len(experts)} experts with widths {list(widths)} for {router.out_features} scores")
+        self.features = features
+        self.router = router
+        self.widths = [int(w) for w in widths]
+        if shared is None:
+            shared = [shares_frozen_backbone(e, features.backbone) for e in experts]
+        if len(shared) != len(experts) or any(s and not isinstance(e, TaskModel) for e, s in zip(experts, shared,
+                                                                                                    strict=True)):
+            raise ValueError("shared: one flag per expert, True only for a TaskModel on the frozen backbone")
+        self.shared = [bool(s) for s in shared]
+        self.experts = nn.ModuleList(
+            [e.head if shared else e for e, shared in zip(experts, self.shared, strict=True)]  # type: ignore[misc]
+        )
+        self.requires_grad_(False)
+        self.eval()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        frozen = self.features(x)
+        logits = [expert(frozen) if shared else expert(x)
+                  for expert, shared in zip(self.experts, self.shared, strict=True)]
+        return joint_scores(self.router(frozen), logits)
+
+    @torch.no_grad()
+    def route(self, x: torch.Tensor) -> torch.Tensor:
+        """(N,) the task the router alone picks for each image."""
+        scores = torch.log_softmax(self.router(self.features(x)), dim=1)
+        per_task = torch.stack([s.logsumexp(1) for s in scores.split(self.widths, dim=1)], dim=1)
+        return per_task.argmax(1)
+
+
+@torch.no_grad()
+def predict_indices(model: nn.Module, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """(N,) index of the best-scoring learned class for float32 images (N, C, H, W) in [0, 1]."""
+    model.eval()
+    out = [model(chunk).argmax(1) for chunk in images.split(batch_size)]
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.int64)

@@ -1,0 +1,119 @@
+"""Export for phones: ONNX matches PyTorch for every adapter kind; the torch form reloads; broken runs fail clearly."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fedpetah.adapters import ADAPTERS, adapter_config, build_adapter
+from fedpetah.artifact import artifact_digest, pack_artifact
+from fedpetah.backbone import Backbone
+from fedpetah.bank import AdapterBank
+from fedpetah.collect import ROUTER_KEY, feature_width
+from fedpetah.config import BackboneConfig
+from fedpetah.experiment import ExperimentConfig
+from fedpetah.export import ExportError, load_export, main, write_export
+from fedpetah.predict import build_predictor
+from fedpetah.routing import RouterConfig, class_stats
+
+ort = pytest.importorskip("onnxruntime")
+ROUTER = RouterConfig(dim=16)
+
+
+def _bank(backbone: Backbone, name: str, digest: str = "") -> AdapterBank:
+    """Two tasks (2 and 3 classes) whose adapters are moved away from their initial values, with statistics."""
+    bank = AdapterBank({ROUTER_KEY: asdict(ROUTER)})
+    width = ROUTER.width(feature_width(backbone))
+    g = torch.Generator().manual_seed(0)
+    for task, classes in enumerate((2, 3)):
+        adapter = build_adapter(adapter_config(name), backbone, classes)
+        state = {k: v + 0.05 * torch.randn(v.shape, generator=g) for k, v in adapter.state().items()}
+        bank.add_task(task, name, classes, state, [f"c{task}{c}" for c in range(classes)],
+                      {"task_name": f"t{task}", "backbone": digest})
+        labels = torch.arange(classes).repeat(20)
+        features = torch.randn(len(labels), width, generator=g) + 3 * torch.randn(classes, width, generator=g)[labels]
+        bank.set_stats(task, class_stats(features, labels, classes).tensors())
+    return bank
+
+
+def _stats(bank: AdapterBank, backbone: Backbone) -> dict:
+    from fedpetah.export import bank_stats
+
+    return bank_stats(bank, backbone, ROUTER)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ADAPTERS.names())
+def test_onnx_and_torch_exports_match_pytorch(name: str, tiny_backbone: Callable[..., Backbone],
+                                               tmp_path: Path) -> None:
+    backbone = tiny_backbone("efficientvit_b0", 32)
+    bank = _bank(backbone, name)
+    predictor = build_predictor(backbone, adapter_config(name), bank, _stats(bank, backbone), router=ROUTER)
+    info = write_export(predictor, backbone, adapter_config(name), tmp_path)
+    assert json.loads((tmp_path / "labels.json").read_text()) == ["t0/c00", "t0/c01", "t1/c10", "t1/c11", "t1/c12"]
+    assert info["shared"] == [name == "head"] * 2  # only a head adapter reads the router's features
+    x = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    expected = predictor.model(x).numpy()
+    session = ort.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
+    for batch in (x[:1], x):  # the batch axis is dynamic
+        scores = session.run(["scores"], {"images": batch.numpy()})[0]
+        # atol 1e-4, plus float32's relative error on the large negative scores of improbable tasks (-130: 8 ulp)
+        np.testing.assert_allclose(scores, expected[: len(batch)], atol=1e-4, rtol=1e-5)
+        assert (scores.argmax(1) == expected[: len(batch)].argmax(1)).all()
+    reloaded = load_export(tmp_path)
+    assert reloaded.labels == predictor.labels
+    torch.testing.assert_close(reloaded.model(x), predictor.model(x), rtol=0, atol=1e-6)
+
+
+def _run_dir(root: Path, backbone: Backbone) -> Path:
+    run = root / "run"
+    pack_artifact(backbone, run / "backbone")
+    config = ExperimentConfig(backbone=BackboneConfig(name="efficientvit_b0", img_size=32, weights="random"),
+                              adapter=adapter_config("head"))
+    (run / "config.json").write_text(json.dumps(asdict(config), default=str))
+    _bank(backbone, "head", artifact_digest(run / "backbone")).save(run / "bank")
+    return run
+
+
+def test_cli_exports_a_run_and_refuses_broken_ones(tiny_backbone: Callable[..., Backbone], tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    backbone = tiny_backbone("efficientvit_b0", 32)
+    run = _run_dir(tmp_path, backbone)
+    assert main([str(run), str(tmp_path / "out"), "--no-onnx"]) == 0
+    predictor = load_export(tmp_path / "out")
+    assert predictor.predict(torch.rand(2, 3, 32, 32))[0] in predictor.labels
+
+    weights = tmp_path / "out" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-8] + b"\0" * 8)
+    with pytest.raises(ExportError, match="SHA-256"):
+        load_export(tmp_path / "out")
+    (tmp_path / "out" / "model.json").unlink()
+    with pytest.raises(ExportError, match="model.json is missing"):
+        load_export(tmp_path / "out")
+
+    assert main([str(tmp_path / "nowhere"), str(tmp_path / "o2")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    bank_file = next((run / "bank").glob("task-0001-*.safetensors"))
+    bank_file.write_bytes(b"corrupt")
+    assert main([str(run), str(tmp_path / "o3")]) == 2
+    assert "adapter bank is unusable" in capsys.readouterr().err
+    (run / "bank" / "bank.json").unlink()
+    assert main([str(run), str(tmp_path / "o4")]) == 2
+    assert "bank.json does not exist" in capsys.readouterr().err
+    (run / "config.json").unlink()
+    assert main([str(run), str(tmp_path / "o5")]) == 2
+    assert "no config.json" in capsys.readouterr().err
+
+
+def test_a_bank_without_statistics_is_a_clear_error(tiny_backbone: Callable[..., Backbone], tmp_path: Path) -> None:
+    backbone = tiny_backbone("efficientvit_b0", 32)
+    bank = _bank(backbone, "head")
+    bank.set_stats(1, {})
+    with pytest.raises(ExportError, match=r"tasks \[1\] have no router statistics"):
+        _stats(bank, backbone)

@@ -1,0 +1,278 @@
+"""Task-free routing: statistics add up, validation rejects bad ones, the router and the joint model predict."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from fedpetah.adapters import adapter_config, build_adapter
+from fedpetah.backbone import Backbone
+from fedpetah.bank import AdapterBank
+from fedpetah.collect import StatsCollector
+from fedpetah.config import TrainConfig
+from fedpetah.local import train_task
+from fedpetah.metrics import RoundRecord, RunLog, plot_run, summarize
+from fedpetah.predict import build_predictor, evaluate_task_free
+from fedpetah.protocol import ProtocolError, Records, Status, TaskInfo, TrainReply, TrainRequest, stats_specs
+from fedpetah.routing import (
+    FeatureStats,
+    RouterConfig,
+    StatsError,
+    aggregate_stats,
+    class_stats,
+    data_stats,
+    fit_router,
+    joint_scores,
+    project,
+    projection,
+)
+from fedpetah.tasks import Task, TaskStreamConfig, batches, build_stream
+
+
+def _clusters(seed: int, per_class: int = 200, dim: int = 6) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Four Gaussian classes with a shared, correlated covariance; returns features, labels, means."""
+    g = torch.Generator().manual_seed(seed)
+    means = 3.0 * torch.randn(4, dim, generator=g)
+    mix = torch.randn(dim, dim, generator=g) / math.sqrt(dim)
+    labels = torch.arange(4).repeat_interleave(per_class)
+    x = means[labels] + torch.randn(len(labels), dim, generator=g) @ mix
+    return x, labels, means
+
+
+def test_statistics_of_shards_add_up_to_the_statistics_of_the_whole() -> None:
+    x, y, _ = _clusters(0)
+    whole = class_stats(x, y, 4)
+    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(1))
+    shards = [class_stats(x[i], y[i], 4) for i in order.split(97)]
+    summed = aggregate_stats(shards)
+    assert torch.equal(summed.count, torch.full((4,), 200))
+    torch.testing.assert_close(summed.sum, whole.sum, rtol=1e-12, atol=1e-10)
+    torch.testing.assert_close(summed.scatter, whole.scatter, rtol=1e-12, atol=1e-10)
+    again = aggregate_stats(shards)  # same order: bit for bit
+    assert torch.equal(again.sum, summed.sum) and torch.equal(again.scatter, summed.scatter)
+    torch.testing.assert_close(whole.sum[2] / 200, x[y == 2].double().mean(0))
+
+
+def test_router_agrees_with_scikit_learn_shrunk_lda() -> None:
+    x, y, _ = _clusters(0)
+    test_x, test_y, _ = _clusters(0, per_class=100)
+    task_stats = [class_stats(x[y < 2], y[y < 2], 2), class_stats(x[y >= 2], y[y >= 2] - 2, 2)]
+    router = fit_router(task_stats, 6, RouterConfig(shrinkage=0.2))
+    ours = router(test_x).argmax(1)
+    reference = LinearDiscriminantAnalysis(solver="lsqr", shrinkage=0.2, priors=[0.25] * 4)
+    theirs = torch.from_numpy(reference.fit(x.numpy(), y.numpy()).predict(test_x.numpy()))
+    assert (ours == theirs).float().mean() >= 0.99
+    assert (ours == test_y).float().mean() >= 0.9
+
+
+def test_a_class_without_examples_is_never_predicted() -> None:
+    x, y, _ = _clusters(2)
+    keep = y != 3
+    router = fit_router([class_stats(x[keep], y[keep], 4)], 6)
+    assert int((router(x).argmax(1) == 3).sum()) == 0
+
+
+def test_projected_router_is_one_linear_layer_on_the_full_features() -> None:
+    x, y, _ = _clusters(4, dim=12)
+    config = RouterConfig(dim=5, seed=3)
+    matrix = projection(12, config)
+    assert matrix is not None and matrix.shape == (12, 5)
+    assert set(matrix.abs().unique().tolist()) == {1 / math.sqrt(5)}
+    again = projection(12, config)
+    assert again is not None and torch.equal(matrix, again)  # integer hashing: the same on every party
+    other = projection(12, RouterConfig(dim=5, seed=4))
+    assert other is not None and not torch.equal(matrix, other)
+    assert projection(12, RouterConfig(dim=0)) is None and projection(12, RouterConfig(dim=12)) is None
+    stats = [class_stats(project(x, config), y, 4)]
+    full = fit_router(stats, 12, config)
+    small = fit_router(stats, 5, RouterConfig(dim=0, shrinkage=config.shrinkage))
+    torch.testing.assert_close(full(x), small(project(x, config).float()), rtol=1e-4, atol=1e-3)
+    with pytest.raises(StatsError, match="the router expects 5"):
+        fit_router([class_stats(x.double(), y, 4)], 12, config)
+
+
+def _valid() -> dict[str, torch.Tensor]:
+    x, y, _ = _clusters(3, per_class=10, dim=4)
+    return class_stats(x, y, 4).tensors()
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda t: t.pop("scatter"), "exactly the keys"),
+        (lambda t: t.update(sum=t["sum"].float()), "expected torch.float64"),
+        (lambda t: t.update(sum=t["sum"][:3]), r"\(4, 4\)"),
+        (lambda t: t["sum"].__setitem__((0, 0), math.nan), "NaN"),
+        (lambda t: t["count"].__setitem__(0, -1), "counts"),
+        (lambda t: t["count"].__setitem__(0, 10**9), "counts"),
+        (lambda t: t["scatter"].__setitem__((0, 1), 1e6), "symmetric"),
+        (lambda t: t["scatter"].__setitem__((1, 1), -1.0), "negative diagonal"),
+        (lambda t: t["count"].__setitem__(2, 0), "no examples"),
+    ],
+)
+def test_untrusted_statistics_are_validated(change: Callable[[dict[str, torch.Tensor]], object], message: str) -> None:
+    FeatureStats.from_tensors(_valid(), num_classes=4, dim=4)  # the unchanged ones pass
+    bad = _valid()
+    change(bad)
+    with pytest.raises(StatsError, match=message):
+        FeatureStats.from_tensors(bad, num_classes=4, dim=4)
+
+
+def test_joint_scores_are_log_probabilities_of_router_times_expert() -> None:
+    router = torch.tensor([[0.0, math.log(3.0), math.log(4.0), 0.0]])  # p(task 0) = 4/9, p(task 1) = 5/9
+    experts = [torch.tensor([[0.0, 0.0]]), torch.tensor([[math.log(4.0), 0.0]])]
+    scores = joint_scores(router, experts).exp()
+    torch.testing.assert_close(scores, torch.tensor([[2 / 9, 2 / 9, 4 / 9, 1 / 9]]))
+
+
+def _digits(num_tasks: int) -> list[Task]:
+    return build_stream(TaskStreamConfig(name="digits", num_tasks=num_tasks))
+
+
+def _calibrated(backbone: Backbone, task: Task) -> Backbone:
+    """A copy whose batch-norm statistics come from one batch of real images: random weights with the
+    stock running statistics give near-constant features; calibrated ones separate digits."""
+    module = copy.deepcopy(backbone.module)
+    for layer in module.modules():
+        if isinstance(layer, _BatchNorm):
+            layer.reset_running_stats()
+            layer.momentum = None
+    x, _ = next(batches(task.train, backbone.img_size, backbone.in_chans, 128, True, torch.Generator().manual_seed(0)))
+    mean, std = torch.tensor(backbone.mean).view(1, -1, 1, 1), torch.tensor(backbone.std).view(1, -1, 1, 1)
+    with torch.no_grad():
+        module.train()((x - mean) / std)
+    return dataclasses.replace(backbone, module=module.eval())
+
+
+@pytest.fixture(scope="module")
+def two_tasks(tiny_backbone: Callable[..., Backbone]) -> tuple[Backbone, list[Task]]:
+    tasks = _digits(2)
+    return _calibrated(tiny_backbone("efficientvit_b0", 32), tasks[0]), tasks
+
+
+def _bank(backbone: Backbone, tasks: list[Task], name: str) -> AdapterBank:
+    bank = AdapterBank()
+    config = adapter_config(name)
+    for task in tasks:
+        initial = build_adapter(config, backbone, task.num_classes).state()
+        state, _ = train_task(backbone, config, task.num_classes, initial, task.train,
+                              TrainConfig(epochs=3, lr=0.01, batch_size=32))
+        bank.add_task(task.index, name, task.num_classes, state, task.classes, {"task_name": task.name})
+    return bank
+
+
+@pytest.fixture(scope="module")
+def head_bank(two_tasks: tuple[Backbone, list[Task]]) -> AdapterBank:
+    return _bank(*two_tasks, "head")
+
+
+def test_task_free_model_routes_digits_without_task_ids(two_tasks: tuple[Backbone, list[Task]],
+                                                        head_bank: AdapterBank) -> None:
+    backbone, tasks = two_tasks
+    bank = head_bank
+    stats = {t.index: data_stats(backbone, t.train, t.num_classes) for t in tasks}
+    predictor = build_predictor(backbone, adapter_config("head"), bank, stats)
+    assert predictor.labels == ["digits_0_1/0", "digits_0_1/1", "digits_2_3/2", "digits_2_3/3"]
+    assert all(predictor.model.shared)  # head experts read the router's features: one backbone pass
+    result = evaluate_task_free(predictor, tasks)
+    assert result.routing_accuracy >= 0.7 and result.accuracy >= 0.6, result  # chance: 0.5 and 0.25
+    # the scores are the router's task posterior times the expert's class posterior
+    x = torch.rand(3, 3, 32, 32)
+    model = predictor.model
+    frozen = model.features(x)
+    expected = joint_scores(model.router(frozen), [e(frozen) for e in model.experts])
+    torch.testing.assert_close(model(x), expected)
+    labels = predictor.predict(x)
+    assert len(labels) == 3 and set(labels) <= set(predictor.labels)
+
+
+def test_predictor_needs_statistics_of_every_task(two_tasks: tuple[Backbone, list[Task]],
+                                                  head_bank: AdapterBank) -> None:
+    backbone, tasks = two_tasks
+    bank = head_bank
+    stats = {0: data_stats(backbone, tasks[0].train, 2)}
+    with pytest.raises(ValueError, match=r"missing \[1\]"):
+        build_predictor(backbone, adapter_config("head"), bank, stats)
+    wrong = {0: stats[0], 1: FeatureStats.zeros(3, stats[0].dim)}
+    with pytest.raises(ValueError, match="statistics for 3 classes"):
+        build_predictor(backbone, adapter_config("head"), bank, wrong)
+    assert np.isfinite(stats[0].scatter.numpy()).all()
+
+
+def _stats_reply(examples: int = 40, **arrays: np.ndarray) -> Records:
+    x, y, _ = _clusters(5, per_class=10, dim=4)
+    stats = {k: v.numpy() for k, v in class_stats(x, y, 4).tensors().items()}
+    stats.update(arrays)
+    return TrainReply(Status.OK, "", {"w": np.zeros(2, np.float32)}, examples, {}, stats).encode()
+
+
+def test_statistics_travel_with_the_train_reply_and_are_decoded_defensively() -> None:
+    request = TrainRequest("a" * 64, 1, 0, 2, TaskInfo(0, "t", ("0", "1")),
+                           {s: {} for s in ("adapter", "train", "tasks", "partition")}, {}, stats=(256, 7))
+    assert TrainRequest.decode(request.encode()).stats == (256, 7)
+    expected, specs = {"w": ((2,), "<f4")}, stats_specs(4, 4)
+    reply = TrainReply.decode(_stats_reply(), expected, specs)
+    assert reply.stats is not None and int(reply.stats["count"].sum()) == 40
+    hostile = {
+        "not asked for": (_stats_reply(), None),
+        "missing": (TrainReply(Status.OK, "", {"w": np.zeros(2, np.float32)}, 40).encode(), specs),
+        "shape": (_stats_reply(sum=np.zeros((4, 5))), specs),
+        "dtype": (_stats_reply(count=np.full(4, 10, np.int32)), specs),
+        "counts": (_stats_reply(examples=41), specs),
+        "nan": (_stats_reply(scatter=np.full((4, 4), np.nan)), specs),
+    }
+    for name, (records, wanted) in hostile.items():
+        with pytest.raises(ProtocolError) as error:
+            TrainReply.decode(records, expected, wanted)
+        assert error.value.reason == "stats", name
+
+
+def test_collector_sums_each_clients_statistics_once_into_the_bank(
+        two_tasks: tuple[Backbone, list[Task]], tmp_path: Path) -> None:
+    backbone, tasks = two_tasks
+    bank = AdapterBank()
+    task = tasks[0]
+    bank.add_task(0, "head", 2, build_adapter(adapter_config("head"), backbone, 2).state(), task.classes)
+    collector = StatsCollector(bank, backbone, RouterConfig(dim=16))
+    assert collector.wanted(0, 3) == (16, 0)
+    halves = [task.train.subset(range(0, 100)), task.train.subset(range(100, len(task.train)))]
+    parts = [data_stats(backbone, h, 2, collector.config).tensors() for h in halves]
+    bad = dict(parts[1], scatter=parts[1]["scatter"] + torch.triu(torch.ones(16, 16), 1))
+    assert set(collector.collect(0, [(3, parts[0]), (4, bad)])) == {4}  # asymmetric: rejected
+    assert set(collector.collect(0, [(3, parts[0]), (4, parts[1])])) == {3}  # 3 counted already
+    assert collector.wanted(0, 3) is None and collector.wanted(0, 4) is None
+    whole = data_stats(backbone, task.train, 2, collector.config)
+    bank.save(tmp_path)
+    stored = AdapterBank.load(tmp_path)[0].stats
+    assert torch.equal(stored["count"], whole.count)
+    torch.testing.assert_close(stored["scatter"], whole.scatter, rtol=1e-10, atol=1e-8)
+    assert StatsCollector(AdapterBank.load(tmp_path), backbone, RouterConfig(dim=64)).config.dim == 16  # resumed
+
+
+def test_summary_and_plots_carry_the_task_free_matrix(tmp_path: Path) -> None:
+    records = [
+        RoundRecord(1, 0, {0: 0.9}, extra={"bytes_stats_up": 100.0}),
+        RoundRecord(2, 0, {0: 0.95}, extra={"task_free_0": 0.95, "task_free_all": 0.95, "task_free_routing": 1.0}),
+        RoundRecord(3, 1, {0: 0.95, 1: 0.8}, extra={"bytes_stats_up": 50.0}),
+        RoundRecord(4, 1, {0: 0.95, 1: 0.9}, extra={"task_free_0": 0.7, "task_free_1": 0.85, "task_free_all": 0.78,
+                                                   "task_free_routing": 0.8}),
+    ]
+    summary = summarize(records, 2)
+    assert summary["task_free_matrix"] == [[0.95, None], [0.7, 0.85]]
+    assert summary["task_free_accuracy"] == 0.78 and summary["task_free_routing"] == 0.8
+    assert summary["bytes_stats_up_total"] == 150.0
+    with RunLog(tmp_path) as log:
+        for record in records:
+            log.log(record)
+    names = {p.name for p in plot_run(tmp_path, 2)}
+    assert {"accuracy_matrix.png", "task_free_matrix.png"} <= names
+    assert (tmp_path / "task_free_matrix.png").stat().st_size > 1000
