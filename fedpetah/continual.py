@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from fedpetah.adapters import build_adapter
-from fedpetah.aggregation import aggregator_config, build_aggregator, filter_updates
+from fedpetah.aggregation import BoundedAggregation, build_aggregator
 from fedpetah.artifact import artifact_digest, load_artifact
 from fedpetah.backbone import Backbone
 from fedpetah.bank import AdapterBank
@@ -74,7 +74,7 @@ class ContinualServer:
         self.digest = artifact_digest(self.artifact_dir)
         self.backbone: Backbone = load_artifact(self.artifact_dir, expected_digest=self.digest)
         self.tasks: tuple[Task, ...] = load_stream(config.tasks)
-        self.aggregator = build_aggregator(aggregator_config(config.strategy.aggregator, **config.strategy.options))
+        self.aggregate = BoundedAggregation(build_aggregator(config.strategy.aggregator), config.strategy.bounds)
         self.bank_dir = self.run_dir / "bank"
         resuming = config.resume and (self.bank_dir / "bank.json").is_file()
         self.bank = AdapterBank.load(self.bank_dir) if resuming else AdapterBank()
@@ -124,17 +124,19 @@ class ContinualServer:
                        bytes_down: int, bytes_up: int, started: float,
                        bytes_backbone: int = 0) -> RoundRecord:
         """Validate and aggregate the replies, update the bank, evaluate, log; returns the round's row."""
-        trained = [r for r in replies if r.status == "ok" and r.state is not None]
-        filtered = filter_updates([r.state for r in trained], [r.num_examples for r in trained],  # type: ignore[misc]
-                                  current, self.config.strategy.max_update_norm)
+        trained = [r for r in replies if r.status == "ok"]
+        bounded = self.aggregate(current, [r.state for r in trained], [r.num_examples for r in trained],
+                                 self.bank[plan.task].opt_state, task_size=len(self.tasks[plan.task].train))
         rejected = [{"client": trained[r.index].client, "reason": r.reason, "detail": r.detail}
-                    for r in filtered.rejected]
+                    for r in bounded.rejected]
         rejected += [{"client": r.client, "reason": r.status, "detail": r.reason} for r in replies
                      if r.status != "ok"]
-        aggregated = bool(filtered.updates)
-        if aggregated:
-            result = self.aggregator(current, filtered.updates, filtered.weights, self.bank[plan.task].opt_state)
-            self.bank.update(plan.task, result.state, plan.round, result.opt_state)
+        aggregated = bounded.aggregate is not None
+        if bounded.aggregate is not None:
+            self.bank.update(plan.task, bounded.aggregate.state, plan.round, bounded.aggregate.opt_state)
+        aggregation = {f"agg_{k}": v for k, v in bounded.metrics.items()}
+        aggregation |= {f"rejected_{r.reason}": float(sum(x.reason == r.reason for x in bounded.rejected))
+                        for r in bounded.rejected}
         last_of_task = plan.round_in_task == self.config.rounds_per_task
         accuracies = self.evaluate_seen(plan.task) if (self.config.evaluate_every_round or last_of_task) else []
         ok = [r for r in replies if r.status == "ok"]
@@ -158,6 +160,7 @@ class ContinualServer:
                 "peak_memory_p50_mb": float(np.median(memory)) if memory else math.nan,
                 "slowest_client_s": max(compute, default=0.0),
                 "overhead_s": wall - max(compute, default=0.0),
+                **aggregation,
             },
         )
         for rejection in rejected:
