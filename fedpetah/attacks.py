@@ -8,9 +8,10 @@ negative or absurdly large. Attacks never mutate their inputs and draw randomnes
 
 from __future__ import annotations
 
+import json
 import math
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
@@ -139,6 +140,20 @@ class AttackConfig:
                              f"got {self.name!r}")
         if not 0.0 <= self.fraction <= 1.0:
             raise ValueError(f"simulation.attack_fraction must be in [0, 1], got {self.fraction}")
+
+
+ENV = "FEDPETAH_ATTACK"
+"""How a simulation tells its ClientApp workers (Ray processes started after it is set) the attack to run."""
+
+
+def to_env(config: AttackConfig) -> str:
+    return json.dumps(asdict(config))
+
+
+def from_env(environ: Mapping[str, str]) -> AttackConfig:
+    """The simulation's attack, or ``none`` when the variable is unset (every real deployment)."""
+    raw = environ.get(ENV)
+    return AttackConfig(**json.loads(raw)) if raw else AttackConfig()
 
 
 def byzantine_clients(clients: int, fraction: float, seed: int) -> frozenset[int]:

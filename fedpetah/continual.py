@@ -137,6 +137,8 @@ class ContinualServer:
         aggregation = {f"agg_{k}": v for k, v in bounded.metrics.items()}
         aggregation |= {f"rejected_{r.reason}": float(sum(x.reason == r.reason for x in bounded.rejected))
                         for r in bounded.rejected}
+        losses = [r.metrics.get("train-loss", math.nan) for r in trained]  # NaN if any client's training diverged
+        aggregation["train_loss_max"] = float(np.max(losses)) if losses else math.nan
         last_of_task = plan.round_in_task == self.config.rounds_per_task
         accuracies = self.evaluate_seen(plan.task) if (self.config.evaluate_every_round or last_of_task) else []
         ok = [r for r in replies if r.status == "ok"]

@@ -115,3 +115,12 @@ def test_default_bounds_keep_a_fifth_of_attackers_near_the_honest_mean(name: str
         assert loose is not None
         far = math.sqrt(sum(float((loose.state[k] - honest_mean[k]).square().sum()) for k in HONEST))
         assert far > worse[name] * gap
+
+
+def test_the_attack_travels_to_simulated_clients_through_the_environment() -> None:
+    from fedpetah.attacks import ENV, from_env, to_env
+
+    assert from_env({}) == AttackConfig() and AttackConfig().name == "none"
+    assert from_env({ENV: to_env(AttackConfig("noise", 0.4))}) == AttackConfig("noise", 0.4)
+    with pytest.raises(ValueError, match="simulation.attack"):
+        from_env({ENV: '{"name": "evil", "fraction": 0.2}'})
