@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
-from clients.launch import child_env  # noqa: E402
+from flower_glue.launch import child_env  # noqa: E402
 from server.loopback import Loopback  # noqa: E402
 
 FLOWER_FLOOR_S = (16.5, 18.7)  # per round with a trivial model on this machine class (docs/DESIGN facts)

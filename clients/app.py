@@ -1,37 +1,42 @@
-"""Flower ClientApp: hello, backbone install and per-task adapter training, translated to fedpetah calls."""
+"""Flower ClientApp: decode each message with fedpetah.protocol, answer it with fedpetah.client, encode the reply.
+
+Module-level imports stay light (flwr, NumPy, the protocol): torch and the library are imported on the first
+message that needs them, and the runtime (backbone cache) is kept per process, so a simulation worker pays
+for them once.
+"""
 
 from __future__ import annotations
 
+import logging
 import os
-from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from clients.wire import (
-    NO_PARTITION,
-    parse_train_config,
-    record_to_bytes,
-    record_to_state,
-    state_to_record,
-)
-from fedpetah.backbone.build import default_cache_dir
-from fedpetah.local import BackboneCache, simulated_shard, train_task
-from fedpetah.tasks import ImageSet
+from fedpetah.protocol import HELLO, NO_PARTITION, HelloRequest, ProtocolError, Status, TrainReply, TrainRequest
+from flower_glue.records import records_of, reply
 
+if TYPE_CHECKING:
+    from fedpetah.client import ClientRuntime, DataSource
+
+log = logging.getLogger("fedpetah.client")
 app = ClientApp()
+_RUNTIMES: dict[tuple[str, int], ClientRuntime] = {}
 
-_CACHES: dict[str, BackboneCache] = {}
 
+def _runtime(context: Context) -> ClientRuntime:
+    """One runtime per cache dir and partition in this process (it survives across messages in a Ray worker)."""
+    from fedpetah.backbone.build import default_cache_dir
+    from fedpetah.client import ClientRuntime
+    from fedpetah.local import BackboneCache
 
-def _cache(context: Context) -> BackboneCache:
-    """One backbone cache per process (survives across messages in a simulation worker)."""
     root = str(context.node_config.get("cache-dir", "") or default_cache_dir() / "backbones")
-    if root not in _CACHES:
-        _CACHES[root] = BackboneCache(Path(root))
-    return _CACHES[root]
+    key = (root, _partition(context))
+    if key not in _RUNTIMES:
+        _RUNTIMES[key] = ClientRuntime(BackboneCache(Path(root)), key[1])
+    return _RUNTIMES[key]
 
 
 def _partition(context: Context) -> int:
@@ -39,55 +44,44 @@ def _partition(context: Context) -> int:
 
 
 def _set_threads() -> None:
+    import torch
+
     threads = int(os.environ.get("FEDPETAH_TORCH_THREADS", "0"))
     if threads > 0 and torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
 
 
-@app.query("hello")
+def _data(context: Context) -> DataSource:
+    partition = _partition(context)
+    if partition != NO_PARTITION:
+        from fedpetah.client import simulated_data
+
+        return simulated_data(partition)
+    from clients.device_data import device_task_data
+
+    return lambda settings: device_task_data(context, settings.request.task.name, list(settings.request.task.classes))
+
+
+@app.query(HELLO.removeprefix("query."))
 def hello(message: Message, context: Context) -> Message:
-    """Tell the server who we are: the simulation partition id (or -1) and whether the backbone is cached."""
-    digest = str(message.content["config"]["digest"])
-    reply = ConfigRecord({"partition-id": _partition(context), "has-backbone": _cache(context).has(digest)})
-    return Message(RecordDict({"config": reply}), reply_to=message)
-
-
-@app.query("install")
-def install(message: Message, context: Context) -> Message:
-    """Verify the backbone artifact's digests and store it under its digest."""
-    content = message.content
-    digest = str(content["config"]["digest"])
-    written = _cache(context).install(digest, record_to_bytes(content["weights"]),
-                                      record_to_bytes(content["manifest"]))
-    return Message(RecordDict({"metrics": MetricRecord({"bytes-written": written})}), reply_to=message)
+    """Who we are (partition id, or -1 on a device) and whether the backbone is cached here."""
+    request = HelloRequest.decode(records_of(message))
+    return reply(_runtime(context).hello(request).encode(), message)
 
 
 @app.train()
 def train(message: Message, context: Context) -> Message:
     """Train the task's adapter from the global state on this client's data; reply with the state only."""
+    try:
+        request = TrainRequest.decode(records_of(message))
+    except ProtocolError as error:
+        log.warning("refusing a malformed train request: %s", error)
+        return reply(TrainReply(Status.ERROR, f"malformed request: {error}").encode(), message)
     _set_threads()
-    cfg = parse_train_config(message.content["config"])
-    data = _local_data(cfg, context)
-    if data is None or len(data) == 0:
-        status = ConfigRecord({"status": "no-data", "reason": f"no training data for task {cfg['task-name']}"})
-        return Message(RecordDict({"status": status, "metrics": MetricRecord({"num-examples": 0})}),
-                       reply_to=message)
-    cache = _cache(context)
-    backbone = cache.get(str(cfg["digest"]))
-    seed = int(cfg["seed"]) * 1_000_003 + int(cfg["round"]) * 10_007 + max(_partition(context), 0)
-    state, metrics = train_task(backbone, cfg["adapter"], int(cfg["num-classes"]),
-                                record_to_state(message.content["adapter"]), data, replace(cfg["train"], seed=seed))
-    metrics["backbone-load-seconds"] = cache.last_load_seconds
-    content = RecordDict({"adapter": state_to_record(state), "metrics": MetricRecord(metrics),
-                          "status": ConfigRecord({"status": "ok", "reason": ""})})
-    return Message(content, reply_to=message)
-
-
-def _local_data(cfg: dict, context: Context) -> ImageSet | None:
+    answer = _runtime(context).train(request, _data(context))
     partition = _partition(context)
-    if partition != NO_PARTITION:
-        return simulated_shard(cfg["tasks"], cfg["partition"], int(cfg["clients"]), partition,
-                               int(cfg["task"]), int(cfg["seed"]))
-    from clients.device_data import device_task_data
+    if partition != NO_PARTITION:  # a simulation may make this partition byzantine (simulation.attack)
+        from fedpetah.attacks import corrupt_reply, from_env
 
-    return device_task_data(context, str(cfg["task-name"]), list(cfg["classes"]))
+        answer = corrupt_reply(answer, request, partition, from_env(os.environ))
+    return reply(answer.encode(), message)

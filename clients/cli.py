@@ -24,7 +24,7 @@ import time
 from collections import deque
 from pathlib import Path
 
-from clients.launch import (
+from flower_glue.launch import (
     child_env,
     connect_with_retries,
     executable,

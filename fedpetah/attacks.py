@@ -11,11 +11,12 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import torch
 
+from fedpetah.protocol import Status, TrainReply, TrainRequest
 from fedpetah.registry import Registry
 
 StateDict = dict[str, torch.Tensor]
@@ -25,7 +26,9 @@ ATTACKS: Registry[Attack] = Registry("attack")
 
 HUGE_SCALE = 1e4
 """``huge_norm`` sends ``reference - HUGE_SCALE * (state - reference)``: the honest step, reversed and blown up."""
-INFLATED_COUNT = 1e9
+INFLATED_COUNT = 1e6
+"""Above any client's share of a task (split_mnist tasks hold about 1,600 training images), yet below the
+protocol's ``MAX_EXAMPLES`` bound, so it reaches aggregation: 1e9 is refused when the reply is decoded."""
 NEGATIVE_COUNT = -1000.0
 NOISE_STD = 1.0
 """``noise`` adds i.i.d. N(0, NOISE_STD**2) to every value: far larger than an honest local step."""
@@ -168,9 +171,25 @@ def attack_rng(seed: int, round: int, client: int) -> np.random.Generator:
     return np.random.default_rng([seed, 0xB12, round, client])
 
 
+def corrupt_reply(reply: TrainReply, request: TrainRequest, client: int, config: AttackConfig) -> TrainReply:
+    """A simulated client's reply as it leaves the client: :func:`corrupt` applied to an ``ok`` reply.
+
+    The count goes out as an int when it is a whole number and as the float it became otherwise (NaN, inf):
+    the reply is encoded and decoded by the real protocol, which must refuse what it cannot accept.
+    """
+    if reply.status is not Status.OK or reply.state is None or config.name == "none":
+        return reply
+    state = {k: torch.from_numpy(np.array(v, copy=True)) for k, v in reply.state.items()}
+    reference = {k: torch.from_numpy(np.array(v, copy=True)) for k, v in request.state.items()}
+    sent, count = corrupt(config, clients=request.clients, client=client, seed=request.seed, round=request.round,
+                          state=state, reference=reference, num_examples=reply.num_examples)
+    number: int | float = int(count) if math.isfinite(count) and count.is_integer() else count
+    return replace(reply, state={k: v.numpy() for k, v in sent.items()}, num_examples=number)  # type: ignore[arg-type]
+
+
 def corrupt(config: AttackConfig, *, clients: int, client: int, seed: int, round: int, state: StateDict,
             reference: StateDict, num_examples: int) -> tuple[StateDict, float]:
     """What simulated client ``client`` sends: its honest reply, or the attack's when it is byzantine."""
     if config.name == "none" or client not in byzantine_clients(clients, config.fraction, seed):
-        return state, float(num_examples)
+        return state, float(num_examples)  # an honest client
     return ATTACKS.get(config.name)(state, reference, num_examples, attack_rng(seed, round, client))

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -22,9 +23,10 @@ from fedpetah.artifact import artifact_digest, load_artifact
 from fedpetah.backbone import Backbone
 from fedpetah.bank import AdapterBank
 from fedpetah.experiment import ExperimentConfig
-from fedpetah.local import load_stream
+from fedpetah.local import MANIFEST_FILE, WEIGHTS_FILE, load_stream
 from fedpetah.metrics import RoundRecord, RunLog, plot_run, read_rounds, summarize
 from fedpetah.prepare import prepare_artifact
+from fedpetah.protocol import SECTIONS, Status, TaskInfo, TrainReply, TrainRequest, client_seed
 from fedpetah.tasks import Task
 from fedpetah.train import evaluate
 
@@ -41,14 +43,25 @@ class RoundPlan:
 
 @dataclass
 class ClientReply:
-    """What came back from one sampled client, already decoded from the transport."""
+    """What came back from one sampled client, already decoded from the transport.
+
+    ``status``: a :class:`~fedpetah.protocol.Status` value, or ``rejected`` for a reply that did not decode
+    (``reason`` then names why: a protocol reason or ``timeout``; ``detail`` says more).
+    """
 
     client: int
     state: StateDict | None
     num_examples: int
     metrics: dict[str, float] = field(default_factory=dict)
-    status: str = "ok"  # ok | no-data | error
+    status: str = Status.OK.value
     reason: str = ""
+    detail: str = ""
+
+    @classmethod
+    def of(cls, client: int, reply: TrainReply) -> ClientReply:
+        state = None if reply.state is None else {k: torch.from_numpy(v.copy()) for k, v in reply.state.items()}
+        return cls(client, state, reply.num_examples, dict(reply.metrics), reply.status.value,
+                   reply.status.value if reply.status is not Status.OK else "", reply.reason)
 
 
 @dataclass
@@ -120,23 +133,38 @@ class ContinualServer:
         t = self.tasks[task]
         return {"task": task, "task-name": t.name, "classes": list(t.classes), "num-classes": t.num_classes}
 
+    def train_request(self, plan: RoundPlan, client: int, current: StateDict, with_artifact: bool) -> TrainRequest:
+        """What ``client`` is asked in ``plan``'s round: its own training seed, the task, the global adapter
+        state, and the backbone artifact when the client does not hold it yet."""
+        config, task = self.config, self.tasks[plan.task]
+        sections = {name: asdict(getattr(config, name)) for name in SECTIONS}
+        sections["train"]["seed"] = client_seed(config.seed, plan.round, client)
+        artifact: tuple[bytes, ...] | None = None
+        if with_artifact:
+            artifact = tuple((self.artifact_dir / name).read_bytes() for name in (WEIGHTS_FILE, MANIFEST_FILE))
+        return TrainRequest(digest=self.digest, round=plan.round, seed=config.seed, clients=config.clients,
+                            task=TaskInfo(plan.task, task.name, tuple(task.classes)), sections=sections,
+                            state={k: v.detach().cpu().contiguous().numpy() for k, v in current.items()},
+                            artifact=artifact)
+
     def complete_round(self, plan: RoundPlan, current: StateDict, replies: list[ClientReply],
                        bytes_down: int, bytes_up: int, started: float,
-                       bytes_backbone: int = 0) -> RoundRecord:
-        """Validate and aggregate the replies, update the bank, evaluate, log; returns the round's row."""
+                       bytes_backbone: int = 0, extra: dict[str, float] | None = None) -> RoundRecord:
+        """Validate and aggregate the replies, update the bank, evaluate, log; returns the round's row.
+
+        ``replies`` come in a fixed order (by client id), so the same replies always give the same sums.
+        """
         trained = [r for r in replies if r.status == "ok"]
         bounded = self.aggregate(current, [r.state for r in trained], [r.num_examples for r in trained],
                                  self.bank[plan.task].opt_state, task_size=len(self.tasks[plan.task].train))
         rejected = [{"client": trained[r.index].client, "reason": r.reason, "detail": r.detail}
                     for r in bounded.rejected]
-        rejected += [{"client": r.client, "reason": r.status, "detail": r.reason} for r in replies
-                     if r.status != "ok"]
+        rejected += [{"client": r.client, "reason": r.reason, "detail": r.detail} for r in replies
+                     if r.status == "rejected"]
         aggregated = bounded.aggregate is not None
         if bounded.aggregate is not None:
             self.bank.update(plan.task, bounded.aggregate.state, plan.round, bounded.aggregate.opt_state)
         aggregation = {f"agg_{k}": v for k, v in bounded.metrics.items()}
-        aggregation |= {f"rejected_{r.reason}": float(sum(x.reason == r.reason for x in bounded.rejected))
-                        for r in bounded.rejected}
         losses = [r.metrics.get("train-loss", math.nan) for r in trained]  # NaN if any client's training diverged
         aggregation["train_loss_max"] = float(np.max(losses)) if losses else math.nan
         last_of_task = plan.round_in_task == self.config.rounds_per_task
@@ -151,7 +179,11 @@ class ContinualServer:
             bytes_up=bytes_up, bytes_down=bytes_down, num_clients=len(ok), num_rejected=len(rejected),
             round_time_s=wall, step_time_s=float(np.median(steps)) if steps else None,
             peak_memory_mb=max(memory) if memory else None,
+            rejections=dict(Counter(str(r["reason"]) for r in rejected)),
             extra={
+                **{f"status_{s.value.replace('-', '_')}": float(sum(r.status == s.value for r in replies))
+                   for s in Status if s is not Status.OK},
+                **(extra or {}),
                 "round_in_task": float(plan.round_in_task),
                 "sampled": float(len(replies)),
                 "aggregated": float(aggregated),

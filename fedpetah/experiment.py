@@ -67,6 +67,9 @@ class SimulationConfig:
 class ExperimentConfig:
     """Everything one federated continual run depends on.
 
+    ``reply_timeout_s``: how long the server waits for a round's replies; the round goes on without later
+    ones, which are counted as late when they arrive.
+
     ``stop_after``: end this invocation once that many rounds (counted over the whole run) are complete;
     the bank stays resumable, and ``resume=true`` with the same ``output_dir`` continues from there.
     """
@@ -78,6 +81,7 @@ class ExperimentConfig:
     stop_after: int | None = None
     output_dir: str = "."
     evaluate_every_round: bool = True
+    reply_timeout_s: float = 600.0
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     pruning: PruningConfig = field(default_factory=PruningConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
@@ -90,6 +94,8 @@ class ExperimentConfig:
     def __post_init__(self) -> None:
         if self.clients < 1 or self.rounds_per_task < 1:
             raise ValueError("clients and rounds_per_task must be >= 1")
+        if not self.reply_timeout_s > 0:
+            raise ValueError(f"reply_timeout_s must be positive, got {self.reply_timeout_s}")
         if self.stop_after is not None and self.stop_after < 1:
             raise ValueError(f"stop_after must be >= 1 when set, got {self.stop_after}")
 

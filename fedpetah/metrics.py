@@ -107,6 +107,7 @@ class RoundRecord:
 
     ``bytes_up``/``bytes_down``: adapter payload bytes summed over the round's clients;
     ``step_time_s``: the clients' median training-step time; ``peak_memory_mb``: the clients' maximum;
+    ``rejections``: rejected replies and updates counted by reason (``num_rejected`` is their total);
     ``extra``: any other scalars (train loss, aggregation metrics, ...). NaN marks a value not measured
     (an accuracy not evaluated this round); it is written as ``null``.
     """
@@ -121,6 +122,7 @@ class RoundRecord:
     round_time_s: float = 0.0
     step_time_s: float | None = None
     peak_memory_mb: float | None = None
+    rejections: dict[str, int] = field(default_factory=dict)
     extra: dict[str, float] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:

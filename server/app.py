@@ -1,4 +1,8 @@
-"""Flower ServerApp: drive the continual schedule over Flower's Grid (messages in, fedpetah calls, messages out)."""
+"""Flower ServerApp: drive the continual schedule over Flower's Grid (messages in, fedpetah calls, messages out).
+
+Every reply is decoded with fedpetah.protocol: whatever a client sends, a malformed reply becomes a counted
+rejection with its reason, never an exception here.
+"""
 
 from __future__ import annotations
 
@@ -6,26 +10,19 @@ import logging
 import time
 from pathlib import Path
 
-from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.app import Context, Message
 from flwr.serverapp import Grid, ServerApp
 
-from clients.wire import (
-    HELLO,
-    INSTALL,
-    TRAIN,
-    bytes_to_record,
-    record_bytes,
-    record_to_state,
-    state_to_record,
-    train_config_record,
-)
 from fedpetah.continual import ClientReply, ContinualServer, RoundPlan
 from fedpetah.experiment import ExperimentConfig, to_experiment
 from fedpetah.flatconfig import unflatten
 from fedpetah.metrics import RoundRecord
+from fedpetah.protocol import HELLO, TRAIN, HelloReply, HelloRequest, ProtocolError, Status, TrainReply, specs
+from flower_glue.records import records_of, to_recorddict
 from server.progress import Progress
 
 log = logging.getLogger("fedpetah.server")
+POLL_S = 0.2  # how often replies are pulled (Flower's own send_and_receive waits 3 s between pulls)
 
 
 def make_server_app(config: ExperimentConfig, run_dir: Path, cache_dir: Path | None = None) -> ServerApp:
@@ -49,15 +46,55 @@ def main(grid: Grid, context: Context) -> None:
     run(grid, config, Path(config.output_dir))
 
 
+class Exchange:
+    """Push messages, then pull replies every :data:`POLL_S` until all are in or the deadline passes.
+
+    Replies to an earlier exchange that arrive after its deadline are pulled with the next exchange and
+    counted as late (their round is over: they are not aggregated).
+    """
+
+    def __init__(self, grid: Grid, poll_s: float = POLL_S) -> None:
+        self.grid = grid
+        self.poll_s = poll_s
+        self.overdue: set[str] = set()
+
+    def __call__(self, messages: list[Message], timeout_s: float) -> tuple[dict[int, Message], int]:
+        """Replies by destination node, and how many late replies to earlier exchanges came in meanwhile."""
+        pushed = {str(mid) for mid in self.grid.push_messages(messages) if mid}
+        waiting = {m.metadata.message_id: m.metadata.dst_node_id for m in messages if m.metadata.message_id in pushed}
+        if len(waiting) < len(messages):
+            log.warning("Flower could not push %d of %d messages", len(messages) - len(waiting), len(messages))
+        replies: dict[int, Message] = {}
+        late = 0
+        deadline = time.monotonic() + timeout_s
+        while True:
+            for reply in self.grid.pull_messages(set(waiting) | self.overdue):
+                origin = reply.metadata.reply_to_message_id
+                if origin in waiting:
+                    replies[waiting.pop(origin)] = reply
+                elif origin in self.overdue:
+                    self.overdue.discard(origin)
+                    late += 1
+            if not waiting or time.monotonic() >= deadline:
+                break
+            time.sleep(self.poll_s)
+        if waiting:
+            log.warning("%d node(s) did not answer within %.0f s: %s", len(waiting), timeout_s,
+                        sorted(waiting.values()))
+        self.overdue |= set(waiting)
+        return replies, late
+
+
 def run(grid: Grid, config: ExperimentConfig, run_dir: Path, cache_dir: Path | None = None) -> dict:
     """The whole federated continual run; returns the summary."""
     server = ContinualServer(config, run_dir, cache_dir)
+    exchange = Exchange(grid)
     nodes = _wait_for_nodes(grid, config.clients)
-    clients = _hello(grid, server, nodes)
+    clients = _hello(exchange, server, nodes)
     progress = Progress(len(server.tasks) * config.rounds_per_task, [t.name for t in server.tasks])
     with progress:
         for plan in server.schedule():
-            progress.update(_round(grid, server, plan, clients))
+            progress.update(_round(exchange, server, plan, clients))
     summary = server.finish({"clients": config.clients})
     progress.final(summary)
     return summary
@@ -74,74 +111,64 @@ def _wait_for_nodes(grid: Grid, expected: int, timeout: float = 600.0) -> list[i
         time.sleep(1.0)
 
 
-def _hello(grid: Grid, server: ContinualServer, nodes: list[int]) -> dict[int, int]:
+def _hello(exchange: Exchange, server: ContinualServer, nodes: list[int]) -> dict[int, int]:
     """Map each client id (partition id in simulation, node id on devices) to its Flower node id."""
-    content = RecordDict({"config": ConfigRecord({"digest": server.digest})})
-    replies = grid.send_and_receive([Message(content, node, HELLO) for node in nodes])
+    content = HelloRequest(server.digest).encode()
+    replies, _ = exchange([Message(to_recorddict(content), node, HELLO) for node in nodes],
+                          server.config.reply_timeout_s)
     clients: dict[int, int] = {}
-    for reply in replies:
-        if reply.has_error():
-            log.warning("node %s failed hello: %s", reply.metadata.src_node_id, reply.error.reason)
+    for node, message in sorted(replies.items()):
+        try:
+            hello = HelloReply.decode(records_of(message))
+        except ProtocolError as error:
+            log.warning("node %s: bad hello reply (%s); it takes no part in this run", node, error)
             continue
-        partition = int(reply.content["config"]["partition-id"])
-        node = reply.metadata.src_node_id
-        clients[partition if partition >= 0 else node] = node
+        clients[hello.partition if hello.partition >= 0 else node] = node
+        if hello.has_backbone and node not in server.state.installed:
+            server.state.installed.append(node)
     return clients
 
 
-def _install(grid: Grid, server: ContinualServer, nodes: list[int]) -> int:
-    """Ship the backbone artifact once to each node that has not received it in this run."""
-    pending = [n for n in nodes if n not in set(server.state.installed)]
-    if not pending:
-        return 0
-    weights = (server.artifact_dir / "weights.safetensors").read_bytes()
-    manifest = (server.artifact_dir / "manifest.json").read_bytes()
-    sent = 0
-    messages = []
-    for node in pending:
-        content = RecordDict({"config": ConfigRecord({"digest": server.digest}),
-                              "weights": bytes_to_record(weights), "manifest": bytes_to_record(manifest)})
-        messages.append(Message(content, node, INSTALL))
-    for reply in grid.send_and_receive(messages):
-        if reply.has_error():
-            log.error("node %s refused the backbone: %s", reply.metadata.src_node_id, reply.error.reason)
-            continue
-        server.state.installed.append(reply.metadata.src_node_id)
-        sent += len(weights) + len(manifest)
-    return sent  # counted into the run state by ContinualServer.complete_round
-
-
-def _round(grid: Grid, server: ContinualServer, plan: RoundPlan, clients: dict[int, int]) -> RoundRecord:
+def _round(exchange: Exchange, server: ContinualServer, plan: RoundPlan, clients: dict[int, int]) -> RoundRecord:
     started = time.perf_counter()
     sampled = server.sample(list(clients), plan)
-    node_of = {c: clients[c] for c in sampled}
-    backbone_bytes = _install(grid, server, list(node_of.values()))
     current = server.global_state(plan.task)
-    cfg = server.config
-    adapter_record = state_to_record(current)
-    messages, bytes_down = [], 0
-    for client, node in node_of.items():
-        config = train_config_record(server.task_info(plan.task), cfg.adapter, cfg.train, cfg.tasks, cfg.partition,
-                                     digest=server.digest, round=plan.round, clients=cfg.clients, seed=cfg.seed,
-                                     client=client)
-        messages.append(Message(RecordDict({"config": config, "adapter": adapter_record}), node, TRAIN))
-        bytes_down += record_bytes(adapter_record)
-    client_of = {node: client for client, node in node_of.items()}
+    messages, artifact_bytes, bytes_down = [], 0, 0
+    client_of: dict[int, int] = {}
+    for client in sampled:
+        node = clients[client]
+        request = server.train_request(plan, client, current, with_artifact=node not in server.state.installed)
+        if request.artifact is not None:
+            artifact_bytes += sum(len(part) for part in request.artifact)
+        records = request.encode()
+        bytes_down += records.array_bytes("adapter")
+        messages.append(Message(to_recorddict(records), node, TRAIN))
+        client_of[node] = client
+    answers, late = exchange(messages, server.config.reply_timeout_s)
+    expected = specs({k: v.numpy() for k, v in current.items()})
     replies, bytes_up = [], 0
-    for reply in grid.send_and_receive(messages):
-        client = client_of.get(reply.metadata.src_node_id, -1)
-        if reply.has_error():
-            replies.append(ClientReply(client, None, 0, status="error", reason=reply.error.reason))
-            if "ArtifactError" in reply.error.reason and reply.metadata.src_node_id in server.state.installed:
-                server.state.installed.remove(reply.metadata.src_node_id)  # its copy was discarded: re-send
+    for node, client in sorted(client_of.items(), key=lambda item: item[1]):  # a fixed order: reproducible sums
+        if node not in answers:
+            replies.append(ClientReply(client, None, 0, status="rejected", reason="timeout"))
             continue
-        content = reply.content
-        status = content["status"]
-        metrics = {k: float(v) for k, v in content["metrics"].items()}  # type: ignore[arg-type]
-        state = None
-        if "adapter" in content:
-            state = record_to_state(content["adapter"])
-            bytes_up += record_bytes(content["adapter"])
-        replies.append(ClientReply(client, state, int(metrics.get("num-examples", 0)), metrics,
-                                   str(status["status"]), str(status["reason"])))
-    return server.complete_round(plan, current, replies, bytes_down, bytes_up, started, backbone_bytes)
+        try:
+            records = records_of(answers[node])
+            answer = TrainReply.decode(records, expected)
+        except ProtocolError as error:
+            replies.append(ClientReply(client, None, 0, status="rejected", reason=error.reason, detail=error.detail))
+            continue
+        bytes_up += records.array_bytes("adapter")
+        _track_install(server, node, answer.status)
+        replies.append(ClientReply.of(client, answer))
+    return server.complete_round(plan, current, replies, bytes_down, bytes_up, started, artifact_bytes,
+                                 {"late_replies": float(late)})
+
+
+def _track_install(server: ContinualServer, node: int, status: Status) -> None:
+    """A node that answered holds the backbone, unless it says it needs it (missing or failed verification)."""
+    installed = server.state.installed
+    if status is Status.NEEDS_BACKBONE:
+        if node in installed:
+            installed.remove(node)
+    elif node not in installed:
+        installed.append(node)

@@ -21,7 +21,7 @@ from fedpetah.experiment import ExperimentConfig, register_configs, to_experimen
 from fedpetah.flatconfig import flatten
 
 REPO = Path(__file__).resolve().parent.parent
-PACKAGES = ("fedpetah", "server", "clients")
+PACKAGES = ("fedpetah", "server", "clients", "flower_glue")
 PUBLISHER = "fedpetah"
 COMPONENTS = {"serverapp": "server.app:app", "clientapp": "clients.app:app"}
 

@@ -21,7 +21,8 @@ from typing import Any
 
 import tomli_w
 
-from clients.launch import (
+from fedpetah.experiment import ExperimentConfig
+from flower_glue.launch import (
     LOOPBACK_HOSTS,
     child_env,
     executable,
@@ -33,7 +34,6 @@ from clients.launch import (
     wait_for_port,
     warn_insecure,
 )
-from fedpetah.experiment import ExperimentConfig
 from server.bundle import REPO, compose_experiment, config_json, stage_app
 from server.certificates import TlsFiles, node_keys, server_files
 

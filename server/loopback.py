@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from types import TracebackType
 
-from clients.launch import child_env, free_port, port_is_free, start, stop_tree
+from flower_glue.launch import child_env, free_port, port_is_free, start, stop_tree
 from server.bundle import REPO
 from server.certificates import make_node_key, make_tls
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -14,6 +16,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from fedpetah.backbone import Backbone, build_backbone  # noqa: E402
 from fedpetah.config import BackboneConfig  # noqa: E402
+from fedpetah.protocol import Records  # noqa: E402
 
 _BACKBONES: dict[tuple[str, int], Backbone] = {}
 
@@ -41,3 +44,55 @@ def tiny_backbone() -> Callable[..., Backbone]:
         return _BACKBONES[key]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def malform() -> Callable[[Records, str], Records]:
+    """``malform(records, change)``: a valid ok train reply broken as a hostile client would (see ``_malform``)."""
+    return _malform
+
+
+def _malform(records: Records, change: str) -> Records:
+    """``records`` (a valid ok train reply) broken in the way ``change`` names, as a hostile client would."""
+    metrics, arrays = records.metrics["metrics"], records.arrays["adapter"]
+    if change == "no-status":
+        del records.configs["status"]
+    elif change == "status-unknown":
+        records.configs["status"]["status"] = "great"
+    elif change == "status-number":
+        records.configs["status"]["status"] = 1
+    elif change == "no-metrics":
+        del records.metrics["metrics"]
+    elif change == "metrics-as-config":
+        records.configs["metrics"] = {"num-examples": "10"}
+        del records.metrics["metrics"]
+    elif change.startswith("count="):
+        metrics["num-examples"] = {"nan": math.nan, "inf": math.inf, "neg": -5, "zero": 0, "bool": True,
+                                   "float": 10.0, "huge": 10**12, "list": [1, 2]}[change[6:]]
+    elif change == "loss-nan":
+        metrics["train-loss"] = math.nan
+    elif change == "loss-list":
+        metrics["train-loss"] = [0.1, 0.2]
+    elif change == "too-many-metrics":
+        metrics.update({f"m{i}": 1.0 for i in range(40)})
+    elif change == "no-adapter":
+        del records.arrays["adapter"]
+    elif change == "missing-key":
+        del arrays[sorted(arrays)[-1]]
+    elif change == "non-finite":
+        key = sorted(arrays)[0]
+        arrays[key] = np.full_like(arrays[key], np.nan)
+    elif change == "extra-key":
+        arrays["backbone.evil"] = np.zeros(1, np.float32)
+    elif change == "shape":
+        key = sorted(arrays)[0]
+        arrays[key] = np.zeros((*arrays[key].shape, 2), np.float32)
+    elif change == "dtype":
+        key = sorted(arrays)[0]
+        arrays[key] = arrays[key].astype(np.float64)
+    elif change == "object-dtype":
+        key = sorted(arrays)[0]
+        arrays[key] = np.full(arrays[key].shape, "a")
+    else:
+        raise AssertionError(change)
+    return records

@@ -15,7 +15,7 @@ import pytest
 import tomli
 
 from clients import cli as client_cli
-from clients.launch import free_port
+from flower_glue.launch import free_port
 from server import cli as server_cli
 from server.bundle import REPO, compose_experiment, flat_config, stage_app
 from server.certificates import make_node_key, make_tls, node_keys, server_files

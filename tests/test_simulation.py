@@ -35,7 +35,7 @@ def _config(**overrides: object) -> ExperimentConfig:
 
 
 def test_two_clients_one_task_one_round(tmp_path: Path, cache_dir: Path) -> None:
-    from server.simulation import simulate
+    from flower_glue.simulation import simulate
 
     summary = simulate(_config(), tmp_path / "run", cache_dir)
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -49,7 +49,7 @@ def test_two_clients_one_task_one_round(tmp_path: Path, cache_dir: Path) -> None
 
 
 def test_resume_matches_an_uninterrupted_run(tmp_path: Path, cache_dir: Path) -> None:
-    from server.simulation import simulate
+    from flower_glue.simulation import simulate
 
     two_tasks = TaskStreamConfig(name="split_mnist", num_tasks=2)
     simulate(_config(tasks=two_tasks), tmp_path / "straight", cache_dir)

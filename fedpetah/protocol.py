@@ -1,0 +1,314 @@
+"""The message protocol between ServerApp, ClientApp and device worker: names, typed requests and replies, records.
+
+This module is the one place a message name or a record key is spelled. It needs only NumPy and the standard
+library (no torch, no flwr), so the thin per-message ClientApp and the device worker can both use it; the Flower
+glue (``flower_glue.records``) converts :class:`Records` to and from Flower's ``RecordDict``.
+
+Every ``decode`` treats its input as hostile: a missing record, a wrong type, a non-finite or out-of-range number,
+an unexpected array key, shape or dtype, or an oversized payload raises :class:`ProtocolError` with a
+machine-readable ``reason`` (one of :data:`REASONS`), which the receiver turns into a counted rejection or an
+error reply; nothing is unpickled or executed.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+import numpy as np
+
+from fedpetah.flatconfig import flatten, unflatten
+
+HELLO, TRAIN = "query.hello", "train"
+"""Flower message types (``query.<action>`` is Flower's spelling for a query handler named ``<action>``)."""
+
+NO_PARTITION = -1
+"""The partition id a real device reports (simulated clients report their partition)."""
+
+REASONS = ("malformed", "status", "count", "metrics", "keys", "shape", "dtype", "size")
+MAX_REASON_CHARS = 500
+MAX_METRICS = 32
+MAX_EXAMPLES = 10_000_000  # a claim above this is not a client's local data set
+MAX_CLASSES = 10_000
+MAX_NAME_CHARS = 128
+MAX_ARTIFACT_BYTES = 512 * 2**20
+DIGEST = re.compile(r"[0-9a-f]{64}")
+ArraySpec = tuple[tuple[int, ...], str]  # (shape, numpy dtype string)
+
+
+class ProtocolError(ValueError):
+    """A message that does not decode; ``reason`` is one of :data:`REASONS`."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+class Status(StrEnum):
+    """How a client answered a train request."""
+
+    OK = "ok"
+    NO_DATA = "no-data"  # the client holds no data for this task
+    NEEDS_BACKBONE = "needs-backbone"  # the artifact is missing or failed verification: send it again
+    ERROR = "error"
+
+
+@dataclass
+class Records:
+    """A Flower ``RecordDict`` without Flower: record name -> {key: value}, by record kind."""
+
+    arrays: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+    metrics: dict[str, dict[str, Any]] = field(default_factory=dict)  # numbers (or lists, never accepted)
+    configs: dict[str, dict[str, Any]] = field(default_factory=dict)  # scalars, bytes (or lists, never accepted)
+
+    def array_bytes(self, name: str) -> int:
+        """Payload bytes of array record ``name`` (0 when absent)."""
+        return sum(int(a.nbytes) for a in self.arrays.get(name, {}).values())
+
+
+# ---------------------------------------------------------------------------------------------- field readers
+
+
+def _record(records: Records, kind: str, name: str) -> dict[str, Any]:
+    record = getattr(records, kind).get(name)
+    if not isinstance(record, dict):
+        raise ProtocolError("malformed", f"the {kind[:-1]} record {name!r} is missing")
+    return record
+
+
+def _int(record: Mapping[str, Any], key: str, low: int, high: int, reason: str = "malformed") -> int:
+    value = record.get(key)
+    if isinstance(value, bool) or not isinstance(value, int | np.integer):
+        raise ProtocolError(reason, f"{key} must be an integer, got {type(value).__name__} {value!r:.40}")
+    if not low <= int(value) <= high:
+        raise ProtocolError(reason, f"{key}={value} is outside [{low}, {high}]")
+    return int(value)
+
+
+def _str(record: Mapping[str, Any], key: str, limit: int = MAX_NAME_CHARS) -> str:
+    value = record.get(key)
+    if not isinstance(value, str):
+        raise ProtocolError("malformed", f"{key} must be a string, got {type(value).__name__}")
+    if len(value) > limit:
+        raise ProtocolError("size", f"{key} is {len(value)} characters long (limit {limit})")
+    return value
+
+
+def _digest(record: Mapping[str, Any]) -> str:
+    digest = _str(record, "digest")
+    if not DIGEST.fullmatch(digest):
+        raise ProtocolError("malformed", f"digest {digest!r:.80} is not a SHA-256 hex digest")
+    return digest
+
+
+def _nested(record: Mapping[str, Any]) -> dict[str, Any]:
+    try:
+        return unflatten({k: v for k, v in record.items() if not isinstance(v, bytes)})
+    except (TypeError, ValueError) as error:
+        raise ProtocolError("malformed", str(error)) from None
+
+
+def _arrays(records: Records, name: str, expected: Mapping[str, ArraySpec]) -> dict[str, np.ndarray]:
+    """Array record ``name`` checked key for key, shape for shape, dtype for dtype against ``expected``."""
+    arrays = _record(records, "arrays", name)
+    missing, unexpected = sorted(set(expected) - set(arrays)), sorted(set(arrays) - set(expected))
+    if missing or unexpected:
+        raise ProtocolError("keys", f"{name}: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    out: dict[str, np.ndarray] = {}
+    for key, (shape, dtype) in expected.items():
+        value = arrays[key]
+        if not isinstance(value, np.ndarray):
+            raise ProtocolError("malformed", f"{name}.{key} is not an array")
+        if tuple(value.shape) != tuple(shape):
+            raise ProtocolError("shape", f"{name}.{key}: {tuple(value.shape)} != {tuple(shape)}")
+        if value.dtype.str != np.dtype(dtype).str:
+            raise ProtocolError("dtype", f"{name}.{key}: {value.dtype}, expected {np.dtype(dtype)}")
+        out[key] = value
+    return out
+
+
+def specs(state: Mapping[str, np.ndarray]) -> dict[str, ArraySpec]:
+    """The (shape, dtype) of every array of ``state``: what a reply to it must match."""
+    return {k: (tuple(v.shape), v.dtype.str) for k, v in state.items()}
+
+
+# ---------------------------------------------------------------------------------------------- hello
+
+
+@dataclass(frozen=True)
+class HelloRequest:
+    """Who are you, and do you hold backbone ``digest`` already?"""
+
+    digest: str
+
+    def encode(self) -> Records:
+        return Records(configs={"config": {"digest": self.digest}})
+
+    @classmethod
+    def decode(cls, records: Records) -> HelloRequest:
+        return cls(_digest(_record(records, "configs", "config")))
+
+
+@dataclass(frozen=True)
+class HelloReply:
+    """A simulated client's partition id (:data:`NO_PARTITION` on a device) and whether it holds the backbone."""
+
+    partition: int
+    has_backbone: bool
+
+    def encode(self) -> Records:
+        return Records(configs={"config": {"partition-id": self.partition, "has-backbone": self.has_backbone}})
+
+    @classmethod
+    def decode(cls, records: Records) -> HelloReply:
+        config = _record(records, "configs", "config")
+        has = config.get("has-backbone")
+        if not isinstance(has, bool):
+            raise ProtocolError("malformed", "has-backbone must be a boolean")
+        return cls(_int(config, "partition-id", NO_PARTITION, 2**31), has)
+
+
+# ---------------------------------------------------------------------------------------------- train
+
+
+def client_seed(seed: int, round: int, client: int) -> int:
+    """The training seed of ``client`` (partition or node id) in ``round`` of a run seeded ``seed``.
+
+    Distinct per client, round and run seed, the same in simulation and on devices, and below 2**62 so it
+    travels as a Flower integer.
+    """
+    words = np.random.SeedSequence([seed % 2**64, round % 2**64, client % 2**64]).generate_state(2, np.uint32)
+    return (int(words[0]) << 30) ^ int(words[1])
+
+
+@dataclass(frozen=True)
+class TaskInfo:
+    """The task a train request is about: its position in the stream, its name and its class names."""
+
+    index: int
+    name: str
+    classes: tuple[str, ...]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+
+SECTIONS = ("adapter", "train", "tasks", "partition")
+"""Experiment config sections a train request carries (each rebuilt into its dataclass by the client)."""
+
+
+@dataclass(frozen=True)
+class TrainRequest:
+    """Train ``task``'s adapter from ``state`` on your data.
+
+    ``seed`` is the run's seed (it fixes the simulated partitioning, identical for every client);
+    ``sections["train"]["seed"]`` is this client's own training seed (:func:`client_seed`). ``artifact`` carries
+    the backbone (weights and manifest bytes) to a client that does not hold it yet.
+    """
+
+    digest: str
+    round: int
+    seed: int
+    clients: int
+    task: TaskInfo
+    sections: dict[str, dict[str, Any]]
+    state: dict[str, np.ndarray]
+    artifact: tuple[bytes, ...] | None = None  # (weights, manifest)
+
+    def encode(self) -> Records:
+        header = {"digest": self.digest, "round": self.round, "seed": self.seed, "clients": self.clients,
+                  "task": {"index": self.task.index, "name": self.task.name, "classes": list(self.task.classes)}}
+        records = Records(arrays={"adapter": dict(self.state)},
+                          configs={"config": flatten({**header, **self.sections})})
+        if self.artifact is not None:
+            records.configs["artifact"] = {"weights": self.artifact[0], "manifest": self.artifact[1]}
+        return records
+
+    @classmethod
+    def decode(cls, records: Records) -> TrainRequest:
+        config = _record(records, "configs", "config")
+        nested = _nested(config)
+        task = nested.get("task")
+        if not isinstance(task, dict):
+            raise ProtocolError("malformed", "the task section is missing")
+        classes = task.get("classes")
+        if not isinstance(classes, list) or not 1 <= len(classes) <= MAX_CLASSES or \
+                not all(isinstance(c, str) and 0 < len(c) <= MAX_NAME_CHARS for c in classes):
+            raise ProtocolError("malformed", f"task.classes must be 1..{MAX_CLASSES} non-empty names")
+        sections = {s: nested.get(s) for s in SECTIONS}
+        for name, section in sections.items():
+            if not isinstance(section, dict):
+                raise ProtocolError("malformed", f"the {name} section is missing")
+        state = records.arrays.get("adapter")
+        if not isinstance(state, dict) or not all(isinstance(v, np.ndarray) for v in state.values()):
+            raise ProtocolError("malformed", "the adapter array record is missing")
+        artifact = None
+        if "artifact" in records.configs:
+            raw = records.configs["artifact"]
+            weights, manifest = raw.get("weights"), raw.get("manifest")
+            if not isinstance(weights, bytes) or not isinstance(manifest, bytes):
+                raise ProtocolError("malformed", "artifact weights and manifest must be bytes")
+            if len(weights) + len(manifest) > MAX_ARTIFACT_BYTES:
+                raise ProtocolError("size", f"artifact of {len(weights) + len(manifest)} B exceeds the limit")
+            artifact = (weights, manifest)
+        return cls(
+            digest=_digest(config), round=_int(nested, "round", 1, 2**31), seed=_int(nested, "seed", -2**62, 2**62),
+            clients=_int(nested, "clients", 1, 2**31),
+            task=TaskInfo(_int(task, "index", 0, 2**31), _str(task, "name"), tuple(classes)),
+            sections=sections,  # type: ignore[arg-type]
+            state=dict(state), artifact=artifact)
+
+
+METRICS = ("train-loss", "train-accuracy", "step-time-ms", "train-seconds", "peak-memory-mb",
+           "backbone-load-seconds")
+"""The metrics a train reply may carry besides ``num-examples`` (others are dropped on decode)."""
+
+
+@dataclass(frozen=True)
+class TrainReply:
+    """A client's answer: a status, its trained adapter state (status ok), its example count and metrics."""
+
+    status: Status
+    reason: str = ""
+    state: dict[str, np.ndarray] | None = None
+    num_examples: int = 0
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    def encode(self) -> Records:
+        records = Records(configs={"status": {"status": self.status.value, "reason": self.reason[:MAX_REASON_CHARS]}},
+                          metrics={"metrics": {"num-examples": self.num_examples, **self.metrics}})
+        if self.state is not None:
+            records.arrays["adapter"] = dict(self.state)
+        return records
+
+    @classmethod
+    def decode(cls, records: Records, expected: Mapping[str, ArraySpec]) -> TrainReply:
+        """Decode and bound a reply to a request whose adapter state had ``expected`` specs."""
+        status_record = _record(records, "configs", "status")
+        try:
+            status = Status(str(status_record.get("status")))
+        except ValueError:
+            raise ProtocolError("status", f"unknown status {status_record.get('status')!r:.40}") from None
+        reason = status_record.get("reason", "")
+        reason = reason[:MAX_REASON_CHARS] if isinstance(reason, str) else ""
+        if status is not Status.OK:
+            return cls(status, reason)
+        metrics_record = _record(records, "metrics", "metrics")
+        if len(metrics_record) > MAX_METRICS:
+            raise ProtocolError("metrics", f"{len(metrics_record)} metrics (limit {MAX_METRICS})")
+        count = _int(metrics_record, "num-examples", 1, MAX_EXAMPLES, reason="count")
+        metrics: dict[str, float] = {}
+        for key in METRICS:
+            if key not in metrics_record:
+                continue
+            value = metrics_record[key]
+            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+                raise ProtocolError("metrics", f"{key} must be a finite number, got {value!r:.40}")
+            metrics[key] = float(value)
+        return cls(status, reason, _arrays(records, "adapter", expected), count, metrics)

@@ -1,0 +1,1 @@
+"""The Flower glue that server/ and clients/ share (neither imports the other): records and message plumbing."""
