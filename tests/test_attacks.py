@@ -124,3 +124,35 @@ def test_the_attack_travels_to_simulated_clients_through_the_environment() -> No
     assert from_env({ENV: to_env(AttackConfig("noise", 0.4))}) == AttackConfig("noise", 0.4)
     with pytest.raises(ValueError, match="simulation.attack"):
         from_env({ENV: '{"name": "evil", "fraction": 0.2}'})
+
+
+@pytest.mark.parametrize(
+    ("name", "decode_reason", "aggregation_reason"),
+    [("non_finite", None, "non_finite"), ("wrong_shape", "shape", None), ("missing_key", "keys", None),
+     ("nan_count", "count", None), ("inf_count", "count", None), ("negative_count", "count", None),
+     ("inflated_count", None, None), ("huge_norm", None, "norm_outlier"), ("noise", None, None)],
+)
+def test_a_corrupted_reply_meets_the_real_protocol_then_the_bounds(
+        name: str, decode_reason: str | None, aggregation_reason: str | None) -> None:
+    from fedpetah.attacks import corrupt_reply
+    from fedpetah.protocol import ProtocolError, Status, TaskInfo, TrainReply, TrainRequest, specs
+    from flower_glue.records import from_recorddict, to_recorddict
+
+    reference = {k: v.numpy() for k, v in REFERENCE.items()}
+    request = TrainRequest(digest="0" * 64, round=2, seed=0, clients=10, task=TaskInfo(0, "t", ("a", "b")),
+                           sections={}, state=reference)
+    byzantine = min(byzantine_clients(10, 0.2, seed=0))
+    honest = TrainReply(Status.OK, "", {k: v.numpy() for k, v in HONEST.items()}, 40, {"train-loss": 0.5})
+    sent = corrupt_reply(honest, request, byzantine, AttackConfig(name, 0.2))
+    assert corrupt_reply(honest, request, byzantine, AttackConfig("none")) is honest
+    try:
+        decoded = TrainReply.decode(from_recorddict(to_recorddict(sent.encode())), specs(reference))
+    except ProtocolError as error:
+        assert error.reason == decode_reason
+        return
+    assert decode_reason is None and decoded.state is not None
+    replies = [{k: torch.from_numpy(v.copy()) for k, v in decoded.state.items()}] + _honest_round(4, seed=2)
+    result = BoundedAggregation(build_aggregator(aggregator_config("fedavg")), BoundsConfig())(
+        REFERENCE, replies, [decoded.num_examples, 40, 40, 40, 40])
+    assert [r.reason for r in result.rejected] == ([aggregation_reason] if aggregation_reason else [])
+    assert result.metrics["max_weight_share"] <= 3 / 7  # one claim counts at most 3x the median claim
