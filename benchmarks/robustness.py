@@ -68,7 +68,10 @@ def run_case(case: str) -> dict[str, Any]:
     def total(key: str) -> int:
         return int(sum(r["extra"].get(key) or 0 for r in rounds))
 
-    losses = [r["extra"].get("train_loss_max", r["extra"].get("train_loss")) for r in rounds]
+    losses = [r["extra"].get("train_loss_max") for r in rounds]
+    # a diverged client's NaN loss is refused at decode time (reason "metrics"), or shows in train_loss_max
+    diverged = [v is None or not math.isfinite(v) or r.get("rejections", {}).get("metrics", 0) > 0
+                for v, r in zip(losses, rounds, strict=True)]
     return {
         "case": case,
         "overrides": overrides(case),
@@ -76,13 +79,13 @@ def run_case(case: str) -> dict[str, Any]:
         "final_accuracies": summary["accuracy_matrix"][-1],
         "rounds": len(rounds),
         "rejected": sum(r["num_rejected"] for r in rounds),
-        "rejected_by_reason": {k.removeprefix("rejected_"): total(k) for k in
-                               sorted({k for r in rounds for k in r["extra"] if k.startswith("rejected_")})},
+        "rejected_by_reason": {k: sum(r.get("rejections", {}).get(k, 0) for r in rounds) for k in
+                               sorted({k for r in rounds for k in r.get("rejections", {})})},
         "clipped": total("agg_num_clipped"),
         "weight_capped": total("agg_num_weight_capped"),
         "rounds_without_aggregate": sum(1 for r in rounds if not r["extra"].get("aggregated")),
         "train_loss_max": max((v for v in losses if v is not None), default=None),
-        "nan_train_loss_rounds": sum(1 for v in losses if v is None or not math.isfinite(v)),
+        "nan_train_loss_rounds": sum(diverged),
         "wall_seconds": round(wall, 1),
         "loadavg_before": [round(x, 2) for x in load_before],
         "loadavg_after": [round(x, 2) for x in os.getloadavg()],
