@@ -79,4 +79,9 @@ def train(message: Message, context: Context) -> Message:
         return reply(TrainReply(Status.ERROR, f"malformed request: {error}").encode(), message)
     _set_threads()
     answer = _runtime(context).train(request, _data(context))
+    partition = _partition(context)
+    if partition != NO_PARTITION:  # a simulation may make this partition byzantine (simulation.attack)
+        from fedpetah.attacks import corrupt_reply, from_env
+
+        answer = corrupt_reply(answer, request, partition, from_env(os.environ))
     return reply(answer.encode(), message)

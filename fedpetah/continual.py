@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from fedpetah.adapters import build_adapter
-from fedpetah.aggregation import aggregator_config, build_aggregator, filter_updates
+from fedpetah.aggregation import BoundedAggregation, build_aggregator
 from fedpetah.artifact import artifact_digest, load_artifact
 from fedpetah.backbone import Backbone
 from fedpetah.bank import AdapterBank
@@ -90,7 +90,7 @@ class ContinualServer:
         self.digest = artifact_digest(self.artifact_dir)
         self.backbone: Backbone = load_artifact(self.artifact_dir, expected_digest=self.digest)
         self.tasks: tuple[Task, ...] = load_stream(config.tasks)
-        self.aggregator = build_aggregator(aggregator_config(config.strategy.aggregator, **config.strategy.options))
+        self.aggregate = BoundedAggregation(build_aggregator(config.strategy.aggregator), config.strategy.bounds)
         self.bank_dir = self.run_dir / "bank"
         resuming = config.resume and (self.bank_dir / "bank.json").is_file()
         self.bank = AdapterBank.load(self.bank_dir) if resuming else AdapterBank()
@@ -159,24 +159,26 @@ class ContinualServer:
         """
         with_stats = [(r.client, r.stats) for r in replies if r.status == "ok" and r.stats is not None]
         bad_stats = self.router.check(plan.task, with_stats)
-        trained = [r for r in replies if r.status == "ok" and r.state is not None and r.client not in bad_stats]
-        filtered = filter_updates([r.state for r in trained], [r.num_examples for r in trained],  # type: ignore[misc]
-                                  current, self.config.strategy.max_update_norm)
-        refused = {trained[r.index].client for r in filtered.rejected}  # a rejected update's statistics go too
+        trained = [r for r in replies if r.status == "ok" and r.client not in bad_stats]
+        bounded = self.aggregate(current, [r.state for r in trained], [r.num_examples for r in trained],
+                                 self.bank[plan.task].opt_state, task_size=len(self.tasks[plan.task].train))
+        refused = {trained[r.index].client for r in bounded.rejected}  # a rejected update's statistics go too
         self.router.collect(plan.task, [(c, s) for c, s in with_stats if c not in bad_stats and c not in refused])
         rejected = [{"client": trained[r.index].client, "reason": r.reason, "detail": r.detail}
-                    for r in filtered.rejected]
+                    for r in bounded.rejected]
         rejected += [{"client": r.client, "reason": r.reason, "detail": r.detail} for r in replies
                      if r.status == "rejected"]
         rejected += [{"client": client, "reason": "stats", "detail": detail} for client, detail in bad_stats.items()]
-        aggregated = bool(filtered.updates)
-        if aggregated:
-            result = self.aggregator(current, filtered.updates, filtered.weights, self.bank[plan.task].opt_state)
-            self.bank.update(plan.task, result.state, plan.round, result.opt_state)
+        aggregated = bounded.aggregate is not None
+        if bounded.aggregate is not None:
+            self.bank.update(plan.task, bounded.aggregate.state, plan.round, bounded.aggregate.opt_state)
+        aggregation = {f"agg_{k}": v for k, v in bounded.metrics.items()}
+        losses = [r.metrics.get("train-loss", math.nan) for r in trained]  # NaN if any client's training diverged
+        aggregation["train_loss_max"] = float(np.max(losses)) if losses else math.nan
         last_of_task = plan.round_in_task == self.config.rounds_per_task
         accuracies = self.evaluate_seen(plan.task) if (self.config.evaluate_every_round or last_of_task) else []
         task_free = self.router.evaluate(self.config.adapter, self.tasks, plan.task) if last_of_task else {}
-        ok = [r for r in replies if r.status == "ok"]
+        ok = [r for r in trained if r.client not in refused]  # the clients whose update was aggregated
         compute = [r.metrics.get("train-seconds", 0.0) for r in ok]
         steps = [r.metrics["step-time-ms"] / 1000 for r in ok if "step-time-ms" in r.metrics]
         memory = [r.metrics["peak-memory-mb"] for r in ok if "peak-memory-mb" in r.metrics]
@@ -202,6 +204,7 @@ class ContinualServer:
                 "slowest_client_s": max(compute, default=0.0),
                 "overhead_s": wall - max(compute, default=0.0),
                 **task_free,
+                **aggregation,
             },
         )
         for rejection in rejected:

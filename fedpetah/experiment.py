@@ -4,25 +4,33 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, TypeVar
 
 from omegaconf import DictConfig, OmegaConf
 
 from fedpetah.adapters import ADAPTERS, AdapterConfig
+from fedpetah.aggregation import AGGREGATORS, AggregatorConfig, BoundsConfig
+from fedpetah.attacks import AttackConfig
 from fedpetah.config import BackboneConfig, PruningConfig, TrainConfig
 from fedpetah.flatconfig import build_dataclass
 from fedpetah.tasks import PartitionConfig, TaskStreamConfig
 
+T = TypeVar("T")
+
 
 @dataclass
 class StrategyConfig:
-    """Per-round client sampling and per-task aggregation."""
+    """Per-round client sampling and per-task aggregation.
 
-    aggregator: str = "fedavg"
+    ``aggregator``: the typed config of one aggregator (Hydra group ``strategy/aggregator``, one schema per
+    registered aggregator; its options live under ``strategy.aggregator.*``). ``bounds``: the count caps and
+    norm bounds applied to every round before the aggregator runs (``fedpetah.aggregation.bounds``).
+    """
+
+    aggregator: AggregatorConfig = field(default_factory=AggregatorConfig)
+    bounds: BoundsConfig = field(default_factory=BoundsConfig)
     fraction: float = 0.2
     min_clients: int = 2
-    max_update_norm: float | None = None
-    options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not 0.0 < self.fraction <= 1.0:
@@ -33,16 +41,26 @@ class StrategyConfig:
 
 @dataclass
 class SimulationConfig:
-    """Flower simulation engine (Ray backend) resources."""
+    """Flower simulation engine (Ray backend) resources, and optional byzantine clients.
+
+    ``attack``: ``none`` or a name from ``fedpetah.attacks.ATTACKS``; ``attack_fraction`` of the partition
+    ids (chosen from the run's seed) then send that attack's corruption of their honest reply.
+    """
 
     cpus_per_client: float = 1.0
     gpus_per_client: float = 0.0
     torch_threads: int = 1
     ray_memory_mb: int | None = None
+    attack: str = "none"
+    attack_fraction: float = 0.2
 
     def __post_init__(self) -> None:
         if self.cpus_per_client <= 0 or self.gpus_per_client < 0 or self.torch_threads < 1:
             raise ValueError("simulation.cpus_per_client > 0, gpus_per_client >= 0, torch_threads >= 1")
+        self.attack_config()  # validates both fields, naming them
+
+    def attack_config(self) -> AttackConfig:
+        return AttackConfig(self.attack, self.attack_fraction)
 
 
 @dataclass
@@ -83,13 +101,19 @@ class ExperimentConfig:
 
 
 def register_configs() -> None:
-    """Register the schema in Hydra's ConfigStore: the root and one schema per adapter."""
+    """Register the schema in Hydra's ConfigStore: the root, one schema per adapter, one per aggregator.
+
+    Aggregators need no YAML of their own: ``strategy/aggregator=<name>`` selects the registered schema
+    directly (its defaults are the dataclass's), and ``strategy.aggregator.<option>=...`` is type-checked.
+    """
     from hydra.core.config_store import ConfigStore
 
     store = ConfigStore.instance()
     store.store(name="experiment_schema", node=ExperimentConfig)
     for name in ADAPTERS.names():
         store.store(group="adapter", name=f"{name}_schema", node=ADAPTERS.get(name).config_class(name=name))
+    for name in AGGREGATORS.names():
+        store.store(group="strategy/aggregator", name=name, node=AGGREGATORS.get(name).config_class(name=name))
 
 
 def to_experiment(cfg: DictConfig | Mapping[str, Any]) -> ExperimentConfig:
@@ -98,6 +122,25 @@ def to_experiment(cfg: DictConfig | Mapping[str, Any]) -> ExperimentConfig:
     assert isinstance(raw, dict)
     raw = {str(k): v for k, v in raw.items() if k != "hydra"}
     adapter = dict(raw.pop("adapter", None) or {"name": "head"})
+    strategy = dict(raw.pop("strategy", None) or {})
+    aggregator = dict(strategy.pop("aggregator", None) or {"name": "fedavg"})
     config = build_dataclass(ExperimentConfig, raw)
     adapter_class = ADAPTERS.get(str(adapter.get("name", "head"))).config_class
-    return replace(config, adapter=build_dataclass(adapter_class, adapter))
+    aggregator_class = _aggregator_class(str(aggregator.get("name", "fedavg")))
+    strategy_config = replace(build_dataclass(StrategyConfig, strategy),
+                              aggregator=_build(aggregator_class, aggregator, "strategy.aggregator"))
+    return replace(config, adapter=build_dataclass(adapter_class, adapter), strategy=strategy_config)
+
+
+def _aggregator_class(name: str) -> type[AggregatorConfig]:
+    if name not in AGGREGATORS:
+        raise ValueError(f"strategy.aggregator.name: unknown aggregator {name!r}; valid: {', '.join(AGGREGATORS)}")
+    return AGGREGATORS.get(name).config_class
+
+
+def _build(cls: type[T], data: Mapping[str, Any], path: str) -> T:
+    """``build_dataclass`` whose unknown-field error names the YAML path."""
+    try:
+        return build_dataclass(cls, data)
+    except TypeError as error:
+        raise TypeError(f"{path}: {error}") from None

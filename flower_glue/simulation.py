@@ -15,6 +15,8 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from fedpetah.attacks import ENV as ATTACK_ENV
+from fedpetah.attacks import to_env
 from fedpetah.experiment import ExperimentConfig
 
 REPO = Path(__file__).resolve().parent.parent
@@ -24,6 +26,7 @@ def simulate(config: ExperimentConfig, run_dir: Path, cache_dir: Path | None = N
     """One whole federated continual experiment with ``config.clients`` simulated SuperNodes."""
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # Ray keeps all traffic on 127.0.0.1
     os.environ["FEDPETAH_TORCH_THREADS"] = str(config.simulation.torch_threads)
+    os.environ[ATTACK_ENV] = to_env(config.simulation.attack_config())  # read by the simulated ClientApp
     os.environ["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])
     if cache_dir is not None:
         os.environ["FEDPETAH_CACHE"] = str(cache_dir)

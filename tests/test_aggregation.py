@@ -6,15 +6,19 @@ import math
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
 from fedpetah.aggregation import (
     AGGREGATORS,
+    BoundedAggregation,
+    BoundsConfig,
     InvalidUpdate,
     StateDict,
     aggregator_config,
     build_aggregator,
+    check_count,
     clip_update,
     filter_updates,
     validate_update,
@@ -119,15 +123,11 @@ def test_aggregator_refuses_an_invalid_update() -> None:
         build_aggregator(aggregator_config("fedavg"))(current, [{"w": torch.zeros(2)}], [0])
 
 
-def test_clip_norm_scales_the_delta_not_the_state() -> None:
+def test_clip_update_scales_the_delta_not_the_state() -> None:
     current = {"w": torch.tensor([1.0, 1.0])}
     far = {"w": torch.tensor([7.0, 9.0])}  # delta (6, 8), norm 10
-    near = {"w": torch.tensor([1.0, 1.5])}
     clipped, scale = clip_update(far, current, 2.0)
     assert scale == pytest.approx(0.2) and torch.allclose(clipped["w"], torch.tensor([2.2, 2.6]))
-    result = build_aggregator(aggregator_config("fedavg", clip_norm=2.0))(current, [far, near], [1, 1])
-    assert torch.allclose(result.state["w"], torch.tensor([1.6, 2.05]))
-    assert result.metrics["num_clipped"] == 1
     assert torch.equal(far["w"], torch.tensor([7.0, 9.0]))
 
 
@@ -298,8 +298,10 @@ def test_registry_rejects_unknown_names_fields_and_configs() -> None:
         aggregator_config("fedavg", eta=0.1)
     with pytest.raises(TypeError):
         AGGREGATORS.get("fedyogi")(aggregator_config("fedadam"))
-    with pytest.raises(ValueError, match="clip_norm"):
-        aggregator_config("median", clip_norm=0.0)
+    with pytest.raises(TypeError):
+        aggregator_config("median", clip_norm=1.0)  # bounds are strategy.bounds, not an aggregator option
+    with pytest.raises(ValueError, match="strategy.aggregator.eta"):
+        aggregator_config("fedadam", eta=-1.0)
 
 
 def test_lora_product_averages_peft_weight_deltas_exactly() -> None:
@@ -334,3 +336,88 @@ def test_lora_product_averages_peft_weight_deltas_exactly() -> None:
     for got_layer, expected_layer in zip(got, expected, strict=True):
         assert expected_layer.abs().max() > 0.1
         assert torch.allclose(got_layer, expected_layer, atol=1e-5)
+
+
+# bounded rounds: validation, count caps and norm bounds relative to the round ----------------------------
+
+
+def _round_fixture() -> tuple[StateDict, list[StateDict | None], list[object]]:
+    """Norms 5, 5, 15, 100, -, -, 4 around zero; counts 10, 10, 20, 10, 10, NaN, 1e9."""
+    current = {"w": torch.zeros(2)}
+    rows = [[3.0, 4.0], [0.0, 5.0], [9.0, 12.0], [60.0, 80.0], [math.nan, 0.0], [1.0, 0.0], [0.0, 4.0]]
+    updates: list[StateDict | None] = [{"w": torch.tensor(r)} for r in rows]
+    return current, updates, [10, 10, 20, 10, 10, math.nan, 1e9]
+
+
+def test_bounded_round_rejects_clips_and_caps_against_the_round() -> None:
+    current, updates, counts = _round_fixture()
+    before = _clone([current, *updates])  # type: ignore[list-item]
+    bounded = BoundedAggregation(build_aggregator(aggregator_config("fedavg")), BoundsConfig())
+    result = bounded(current, updates, counts)
+    # valid norms 5, 5, 15, 100, 4 -> median 5: 100 > 10 x 5 is rejected, 15 > 2 x 5 is clipped to (6, 8);
+    # kept counts 10, 10, 20, 1e9 -> median 15: the 1e9 claim counts as 3 x 15 = 45
+    assert [(r.index, r.reason) for r in result.rejected] == [(3, "norm_outlier"), (4, "non_finite"), (5, "weight")]
+    assert result.aggregate is not None
+    expected = (10 * torch.tensor([3.0, 4.0]) + 10 * torch.tensor([0.0, 5.0]) + 20 * torch.tensor([6.0, 8.0])
+                + 45 * torch.tensor([0.0, 4.0])) / 85
+    assert torch.allclose(result.aggregate.state["w"], expected)
+    metrics = result.metrics
+    assert metrics["median_norm"] == 5.0 and metrics["clip_bound"] == 10.0 and metrics["weight_cap"] == 45.0
+    assert (metrics["num_clipped"], metrics["num_norm_rejected"], metrics["num_weight_capped"]) == (1, 1, 1)
+    assert metrics["max_weight_share"] == pytest.approx(45 / 85) and metrics["num_updates"] == 4
+    for a, b in zip(before, [current, *updates], strict=True):  # inputs untouched
+        torch.testing.assert_close(b, a, equal_nan=True, rtol=0, atol=0)
+    with_size = bounded(current, updates, counts, task_size=30)  # no client holds more than the whole task
+    assert with_size.metrics["weight_cap"] == 30.0 and with_size.aggregate is not None
+    assert torch.allclose(with_size.aggregate.state["w"], torch.tensor([150 / 70, (40 + 50 + 160 + 120) / 70]))
+
+
+def test_unbounded_round_lets_one_liar_dominate() -> None:
+    current, updates, counts = _round_fixture()
+    result = BoundedAggregation(build_aggregator(aggregator_config("fedavg")), BoundsConfig.off())(
+        current, updates, counts)
+    assert [r.reason for r in result.rejected] == ["non_finite", "weight"]
+    assert result.aggregate is not None and result.metrics["max_weight_share"] > 0.999999
+    assert torch.allclose(result.aggregate.state["w"], torch.tensor([0.0, 4.0]), atol=1e-5)
+
+
+def test_bounded_round_with_fixed_bounds_and_a_robust_aggregator() -> None:
+    current, updates, counts = _round_fixture()
+    fixed = BoundsConfig(weight_cap=None, clip_multiple=None, reject_multiple=None, clip_norm=4.5, max_norm=50.0)
+    result = BoundedAggregation(build_aggregator(aggregator_config("median")), fixed)(current, updates, counts)
+    assert [(r.index, r.reason) for r in result.rejected] == [(3, "norm"), (4, "non_finite"), (5, "weight")]
+    # clipped to norm 4.5: (2.7, 3.6), (0, 4.5), (2.7, 3.6), (0, 4) -> coordinate median (1.35, 3.8)
+    assert result.aggregate is not None and result.metrics["num_clipped"] == 3
+    assert torch.allclose(result.aggregate.state["w"], torch.tensor([1.35, 3.8]))
+
+
+def test_a_round_with_nothing_valid_has_no_aggregate() -> None:
+    current = {"w": torch.zeros(2)}
+    result = BoundedAggregation(build_aggregator(aggregator_config("fedavg")), BoundsConfig())(
+        current, [None, {"w": torch.zeros(3)}], [5, 5])
+    assert result.aggregate is None and [r.reason for r in result.rejected] == ["type", "shape"]
+    with pytest.raises(ValueError, match="counts"):
+        BoundedAggregation(build_aggregator(aggregator_config("fedavg")), BoundsConfig())(current, [None], [])
+
+
+@pytest.mark.parametrize("count", [True, math.nan, math.inf, -math.inf, -5, 0, 3.5, "7", None, [7]])
+def test_a_count_must_be_a_positive_whole_number(count: object) -> None:
+    with pytest.raises(InvalidUpdate) as caught:
+        check_count(count)
+    assert caught.value.reason == "weight"
+
+
+@pytest.mark.parametrize("count", [7, 7.0, np.int64(7), np.float32(7.0)])
+def test_whole_counts_of_any_numeric_type_pass(count: object) -> None:
+    assert check_count(count) == 7 and type(check_count(count)) is int
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [({"weight_cap": 0.5}, "strategy.bounds.weight_cap"), ({"clip_multiple": math.inf}, "strategy.bounds.clip"),
+     ({"clip_multiple": 4.0, "reject_multiple": 3.0}, "strategy.bounds.reject_multiple"),
+     ({"max_norm": 0.0}, "strategy.bounds.max_norm"), ({"clip_norm": -1.0}, "strategy.bounds.clip_norm")],
+)
+def test_bounds_config_names_the_yaml_path(fields: dict[str, float], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        BoundsConfig(**fields)  # type: ignore[arg-type]

@@ -10,6 +10,7 @@ from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ConfigKeyError
 
 from fedpetah.adapters import ADAPTERS
+from fedpetah.aggregation import AGGREGATORS, BoundsConfig
 from fedpetah.experiment import ExperimentConfig, register_configs, to_experiment
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
@@ -37,8 +38,44 @@ def test_every_yaml_composes(group_option: str) -> None:
     cfg = _compose(group_option)
     if group == "adapter":
         assert isinstance(cfg.adapter, ADAPTERS.get(cfg.adapter.name).config_class)
+    elif group == "strategy":
+        assert type(cfg.strategy.aggregator) is AGGREGATORS.get(option).config_class
+        assert cfg.strategy.bounds == BoundsConfig()  # every strategy is bounded by default
     else:
         assert getattr(cfg, group) is not None
+
+
+def test_the_default_aggregation_is_bounded_fedavg() -> None:
+    strategy = _compose().strategy
+    assert strategy.aggregator.name == "fedavg" and strategy.bounds.weight_cap and strategy.bounds.clip_multiple
+
+
+@pytest.mark.parametrize("name", AGGREGATORS.names())
+def test_every_registered_aggregator_is_a_typed_group_option(name: str) -> None:
+    cfg = _compose(f"strategy/aggregator={name}")
+    assert type(cfg.strategy.aggregator) is AGGREGATORS.get(name).config_class
+    assert cfg.strategy.aggregator.name == name
+
+
+def test_aggregator_options_and_bounds_reach_the_typed_config() -> None:
+    cfg = _compose("strategy=fedadam", "strategy.aggregator.eta=0.05", "strategy.bounds.clip_multiple=3",
+                   "strategy.bounds.weight_cap=null", "simulation.attack=mix")
+    assert cfg.strategy.aggregator.eta == 0.05  # type: ignore[attr-defined]
+    assert cfg.strategy.bounds.clip_multiple == 3.0 and cfg.strategy.bounds.weight_cap is None
+    assert cfg.simulation.attack_config().name == "mix" and cfg.simulation.attack_fraction == 0.2
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [["strategy.aggregator.etaa=1"], ["strategy.aggregator.eta=0.1"], ["strategy.bounds.clip=2"],
+     ["strategy.aggregator.etaa=1", "strategy=fedadam"], ["strategy/aggregator=fedsgd"],
+     ["strategy.aggregator.beta1=high", "strategy=fedyogi"]],
+)
+def test_aggregator_typos_fail_at_compose_time_naming_the_path(overrides: list[str]) -> None:
+    with pytest.raises(ConfigCompositionException) as caught:
+        _compose(*overrides)
+    key = overrides[0].split("=")[0]  # the offending override comes first
+    assert key in str(caught.value) or key in str(caught.value.__cause__)
 
 
 def test_adapter_fields_reach_the_typed_config() -> None:
@@ -52,7 +89,19 @@ def test_typos_fail(override: str) -> None:
         _compose(override)
 
 
-@pytest.mark.parametrize("override", ["pruning.ratio=1.5", "backbone.name=resnet50", "strategy.fraction=0"])
-def test_invalid_values_fail_with_a_message(override: str) -> None:
-    with pytest.raises(ValueError):
+@pytest.mark.parametrize(
+    ("override", "path"),
+    [("pruning.ratio=1.5", "pruning.ratio"), ("backbone.name=resnet50", "resnet50"),
+     ("strategy.fraction=0", "strategy.fraction"), ("strategy.bounds.reject_multiple=0.5", "strategy.bounds"),
+     ("simulation.attack=nope", "simulation.attack"), ("simulation.attack_fraction=2", "simulation.attack_fraction")],
+)
+def test_invalid_values_fail_with_a_message(override: str, path: str) -> None:
+    with pytest.raises(ValueError, match=path):
         _compose(override)
+
+
+def test_invalid_aggregator_values_name_the_yaml_path() -> None:
+    with pytest.raises(ValueError, match="strategy.aggregator.eta must be positive"):
+        _compose("strategy=fedadam", "strategy.aggregator.eta=-1")
+    with pytest.raises(ValueError, match="strategy.aggregator.trim_ratio"):
+        _compose("strategy=trimmed_mean", "strategy.aggregator.trim_ratio=0.5")

@@ -6,12 +6,14 @@ from typing import Any
 
 from fedpetah.aggregation import fedavg, fedopt, lora_product, robust  # noqa: F401  (register aggregators)
 from fedpetah.aggregation.base import AGGREGATORS, Aggregate, Aggregator, AggregatorConfig, weighted_mean
+from fedpetah.aggregation.bounds import BoundedAggregation, BoundsConfig, RoundResult
 from fedpetah.aggregation.validate import (
     REASONS,
     Filtered,
     InvalidUpdate,
     Rejection,
     StateDict,
+    check_count,
     clip_update,
     filter_updates,
     update_norm,
@@ -35,12 +37,16 @@ __all__ = [
     "Aggregate",
     "Aggregator",
     "AggregatorConfig",
+    "BoundedAggregation",
+    "BoundsConfig",
     "Filtered",
     "InvalidUpdate",
     "Rejection",
+    "RoundResult",
     "StateDict",
     "aggregator_config",
     "build_aggregator",
+    "check_count",
     "clip_update",
     "filter_updates",
     "update_norm",

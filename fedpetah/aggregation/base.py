@@ -10,24 +10,23 @@ from typing import ClassVar
 
 import torch
 
-from fedpetah.aggregation.validate import StateDict, clip_update, update_norm, validate_update
+from fedpetah.aggregation.validate import StateDict, update_norm, validate_update
 from fedpetah.registry import Registry
 
 
 @dataclass
 class AggregatorConfig:
-    """Base of every aggregator's config.
+    """Base of every aggregator's config (YAML ``strategy.aggregator``); subclasses add the options.
 
-    ``clip_norm``: when set, each update's difference to the current global state is scaled down to this
-    L2 norm before aggregation (norm clipping; ``validate_update(max_norm=...)`` rejects instead).
+    Bounds on counts and update norms are not the aggregator's: see :class:`~fedpetah.aggregation.bounds.BoundsConfig`.
     """
 
     name: str = "fedavg"
-    clip_norm: float | None = None
 
     def __post_init__(self) -> None:
-        if self.clip_norm is not None and not (math.isfinite(self.clip_norm) and self.clip_norm > 0):
-            raise ValueError(f"aggregation.clip_norm must be positive when set, got {self.clip_norm}")
+        if self.name not in AGGREGATORS:
+            raise ValueError(f"strategy.aggregator.name: unknown aggregator {self.name!r}; valid: "
+                             f"{', '.join(AGGREGATORS.names())}")
 
 
 @dataclass(frozen=True)
@@ -75,15 +74,9 @@ class Aggregator(ABC):
         total = float(sum(weights))
         normalized = [float(w) / total for w in weights]
         batch: list[StateDict] = [dict(u) for u in updates]
-        clipped = 0
-        if self.config.clip_norm is not None:
-            results = [clip_update(u, current, self.config.clip_norm) for u in updates]
-            batch = [u for u, _ in results]
-            clipped = sum(scale < 1.0 for _, scale in results)
         result = self.aggregate(dict(current), batch, normalized, dict(opt_state or {}))
         metrics = {
             "num_updates": float(len(updates)),
-            "num_clipped": float(clipped),
             "step_norm": update_norm(result.state, current),
             **result.metrics,
         }

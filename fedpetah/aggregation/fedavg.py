@@ -9,8 +9,8 @@ from fedpetah.aggregation.base import AGGREGATORS, Aggregate, Aggregator, StateD
 class FedAvg(Aggregator):
     """``new = sum_i n_i * update_i / sum_i n_i``; a server-optimizer state passes through unchanged.
 
-    With ``clip_norm`` set it is the clipped FedAvg of DP-style training (without noise). With LoRA and a
-    frozen, shared ``A`` (FFA-LoRA) it is exact: the mean of ``B_i A`` is ``mean(B_i) A``.
+    With ``strategy.bounds.clip_norm`` set it is the clipped FedAvg of DP-style training (without noise).
+    With LoRA and a frozen, shared ``A`` (FFA-LoRA) it is exact: the mean of ``B_i A`` is ``mean(B_i) A``.
     """
 
     name = "fedavg"

@@ -39,11 +39,11 @@ class FedAdagradConfig(AggregatorConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         if not (math.isfinite(self.eta) and self.eta > 0):
-            raise ValueError(f"aggregation.eta must be positive, got {self.eta}")
+            raise ValueError(f"strategy.aggregator.eta must be positive, got {self.eta}")
         if not 0.0 <= self.beta1 < 1.0:
-            raise ValueError(f"aggregation.beta1 must be in [0, 1), got {self.beta1}")
+            raise ValueError(f"strategy.aggregator.beta1 must be in [0, 1), got {self.beta1}")
         if not (math.isfinite(self.tau) and self.tau > 0):
-            raise ValueError(f"aggregation.tau must be positive, got {self.tau}")
+            raise ValueError(f"strategy.aggregator.tau must be positive, got {self.tau}")
 
 
 @dataclass
@@ -57,7 +57,7 @@ class FedAdamConfig(FedAdagradConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         if not 0.0 <= self.beta2 < 1.0:
-            raise ValueError(f"aggregation.beta2 must be in [0, 1), got {self.beta2}")
+            raise ValueError(f"strategy.aggregator.beta2 must be in [0, 1), got {self.beta2}")
 
 
 @dataclass

@@ -50,7 +50,7 @@ class LoraProductConfig(AggregatorConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         if not 0.0 <= self.dead_rtol < 1.0:
-            raise ValueError(f"aggregation.dead_rtol must be in [0, 1), got {self.dead_rtol}")
+            raise ValueError(f"strategy.aggregator.dead_rtol must be in [0, 1), got {self.dead_rtol}")
 
 
 def lora_pairs(keys: Iterable[str]) -> list[tuple[str, str]]:

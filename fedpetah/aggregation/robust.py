@@ -1,8 +1,8 @@
 """Robust aggregation: coordinate-wise median and trimmed mean (Yin et al. 2018).
 
 Both ignore the example-count weights on purpose: a client can claim any count, and a weighted median
-would let one liar with a huge count decide every coordinate. Norm clipping, the third defence, is the
-``clip_norm`` option every aggregator config has (see ``validate.clip_update``).
+would let one liar with a huge count decide every coordinate. Count caps and norm clipping, the other
+defences, run before any aggregator (``fedpetah.aggregation.bounds``).
 """
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ class TrimmedMeanConfig(AggregatorConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         if not 0.0 <= self.trim_ratio < 0.5:
-            raise ValueError(f"aggregation.trim_ratio must be in [0, 0.5), got {self.trim_ratio}")
+            raise ValueError(f"strategy.aggregator.trim_ratio must be in [0, 0.5), got {self.trim_ratio}")
 
 
 @AGGREGATORS.register("trimmed_mean")

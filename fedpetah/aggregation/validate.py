@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -11,7 +12,7 @@ import torch
 
 StateDict = dict[str, torch.Tensor]
 
-REASONS = ("type", "missing_keys", "unexpected_keys", "shape", "dtype", "non_finite", "norm", "weight")
+REASONS = ("type", "missing_keys", "unexpected_keys", "shape", "dtype", "non_finite", "norm", "norm_outlier", "weight")
 """Every machine-readable ``reason`` an :class:`InvalidUpdate` can carry."""
 
 
@@ -58,6 +59,18 @@ def update_norm(update: Mapping[str, torch.Tensor], reference: Mapping[str, torc
     return math.sqrt(total)
 
 
+def check_count(count: object) -> int:
+    """A claimed example count as an int; anything but a positive whole number raises ``InvalidUpdate``."""
+    if isinstance(count, bool) or not isinstance(count, numbers.Real):
+        raise InvalidUpdate("weight", f"the example count must be a number, got {type(count).__name__}")
+    value = float(count)
+    if not math.isfinite(value) or value <= 0:
+        raise InvalidUpdate("weight", f"the example count must be finite and positive, got {count}")
+    if not value.is_integer():
+        raise InvalidUpdate("weight", f"the example count must be a whole number, got {count}")
+    return int(value)
+
+
 @torch.no_grad()
 def validate_update(
     update: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor], max_norm: float | None = None
@@ -97,7 +110,7 @@ def filter_updates(
 ) -> Filtered:
     """Split a batch into valid updates (with their weights) and rejections; nothing is averaged here.
 
-    A weight (a client's example count) must be finite and positive, else the reason is ``weight``.
+    A weight (a client's example count) must pass :func:`check_count`, else the reason is ``weight``.
     """
     if len(updates) != len(weights):
         raise ValueError(f"{len(updates)} updates but {len(weights)} weights")
@@ -106,16 +119,13 @@ def filter_updates(
     rejected: list[Rejection] = []
     for index, (update, weight) in enumerate(zip(updates, weights, strict=True)):
         try:
-            if isinstance(weight, bool) or not isinstance(weight, int | float):
-                raise InvalidUpdate("weight", f"weight must be a number, got {type(weight).__name__}")
-            if not math.isfinite(weight) or weight <= 0:
-                raise InvalidUpdate("weight", f"weight must be finite and positive, got {weight}")
+            count = check_count(weight)
             validate_update(update, reference, max_norm)
         except InvalidUpdate as error:
             rejected.append(Rejection(index, error.reason, error.detail))
             continue
         accepted.append(dict(update))
-        kept_weights.append(float(weight))
+        kept_weights.append(float(count))
     return Filtered(accepted, kept_weights, rejected)
 
 
