@@ -30,7 +30,6 @@ def simulate(config: ExperimentConfig, run_dir: Path, cache_dir: Path | None = N
         os.environ["FEDPETAH_CACHE"] = str(cache_dir)
     from flwr.simulation import run_simulation
 
-    restore_console = _quiet_console()
     from clients.app import app as client_app
     from server.app import make_server_app
 
@@ -44,6 +43,7 @@ def simulate(config: ExperimentConfig, run_dir: Path, cache_dir: Path | None = N
                "client_resources": {"num_cpus": sim.cpus_per_client, "num_gpus": sim.gpus_per_client}}
     summary_path = run_dir / "summary.json"
     restore = _terminate_as_interrupt()
+    restore_console = _quiet_console()
     try:
         run_simulation(server_app=make_server_app(config, run_dir, cache_dir), client_app=client_app,
                        num_supernodes=config.clients, backend_config=backend)

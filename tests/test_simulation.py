@@ -89,3 +89,37 @@ def _reproducible(path: Path) -> list[dict[str, object]]:
                         if not k.endswith(("_s", "_mb")) and k != "bytes_backbone"}
         rows.append(row)
     return rows
+
+
+def test_console_shows_flower_lines_once_and_drops_known_chatter(caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+    import warnings
+
+    from flwr.common.logger import warn_deprecated_feature
+
+    from flower_glue.simulation import RAY_ACCELERATOR_TIP, _quiet_console
+
+    flwr = logging.getLogger("flwr")
+    seen: list[logging.LogRecord] = []
+    counter = logging.Handler()
+    counter.emit = seen.append  # type: ignore[method-assign]
+    flwr.addHandler(counter)
+    restore = _quiet_console()
+    try:
+        with caplog.at_level(logging.INFO), warnings.catch_warnings(record=True) as caught:
+            warnings.filterwarnings("always", message="some other FutureWarning")  # whatever pytest's defaults
+            for _ in range(2):
+                warn_deprecated_feature("The `run_simulation` function is deprecated and will be removed")
+            flwr.warning("a Flower warning we do want")
+            logging.getLogger("alembic.runtime.plugins").info("setup plugin alembic.autogenerate.schemas")
+            warnings.warn(RAY_ACCELERATOR_TIP + " visible devices env var ...", FutureWarning, stacklevel=1)
+            warnings.warn("some other FutureWarning", FutureWarning, stacklevel=1)
+    finally:
+        restore()
+        flwr.removeHandler(counter)
+    assert [r.getMessage() for r in seen] == ["a Flower warning we do want"]  # Flower's own handler: once
+    ours = [r for r in caplog.records if "run_simulation" in r.getMessage()]
+    assert len(ours) == 1 and ours[0].name == "fedpetah.simulation" and "typed config" in ours[0].getMessage()
+    assert not [r for r in caplog.records if r.name.startswith(("flwr", "alembic"))]  # nothing twice, no chatter
+    assert [str(w.message) for w in caught] == ["some other FutureWarning"]
+    assert flwr.propagate and not flwr.filters  # restored
