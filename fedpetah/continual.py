@@ -125,9 +125,10 @@ class ContinualServer:
     def global_state(self, task: int) -> StateDict:
         """The task's current global adapter; a seeded fresh one when the task starts."""
         if task not in self.bank:
-            torch.manual_seed(self.config.seed + 1000 * task)
             t = self.tasks[task]
-            adapter = build_adapter(self.config.adapter, self.backbone, t.num_classes)
+            with torch.random.fork_rng(devices=[]):  # adapters without an init_seed draw from torch's RNG
+                torch.manual_seed(self.config.seed + 1000 * task)
+                adapter = build_adapter(self.config.adapter, self.backbone, t.num_classes)
             self.bank.add_task(task, self.config.adapter.name, t.num_classes, adapter.state(), list(t.classes),
                                {"task_name": t.name, "backbone": self.digest})
         return self.bank[task].state

@@ -82,12 +82,22 @@ def _select(features: Any, index: torch.Tensor) -> Any:
 
 
 def train_adapter(adapter: Adapter, data: ImageSet, config: TrainConfig) -> TrainResult:
-    """Train ``adapter`` on ``data`` in place; returns examples, mean loss/accuracy, time and memory."""
+    """Train ``adapter`` on ``data`` in place; returns examples, mean loss/accuracy, time and memory.
+
+    Deterministic for a given ``config.seed``: the batch order comes from a generator seeded with it, and
+    whatever draws from torch's own RNG during training (dropout) draws from a fork seeded with it, so the
+    caller's RNG state is left as it was.
+    """
     if len(data) == 0:
         raise ValueError("cannot train on an empty data set")
     device = resolve_device(config.device)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(config.seed)
+        return _train(adapter, data, config, device)
+
+
+def _train(adapter: Adapter, data: ImageSet, config: TrainConfig, device: torch.device) -> TrainResult:
     model, backbone = adapter.model.to(device), adapter.backbone
-    torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
     params = list(adapter.trainable().values())
     optimizer = _optimizer(params, config)

@@ -1,0 +1,210 @@
+"""Federated against centralized learning quality: the default recipe on task streams x adapters, side by side.
+
+Federated: the default experiment composed from ``configs/`` (plus your overrides), run under Flower's simulation
+engine (``--engine flower``, as ``simulations/run.py`` does) or in one process (``--engine inprocess``: the same
+ContinualServer, ClientRuntime and protocol messages without Flower/Ray; with one torch thread it gives the same
+numbers, and it is what a recipe sweep can afford on 2 shared cores). Centralized: the same adapter on the same
+pruned backbone trained on each task's whole training split for 2 epochs (AdamW, lr 5e-3, batch 32, as
+``benchmarks/centralized.py``), evaluated on the same test split.
+
+    .venv/bin/python benchmarks/quality.py                                    # 2 streams x 3 adapters
+    .venv/bin/python benchmarks/quality.py --streams rotated_mnist --adapters lora
+    .venv/bin/python benchmarks/quality.py --engine inprocess --no-centralized --label lr3 -- train.lr=0.003
+
+Writes (and merges into) benchmarks/results/quality.json, quality.md and quality.png; every row records the load
+average before and after it ran (the machine is shared: times are indicative only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+STREAMS, ADAPTERS = ("split_mnist", "rotated_mnist"), ("lora", "petah", "synqt")
+CENTRAL_EPOCHS, CENTRAL_LR, CENTRAL_BATCH = 2, 5e-3, 32  # benchmarks/centralized.py's settings
+
+
+def compose(overrides: list[str]) -> Any:
+    """The experiment ``simulations/run.py`` would run with these Hydra overrides."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from fedpetah.experiment import register_configs, to_experiment
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base=None):
+        return to_experiment(hydra_compose(config_name="config", overrides=overrides))
+
+
+def federated_inprocess(config: Any, run_dir: Path) -> dict[str, Any]:
+    """The ServerApp's loop without Flower: sample, encode/decode every request, train, aggregate, evaluate."""
+    from fedpetah.client import ClientRuntime, simulated_data
+    from fedpetah.continual import ClientReply, ContinualServer
+    from fedpetah.local import BackboneCache
+    from fedpetah.protocol import TrainReply, TrainRequest, specs
+
+    torch.set_num_threads(config.simulation.torch_threads)
+    server = ContinualServer(config, run_dir)
+    cache = BackboneCache(run_dir / "client-cache")
+    runtimes = {c: ClientRuntime(cache, c) for c in range(config.clients)}
+    for plan in server.schedule():
+        started = time.perf_counter()
+        current = server.global_state(plan.task)
+        expected = specs({k: v.numpy() for k, v in current.items()})
+        replies = []
+        for client in server.sample(list(runtimes), plan):
+            request = server.train_request(plan, client, current, with_artifact=not cache.has(server.digest))
+            answer = runtimes[client].train(TrainRequest.decode(request.encode()), simulated_data(client))
+            replies.append(ClientReply.of(client, TrainReply.decode(answer.encode(), expected)))
+        record = server.complete_round(plan, current, replies, 0, 0, started)
+        print(f"  round {plan.round}: task {plan.task} acc {[round(a, 3) for a in record.accuracy.values()]} "
+              f"{time.perf_counter() - started:.1f}s", flush=True)
+    return server.finish({"clients": config.clients})
+
+
+def federated(config: Any, engine: str) -> dict[str, Any]:
+    run_dir = Path(tempfile.mkdtemp(prefix="fedpetah-quality-"))
+    try:
+        if engine == "flower":
+            from flower_glue.simulation import simulate
+
+            return simulate(config, run_dir)
+        return federated_inprocess(config, run_dir)
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def centralized(config: Any) -> dict[str, Any]:
+    """Each task's adapter trained on the task's whole training split (``benchmarks/centralized.py``'s path)."""
+    from fedpetah.adapters import build_adapter
+    from fedpetah.artifact import load_artifact
+    from fedpetah.config import TrainConfig
+    from fedpetah.local import load_stream
+    from fedpetah.prepare import prepare_artifact
+    from fedpetah.train import evaluate, train_adapter
+
+    backbone = load_artifact(prepare_artifact(config))
+    accuracies = []
+    for task in load_stream(config.tasks):
+        adapter = build_adapter(config.adapter, backbone, task.num_classes)
+        train_adapter(adapter, task.train, TrainConfig(epochs=CENTRAL_EPOCHS, lr=CENTRAL_LR, batch_size=CENTRAL_BATCH,
+                                                seed=task.index))
+        accuracies.append(evaluate(adapter.model, task.test, backbone.img_size, backbone.in_chans).accuracy)
+    return {"task_accuracy": accuracies, "average_accuracy": sum(accuracies) / len(accuracies)}
+
+
+def run_case(stream: str, adapter: str, args: argparse.Namespace) -> dict[str, Any]:
+    overrides = [f"tasks={stream}", f"adapter={adapter}", *args.overrides]
+    config = compose(overrides)
+    row: dict[str, Any] = {"stream": stream, "adapter": adapter, "label": args.label, "engine": args.engine,
+                           "overrides": args.overrides, "load_before": [round(x, 1) for x in os.getloadavg()],
+                           "recipe": {"rounds_per_task": config.rounds_per_task, "train": asdict(config.train),
+                                      "strategy": asdict(config.strategy), "clients": config.clients}}
+    if not args.no_federated:
+        start = time.perf_counter()
+        summary = federated(config, args.engine)
+        row["federated"] = {"average_accuracy": summary["average_accuracy"],
+                            "task_accuracy": summary["accuracy_matrix"][-1],
+                            "seconds": round(time.perf_counter() - start, 1)}
+    if not args.no_centralized:
+        start = time.perf_counter()
+        row["centralized"] = {**centralized(config), "seconds": round(time.perf_counter() - start, 1)}
+    if "federated" in row and "centralized" in row:
+        row["gap_points"] = round(100 * (row["centralized"]["average_accuracy"]
+                                         - row["federated"]["average_accuracy"]), 1)
+    row["load_after"] = [round(x, 1) for x in os.getloadavg()]
+    return row
+
+
+def write(results: dict[str, dict[str, Any]]) -> None:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "quality.json").write_text(json.dumps(list(results.values()), indent=2))
+    lines = ["# Federated vs centralized (same adapter, same pruned backbone)", "",
+             f"Centralized: each task's whole training split, {CENTRAL_EPOCHS} epochs, AdamW lr {CENTRAL_LR}, "
+             f"batch {CENTRAL_BATCH}. Federated: the default recipe plus the overrides shown. "
+             "Load average (1, 5, 15 min) before each row: the machine is shared, seconds are indicative only.", "",
+             "| stream | adapter | label | engine | overrides | federated | centralized | gap (points) "
+             "| fed s | central s | load before |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results.values():
+        fed, cen = r.get("federated", {}), r.get("centralized", {})
+        lines.append(f"| {r['stream']} | {r['adapter']} | {r['label']} | {r['engine']} "
+                     f"| {' '.join(r['overrides']) or '(defaults)'} | {_pct(fed)} | {_pct(cen)} "
+                     f"| {r.get('gap_points', '')} | {fed.get('seconds', '')} | {cen.get('seconds', '')} "
+                     f"| {r['load_before']} |")
+    (RESULTS / "quality.md").write_text("\n".join(lines) + "\n")
+    plot(results)
+
+
+def _pct(part: dict[str, Any]) -> str:
+    return f"{100 * part['average_accuracy']:.1f}%" if part else "not run"
+
+
+def plot(results: dict[str, dict[str, Any]]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in results.values() if "federated" in r or "centralized" in r]
+    if not rows:
+        return
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(rows)), 4))
+    x = range(len(rows))
+    for offset, key in ((-0.2, "federated"), (0.2, "centralized")):
+        ax.bar([i + offset for i in x], [100 * r.get(key, {}).get("average_accuracy", 0) for r in rows], 0.4,
+               label=key)
+    ax.set_xticks(list(x), [f"{r['stream']}\n{r['adapter']} {r['label']}" for r in rows], fontsize=7)
+    ax.set_ylabel("average accuracy over tasks (%)")
+    ax.set_ylim(0, 100)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(RESULTS / "quality.png", dpi=100)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--streams", nargs="+", default=list(STREAMS))
+    parser.add_argument("--adapters", nargs="+", default=list(ADAPTERS))
+    parser.add_argument("--engine", choices=("flower", "inprocess"), default="flower")
+    parser.add_argument("--label", default="default", help="names the recipe variant in the results")
+    parser.add_argument("--no-federated", action="store_true")
+    parser.add_argument("--no-centralized", action="store_true")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides of the federated recipe (after --)")
+    args = parser.parse_args()
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    path = RESULTS / "quality.json"
+    for stream in args.streams:
+        for adapter in args.adapters:
+            row = run_case(stream, adapter, args)
+            results = {_key(r): r for r in json.loads(path.read_text())} if path.is_file() else {}
+            previous = results.get(_key(row), {})
+            for part in ("federated", "centralized"):  # a partial re-run keeps the other half
+                if part not in row and part in previous:
+                    row[part] = previous[part]
+            if "federated" in row and "centralized" in row:
+                row["gap_points"] = round(100 * (row["centralized"]["average_accuracy"]
+                                                 - row["federated"]["average_accuracy"]), 1)
+            results[_key(row)] = row
+            print(json.dumps(row), flush=True)
+            write(results)
+
+
+def _key(row: dict[str, Any]) -> str:
+    return f"{row['stream']}/{row['adapter']}/{row['label']}/{row['engine']}"
+
+
+if __name__ == "__main__":
+    main()
