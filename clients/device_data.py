@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from flwr.app import Context
 
 from fedpetah.tasks import ImageSet
 from fedpetah.tasks.folder import load_class
@@ -17,8 +16,8 @@ log = logging.getLogger("fedpetah.client")
 _LOADED: dict[tuple[str, str, tuple[str, ...]], tuple[ImageSet, int]] = {}
 
 
-def data_dir(context: Context) -> Path:
-    value = str(context.node_config.get("data-dir", ""))
+def data_dir(value: str) -> Path:
+    """The node config's ``data-dir`` value as an existing directory."""
     if not value:
         raise ValueError("this node has no data-dir in its node config (fedpetah-client --data DIR)")
     path = Path(value).expanduser()
@@ -27,14 +26,13 @@ def data_dir(context: Context) -> Path:
     return path
 
 
-def device_task_data(context: Context, task_name: str, classes: list[str], store_size: int = 64,
+def device_task_data(root: Path, task_name: str, classes: list[str], store_size: int = 64,
                      channels: int = 3) -> ImageSet | None:
     """Every readable image of ``task_name`` labelled by the server's class order; None if the device has none.
 
     Classes the device lacks are simply absent (label skew is normal); unknown class folders are ignored
     with a warning; unreadable images are skipped and counted.
     """
-    root = data_dir(context)
     task_dir = root / task_name
     if not task_dir.is_dir():
         return None
