@@ -29,7 +29,7 @@ log = logging.getLogger("fedpetah.client")
 app = ClientApp()
 _RUNTIMES: dict[tuple[str, int], ClientRuntime] = {}
 WORKER_TIMEOUT_S = 300.0  # the longest a worker may take for one request (training included)
-WORKER_CONNECT_S = 15.0  # how long to wait for a worker that is being restarted
+WORKER_CONNECT_S = 60.0  # how long to wait for a worker that is starting (importing torch) or restarting
 
 
 def _runtime(context: Context) -> ClientRuntime:

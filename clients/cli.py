@@ -246,8 +246,8 @@ def worker_command(args: argparse.Namespace, socket_path: Path) -> list[str]:
 
 
 class Supervisor:
-    """The device worker: started and awaited until it answers, restarted whenever it dies (after 1 s, doubled
-    per restart up to 60 s, back to 1 s once it ran a minute), stopped with its process tree."""
+    """The device worker: started beside the SuperNode, restarted whenever it dies (after 1 s, doubled per restart
+    up to 60 s, back to 1 s once it ran a minute), stopped with its process tree."""
 
     def __init__(self, command: list[str], socket_path: Path, ready_s: float = WORKER_READY_S) -> None:
         self.command, self.socket, self.ready_s = command, socket_path, ready_s
@@ -281,17 +281,15 @@ class Supervisor:
         return False
 
     def start(self) -> None:
+        """Launch the worker and watch it; the SuperNode need not wait (a ClientApp waits for the socket)."""
         self._launch()
-        if not self.ready(self.ready_s):
-            code = None if self.process is None else self.process.poll()
-            raise ClientError(EXIT_SUPERNODE, f"the device worker did not start within {self.ready_s:.0f} s "
-                                              f"(exit code {code}; its output is above)")
-        print(f"fedpetah-client: device worker ready on {self.socket}", file=sys.stderr)
         self._watcher.start()
 
     def _watch(self) -> None:
         delay = 1.0
         while self.process is not None:
+            if self.ready(self.ready_s):
+                print(f"fedpetah-client: device worker ready on {self.socket}", file=sys.stderr)
             while (code := self.process.poll()) is None:
                 if self._stopping.wait(0.5):
                     return

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import stat
@@ -295,3 +296,15 @@ def test_thin_client_app_imports_no_torch_and_no_server_libraries() -> None:
                          env=child_env({"PYTHONPATH": str(REPO)}), cwd=REPO, check=True, capture_output=True,
                          text=True).stdout
     assert json.loads(out) == []
+
+
+def test_device_dependencies_leave_out_server_libraries() -> None:
+    import tomli
+
+    project = tomli.loads((REPO / "pyproject.toml").read_text())["project"]
+    names = {re.split(r"[\[<>=!~ ]", d)[0].lower() for d in project["dependencies"]}
+    assert not names & {"ray", "hydra-core", "matplotlib", "scikit-learn", "mlxtend", "rich"}
+    assert all("[simulation]" not in d for d in project["dependencies"])
+    server = project["optional-dependencies"]["server"]
+    assert any(d.startswith("flwr[simulation]") for d in server) and "fedpetah[server]" in \
+        project["optional-dependencies"]["dev"]
