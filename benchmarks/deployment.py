@@ -52,8 +52,13 @@ imported = time.perf_counter()
 kind, records = frames.decode(Path(sys.argv[2]).read_bytes())
 context = Context(run_id=1, node_id=1, node_config={"worker-socket": sys.argv[1]}, state=RecordDict(), run_config={})
 handle(kind, records, context)
-print(json.dumps({"import_s": imported - started, "reply_s": time.perf_counter() - started,
-                  "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+reply_s = time.perf_counter() - started
+try:  # this process's own peak (ru_maxrss would include the parent's, inherited across fork + exec)
+    hwm = [l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith("VmHWM:")]
+    peak_mb = int(hwm[0].split()[1]) / 1024
+except (OSError, IndexError):
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+print(json.dumps({"import_s": imported - started, "reply_s": reply_s, "rss_mb": peak_mb,
                   "torch": "torch" in sys.modules}))
 """
 
