@@ -227,6 +227,8 @@ def targets(run: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 def markdown(result: dict[str, Any]) -> str:
+    failed = [r for r in result["runs"] if "failed" in r]
+    result = {**result, "runs": [r for r in result["runs"] if "failed" not in r]}
     lines = ["# Deployment benchmark", "", f"`{result['command']}` on {result['machine']}. {result['note']}", "",
              "| clients | round | cache | round s | slowest train s | overhead s | step ms | adapter down B | "
              "adapter up B | backbone B | acc |", "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -256,6 +258,10 @@ def markdown(result: dict[str, Any]) -> str:
         for name, t in run["targets"].items():
             verdict = "n/a" if t["reached"] is None else ("reached" if t["reached"] else "missed")
             lines.append(f"| {run['clients']} | {name} | {t['value']} | {t['bound']} | {verdict} |")
+    for run in failed:
+        last = [line for line in run["failed"].splitlines() if line.strip()][-2:]
+        lines += ["", f"The {run['clients']}-device run failed (load average {run['load']}): "
+                      f"`{' / '.join(last)[:400]}`"]
     lines += ["", "Notes:", "",
               "- Absolute times are pessimistic: the machine (2 cores) was shared with other jobs; the load average "
               "is recorded beside every figure.",
@@ -281,7 +287,11 @@ def main() -> None:
     runs = []
     for clients in args.clients:
         with tempfile.TemporaryDirectory(prefix="fp-deploy-") as tmp:
-            runs.append(federate(clients, args.rounds, args.overrides, Path(tmp), args.timeout))
+            try:
+                runs.append(federate(clients, args.rounds, args.overrides, Path(tmp), args.timeout))
+            except RuntimeError as error:  # e.g. Flower's SuperLink database locked on an overloaded machine
+                runs.append({"clients": clients, "failed": str(error)[-1500:], "load": round(os.getloadavg()[0], 1)})
+                continue
             runs[-1]["targets"] = targets(runs[-1])
             print(json.dumps(runs[-1]), flush=True)
     result = {
