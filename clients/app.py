@@ -1,8 +1,11 @@
-"""Flower ClientApp: decode each message with fedpetah.protocol, answer it with fedpetah.client, encode the reply.
+"""Flower ClientApp: hand each message to the device worker when there is one, else answer it in this process.
 
-Module-level imports stay light (flwr, NumPy, the protocol): torch and the library are imported on the first
-message that needs them, and the runtime (backbone cache) is kept per process, so a simulation worker pays
-for them once.
+With ``worker-socket`` in the node config (``fedpetah-client`` sets it) or ``FEDPETAH_WORKER_SOCKET``, a message's
+records go to the device worker (:mod:`clients.worker`) over its Unix socket and its reply comes back: this process
+imports flwr, NumPy and the protocol only, never torch. A worker that is dead or hung yields an error reply within
+``worker-connect-s`` + ``worker-timeout-s`` seconds. Without a worker (a stock ``flower-supernode``, the
+simulation) the same :func:`clients.worker.answer` runs here; torch and the library are imported on the first
+message that needs them and the runtime (backbone cache) is kept per process, so a simulation worker pays once.
 """
 
 from __future__ import annotations
@@ -10,12 +13,25 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from fedpetah.protocol import HELLO, NO_PARTITION, HelloRequest, ProtocolError, Status, TrainReply, TrainRequest
+from clients.worker import WorkerUnavailable, answer, call
+from fedpetah.protocol import (
+    ATTACK_ENV,
+    HELLO,
+    NO_PARTITION,
+    TRAIN,
+    HelloReply,
+    ProtocolError,
+    Records,
+    Status,
+    TrainReply,
+    TrainRequest,
+    specs,
+)
 from flower_glue.records import records_of, reply
 
 if TYPE_CHECKING:
@@ -24,6 +40,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("fedpetah.client")
 app = ClientApp()
 _RUNTIMES: dict[tuple[str, int], ClientRuntime] = {}
+WORKER_TIMEOUT_S = 300.0  # the longest a worker may take for one request (training included)
+WORKER_CONNECT_S = 60.0  # how long to wait for a worker that is starting (importing torch) or restarting
 
 
 def _runtime(context: Context) -> ClientRuntime:
@@ -57,31 +75,64 @@ def _data(context: Context) -> DataSource:
         from fedpetah.client import simulated_data
 
         return simulated_data(partition)
-    from clients.device_data import device_task_data
+    from clients.device_data import data_dir
+    from clients.worker import device_source
 
-    return lambda settings: device_task_data(context, settings.request.task.name, list(settings.request.task.classes))
+    value = str(context.node_config.get("data-dir", ""))
+    return lambda settings: device_source(data_dir(value))(settings)  # a missing dir fails the request only
+
+
+def _seconds(config: dict[str, Any], key: str, default: float) -> float:
+    value = config.get(key, default)
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) and value > 0 else default
+
+
+def handle(kind: str, records: Records, context: Context) -> Records:
+    """The reply to a request: from the device worker if one is configured, else computed in this process."""
+    config = dict(context.node_config)
+    path = str(config.get("worker-socket", "") or os.environ.get("FEDPETAH_WORKER_SOCKET", ""))
+    if not path:
+        if kind == TRAIN:
+            _set_threads()
+        return answer(_runtime(context), _data(context), kind, records)
+    try:
+        return call(path, kind, records, _seconds(config, "worker-timeout-s", WORKER_TIMEOUT_S),
+                    _seconds(config, "worker-connect-s", WORKER_CONNECT_S))
+    except WorkerUnavailable as error:
+        log.error("%s", error)
+        if kind == HELLO:  # take part anyway: the server sends the backbone with the first request
+            return HelloReply(NO_PARTITION, False).encode()
+        return TrainReply(Status.ERROR, f"device worker unavailable: {error}").encode()
 
 
 @app.query(HELLO.removeprefix("query."))
 def hello(message: Message, context: Context) -> Message:
     """Who we are (partition id, or -1 on a device) and whether the backbone is cached here."""
-    request = HelloRequest.decode(records_of(message))
-    return reply(_runtime(context).hello(request).encode(), message)
+    return reply(handle(HELLO, records_of(message), context), message)
 
 
 @app.train()
 def train(message: Message, context: Context) -> Message:
     """Train the task's adapter from the global state on this client's data; reply with the state only."""
     try:
-        request = TrainRequest.decode(records_of(message))
+        records = records_of(message)
     except ProtocolError as error:
         log.warning("refusing a malformed train request: %s", error)
         return reply(TrainReply(Status.ERROR, f"malformed request: {error}").encode(), message)
-    _set_threads()
-    answer = _runtime(context).train(request, _data(context))
+    answered = handle(TRAIN, records, context)
     partition = _partition(context)
-    if partition != NO_PARTITION:  # a simulation may make this partition byzantine (simulation.attack)
-        from fedpetah.attacks import corrupt_reply, from_env
+    if partition != NO_PARTITION and os.environ.get(ATTACK_ENV):  # simulation.attack: a byzantine partition
+        answered = _attack(records, answered, partition)
+    return reply(answered, message)
 
-        answer = corrupt_reply(answer, request, partition, from_env(os.environ))
-    return reply(answer.encode(), message)
+
+def _attack(request_records: Records, reply_records: Records, partition: int) -> Records:
+    """The reply of simulated partition ``partition`` as the configured attack corrupts it (only in simulation)."""
+    from fedpetah.attacks import corrupt_reply, from_env
+
+    request = TrainRequest.decode(request_records)
+    try:
+        answer = TrainReply.decode(reply_records, specs(request.state))
+    except ProtocolError:
+        return reply_records
+    return corrupt_reply(answer, request, partition, from_env(os.environ)).encode()

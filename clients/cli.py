@@ -19,6 +19,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections import deque
@@ -70,6 +71,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="first wait in seconds, doubled per attempt (env FEDPETAH_CONNECT_BACKOFF)")
     parser.add_argument("--min-free-mb", type=int, default=200, help="free disk the cache needs")
     parser.add_argument("--threads", type=int, default=0, help="torch threads for training (0: torch's default)")
+    parser.add_argument("--no-worker", action="store_true",
+                        help="no device worker: every message imports torch in its own process (slow)")
+    parser.add_argument("--worker-timeout", type=float, default=300.0,
+                        help="seconds a message waits for the device worker's answer before an error reply")
     parser.add_argument("--check", action="store_true", help="run the checks, then exit without joining")
     return parser.parse_args(argv)
 
@@ -155,12 +160,15 @@ def check_server(host: str, port: int, args: argparse.Namespace) -> None:
                                             "with --insecure (then this device needs --insecure too)?") from None
 
 
-def supernode_command(args: argparse.Namespace, address: str) -> list[str]:
+def supernode_command(args: argparse.Namespace, address: str, worker: Path | None = None) -> list[str]:
     data, cache = args.data.expanduser().resolve(), args.cache.expanduser().resolve()
     if "'" in f"{data}{cache}":
         raise ClientError(EXIT_USAGE, "paths for --data and --cache must not contain a single quote")
+    node_config = f"data-dir='{data}' cache-dir='{cache}'"
+    if worker is not None:
+        node_config += f" worker-socket='{worker}' worker-timeout-s={float(args.worker_timeout)}"
     command = [executable("flower-supernode"), "--superlink", address, "--port", str(args.runtime_port),
-               "--node-config", f"data-dir='{data}' cache-dir='{cache}'"]
+               "--node-config", node_config]
     if args.insecure:
         command.append("--insecure")
     elif args.root_certificates is not None:
@@ -203,12 +211,16 @@ def _pump(node: subprocess.Popen[bytes], tail: deque[str]) -> None:
         tail.append(line)
 
 
-def supernode(args: argparse.Namespace, address: str) -> tuple[int, str] | None:
+SUPEREXEC_POLL_S = "0.1"  # Flower's SuperExec looks for a new message every second by default
+
+
+def supernode(args: argparse.Namespace, address: str, worker: Path | None) -> tuple[int, str] | None:
     """Run Flower's SuperNode until it exits (its code and last output) or we are stopped (None)."""
-    extra = {"FLWR_DISABLE_UPDATE_CHECK": "1", "FLWR_TELEMETRY_ENABLED": os.environ.get("FLWR_TELEMETRY_ENABLED", "0")}
+    extra = {"FLWR_DISABLE_UPDATE_CHECK": "1", "FLWR_TELEMETRY_ENABLED": os.environ.get("FLWR_TELEMETRY_ENABLED", "0"),
+             "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": os.environ.get("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", SUPEREXEC_POLL_S)}
     if args.threads > 0:
         extra["FEDPETAH_TORCH_THREADS"] = str(args.threads)
-    node = start(supernode_command(args, address), child_env(extra))
+    node = start(supernode_command(args, address, worker), child_env(extra))
     tail: deque[str] = deque(maxlen=200)
     # Read in a thread and reap the SuperNode as soon as it exits: Flower's detached SuperExec holds our pipe
     # open until it sees its parent gone, which it cannot while the parent is an unreaped zombie.
@@ -226,14 +238,106 @@ def supernode(args: argparse.Namespace, address: str) -> tuple[int, str] | None:
     return returncode, "".join(tail)
 
 
+WORKER_READY_S = 600.0  # the worker imports torch before it listens: minutes on a slow device
+
+
+def worker_command(args: argparse.Namespace, socket_path: Path) -> list[str]:
+    return [sys.executable, "-m", "clients.worker", "--socket", str(socket_path),
+            "--data", str(args.data.expanduser().resolve()), "--cache", str(args.cache.expanduser().resolve()),
+            "--threads", str(args.threads)]
+
+
+class Supervisor:
+    """The device worker: started beside the SuperNode, restarted whenever it dies (after 1 s, doubled per restart
+    up to 60 s, back to 1 s once it ran a minute), stopped with its process tree."""
+
+    def __init__(self, command: list[str], socket_path: Path, ready_s: float = WORKER_READY_S) -> None:
+        self.command, self.socket, self.ready_s = command, socket_path, ready_s
+        self.process: subprocess.Popen[bytes] | None = None
+        self.restarts = 0
+        self._launched = 0.0
+        self._stopping = threading.Event()
+        self._lock = threading.Lock()
+        self._watcher = threading.Thread(target=self._watch, daemon=True)
+
+    def _launch(self) -> None:
+        with self._lock:
+            if not self._stopping.is_set():  # its output joins ours (the device's log)
+                self.process = subprocess.Popen(self.command, env=child_env(), start_new_session=True)
+                self._launched = time.monotonic()
+
+    def ready(self, timeout: float) -> bool:
+        """Whether the current worker answers a ping within ``timeout`` seconds (False once it exited)."""
+        from clients.worker import PING, WorkerUnavailable, call
+        from fedpetah.protocol import Records
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and not self._stopping.is_set():
+            if self.process is None or self.process.poll() is not None:
+                return False
+            try:
+                call(self.socket, PING, Records(), timeout_s=10.0)
+                return True
+            except WorkerUnavailable:
+                time.sleep(0.2)
+        return False
+
+    def start(self) -> None:
+        """Launch the worker and watch it; the SuperNode need not wait (a ClientApp waits for the socket)."""
+        self._launch()
+        self._watcher.start()
+
+    def _watch(self) -> None:
+        delay = 1.0
+        while self.process is not None:
+            if self.ready(self.ready_s):
+                print(f"fedpetah-client: device worker ready on {self.socket}", file=sys.stderr)
+            while (code := self.process.poll()) is None:
+                if self._stopping.wait(0.5):
+                    return
+            if self._stopping.is_set():
+                return
+            if time.monotonic() - self._launched > 60.0:
+                delay = 1.0
+            print(f"fedpetah-client: the device worker exited with code {code}; restarting it in {delay:.0f} s",
+                  file=sys.stderr)
+            if self._stopping.wait(delay):
+                return
+            self.restarts += 1
+            self._launch()
+            delay = min(60.0, 2 * delay)
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stopping.set()
+        if self._watcher.is_alive():
+            self._watcher.join(timeout=5.0)
+        if self.process is not None:
+            stop_tree(self.process)
+
+
 def join(args: argparse.Namespace, address: str) -> int:
     """Run the SuperNode; a refused key is retried :data:`KEY_RETRIES` times (the server may be registering it)."""
     if not port_is_free("127.0.0.1", args.runtime_port):
         raise ClientError(EXIT_SUPERNODE, f"local port {args.runtime_port} is in use (another fedpetah-client?): "
                                           "pass --runtime-port")
+    if args.no_worker:
+        return _join(args, address, None)
+    directory = Path(tempfile.mkdtemp(prefix="fedpetah-"))  # 0700: the worker's socket is ours alone
+    worker = Supervisor(worker_command(args, directory / "worker.sock"), directory / "worker.sock")
+    try:
+        worker.start()
+        return _join(args, address, worker.socket)
+    finally:
+        with signals_ignored():
+            worker.stop()
+            shutil.rmtree(directory, ignore_errors=True)
+
+
+def _join(args: argparse.Namespace, address: str, worker: Path | None) -> int:
     attempt = 0
     while True:
-        outcome = supernode(args, address)
+        outcome = supernode(args, address, worker)
         if outcome is None:
             return 0
         returncode, output = outcome

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from flwr.app import Context
 
 from fedpetah.tasks import ImageSet
 from fedpetah.tasks.folder import load_class, safe_path
@@ -17,8 +16,8 @@ log = logging.getLogger("fedpetah.client")
 _LOADED: dict[tuple[str, str, tuple[str, ...]], tuple[ImageSet, int]] = {}
 
 
-def data_dir(context: Context) -> Path:
-    value = str(context.node_config.get("data-dir", ""))
+def data_dir(value: str) -> Path:
+    """The node config's ``data-dir`` value as an existing directory."""
     if not value:
         raise ValueError("this node has no data-dir in its node config (fedpetah-client --data DIR)")
     path = Path(value).expanduser()
@@ -27,7 +26,7 @@ def data_dir(context: Context) -> Path:
     return path
 
 
-def device_task_data(context: Context, task_name: str, classes: list[str], store_size: int = 64,
+def device_task_data(root: Path, task_name: str, classes: list[str], store_size: int = 64,
                      channels: int = 3) -> ImageSet | None:
     """Every readable image of ``task_name`` labelled by the server's class order; None if the device has none.
 
@@ -36,7 +35,6 @@ def device_task_data(context: Context, task_name: str, classes: list[str], store
     name inside the data dir raises :class:`fedpetah.tasks.folder.UnsafeNameError` (an error reply), before
     anything is read.
     """
-    root = data_dir(context)
     task_dir = safe_path(root, task_name)  # the names come from the server: checked before any file is touched
     class_dirs = [safe_path(root, task_name, name) for name in classes]
     if not task_dir.is_dir():

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, replace
 import numpy as np
 import torch
 
-from fedpetah.protocol import Status, TrainReply, TrainRequest
+from fedpetah.protocol import ATTACK_ENV, Status, TrainReply, TrainRequest
 from fedpetah.registry import Registry
 
 StateDict = dict[str, torch.Tensor]
@@ -145,7 +145,6 @@ class AttackConfig:
             raise ValueError(f"simulation.attack_fraction must be in [0, 1], got {self.fraction}")
 
 
-ENV = "FEDPETAH_ATTACK"
 """How a simulation tells its ClientApp workers (Ray processes started after it is set) the attack to run."""
 
 
@@ -155,7 +154,7 @@ def to_env(config: AttackConfig) -> str:
 
 def from_env(environ: Mapping[str, str]) -> AttackConfig:
     """The simulation's attack, or ``none`` when the variable is unset (every real deployment)."""
-    raw = environ.get(ENV)
+    raw = environ.get(ATTACK_ENV)
     return AttackConfig(**json.loads(raw)) if raw else AttackConfig()
 
 

@@ -37,7 +37,19 @@ class BackboneCache:
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
         self._loaded: dict[str, Backbone] = {}
+        self._stamps: dict[str, tuple[tuple[int, int], ...]] = {}  # the files as they were when verified
         self.last_load_seconds = 0.0
+
+    def _stamp(self, digest: str) -> tuple[tuple[int, int], ...]:
+        """Size and mtime of the cached files: a long-lived process re-verifies a copy that changed on disk."""
+        stamps = []
+        for name in (WEIGHTS_FILE, MANIFEST_FILE):
+            try:
+                stat = (self.path(digest) / name).stat()
+                stamps.append((stat.st_size, stat.st_mtime_ns))
+            except OSError:
+                stamps.append((-1, -1))
+        return tuple(stamps)
 
     def path(self, digest: str) -> Path:
         if not digest or not all(c in "0123456789abcdef" for c in digest):
@@ -71,12 +83,12 @@ class BackboneCache:
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
-        self._loaded = {digest: backbone}
+        self._loaded, self._stamps = {digest: backbone}, {digest: self._stamp(digest)}
         return len(weights) + len(manifest)
 
     def get(self, digest: str) -> Backbone:
         """The verified backbone ``digest`` (memory first, then disk)."""
-        if digest in self._loaded:
+        if digest in self._loaded and self._stamps.get(digest) == self._stamp(digest):
             self.last_load_seconds = 0.0
             return self._loaded[digest]
         path = self.path(digest)
@@ -90,7 +102,7 @@ class BackboneCache:
             shutil.rmtree(path, ignore_errors=True)
             raise
         self.last_load_seconds = time.perf_counter() - start
-        self._loaded = {digest: backbone}
+        self._loaded, self._stamps = {digest: backbone}, {digest: self._stamp(digest)}
         return backbone
 
 

@@ -29,6 +29,9 @@ HELLO, TRAIN = "query.hello", "train"
 NO_PARTITION = -1
 """The partition id a real device reports (simulated clients report their partition)."""
 
+ATTACK_ENV = "FEDPETAH_ATTACK"
+"""Environment variable that carries ``simulation.attack`` to simulated clients (JSON; unset on every device)."""
+
 REASONS = ("malformed", "status", "count", "metrics", "keys", "shape", "dtype", "size", "stats")
 MAX_REASON_CHARS = 500
 MAX_METRICS = 32

@@ -16,9 +16,9 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from fedpetah.attacks import ENV as ATTACK_ENV
 from fedpetah.attacks import to_env
 from fedpetah.experiment import ExperimentConfig
+from fedpetah.protocol import ATTACK_ENV
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -118,12 +118,13 @@ def test_default_bounds_keep_a_fifth_of_attackers_near_the_honest_mean(name: str
 
 
 def test_the_attack_travels_to_simulated_clients_through_the_environment() -> None:
-    from fedpetah.attacks import ENV, from_env, to_env
+    from fedpetah.attacks import from_env, to_env
+    from fedpetah.protocol import ATTACK_ENV
 
     assert from_env({}) == AttackConfig() and AttackConfig().name == "none"
-    assert from_env({ENV: to_env(AttackConfig("noise", 0.4))}) == AttackConfig("noise", 0.4)
+    assert from_env({ATTACK_ENV: to_env(AttackConfig("noise", 0.4))}) == AttackConfig("noise", 0.4)
     with pytest.raises(ValueError, match="simulation.attack"):
-        from_env({ENV: '{"name": "evil", "fraction": 0.2}'})
+        from_env({ATTACK_ENV: '{"name": "evil", "fraction": 0.2}'})
 
 
 @pytest.mark.parametrize(

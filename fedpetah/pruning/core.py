@@ -23,7 +23,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch_pruning as tp
-from sklearn.datasets import load_digits
 
 from fedpetah.backbone import Backbone, BackboneFamily
 from fedpetah.config import PruningConfig
@@ -223,6 +222,8 @@ def _calibration_batches(
 
 def _proxy_batches(backbone: Backbone, count: int) -> Iterator[torch.Tensor]:
     """scikit-learn's 8x8 digits, resized to the backbone's input: the offline warm-up proxy."""
+    from sklearn.datasets import load_digits  # imported on use: a device never calibrates pruning
+
     images = torch.tensor(load_digits().images[: count * CALIBRATION_BATCH], dtype=torch.float32) / 16.0
     for chunk in images.unsqueeze(1).split(CALIBRATION_BATCH):
         resized = F.interpolate(chunk, size=(backbone.img_size,) * 2, mode="bilinear", align_corners=False)

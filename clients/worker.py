@@ -1,0 +1,233 @@
+"""The device worker: one long-lived process with torch, the verified backbone and the data index, on a Unix socket.
+
+    python -m clients.worker --socket /run/user/1000/fedpetah/worker.sock --data ~/fedpetah-data --cache DIR
+
+``fedpetah-client`` starts it beside Flower's SuperNode and supervises it; the ClientApp that Flower starts per
+message forwards its request here with :func:`call` and returns the reply, so a message costs a small process
+(flwr and the protocol) instead of importing torch, timm and peft every time. The socket lives in an owner-only
+directory (0700), is itself 0600, and each peer's uid is checked (``SO_PEERCRED``) where the OS reports it; frames
+are JSON + safetensors (:mod:`fedpetah.frames`), never pickle, and bounded in size. :func:`answer` is what both
+this worker and the ClientApp's in-process path run for a request, so both give the same result for the same seed.
+
+Module-level imports stay light (no torch): the thin ClientApp imports :func:`call` from here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import socket
+import stat
+import struct
+import sys
+import time
+from pathlib import Path
+from types import FrameType
+from typing import TYPE_CHECKING
+
+from fedpetah import frames
+from fedpetah.protocol import HELLO, TRAIN, HelloRequest, ProtocolError, Records, Status, TrainReply, TrainRequest
+
+if TYPE_CHECKING:
+    from fedpetah.client import ClientRuntime, DataSource
+
+log = logging.getLogger("fedpetah.worker")
+
+PING, REPLY = "ping", "reply"
+"""Frame types besides the protocol's message names: a readiness probe, and every answer."""
+REQUEST_TIMEOUT_S = 30.0  # a peer has this long for each read and write of a frame
+MAX_SOCKET_PATH = 100  # AF_UNIX paths are limited to 104-108 bytes depending on the OS
+
+
+class WorkerUnavailable(Exception):
+    """No answer from the worker: nothing listens, the peer is not ours, or it did not answer in time."""
+
+
+def answer(runtime: ClientRuntime, data: DataSource, kind: str, records: Records) -> Records:
+    """The reply records to request ``records`` of type ``kind``; a bad request becomes an error reply."""
+    if kind == PING:
+        return Records()
+    if kind == HELLO:
+        return runtime.hello(HelloRequest.decode(records)).encode()
+    if kind != TRAIN:
+        return TrainReply(Status.ERROR, f"unknown message type {kind!r:.60}").encode()
+    try:
+        request = TrainRequest.decode(records)
+    except ProtocolError as error:
+        log.warning("refusing a malformed train request: %s", error)
+        return TrainReply(Status.ERROR, f"malformed request: {error}").encode()
+    return runtime.train(request, data).encode()
+
+
+def device_source(root: Path) -> DataSource:
+    """A device's own images under ``root`` (``<task>/<class>/*.png``), read once per task and kept."""
+    from clients.device_data import device_task_data
+
+    return lambda settings: device_task_data(root, settings.request.task.name, list(settings.request.task.classes))
+
+
+# ---------------------------------------------------------------------------------------------- the socket
+
+
+def peer_uid(conn: socket.socket) -> int | None:
+    """The uid of the process at the other end of a Unix socket, where the OS reports it (Linux)."""
+    option = getattr(socket, "SO_PEERCRED", None)
+    if option is None:
+        return None
+    _, uid, _ = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, option, struct.calcsize("3i")))
+    return int(uid)
+
+
+def check_private_dir(path: Path) -> None:
+    """``path`` is a directory owned by us that nobody else may enter (mode 0700 or stricter)."""
+    info = path.lstat()
+    if not stat.S_ISDIR(info.st_mode):
+        raise ValueError(f"{path} is not a directory")
+    if info.st_uid != os.getuid() or info.st_mode & 0o077:
+        raise ValueError(f"{path} must be owned by uid {os.getuid()} with mode 0700 (it is uid {info.st_uid}, "
+                         f"mode {stat.S_IMODE(info.st_mode):o}): `chmod 700 {path}`")
+
+
+def listen(path: Path) -> socket.socket:
+    """A listening socket at ``path`` (0600, in a checked 0700 dir); a stale socket left by a dead worker goes."""
+    if len(str(path).encode()) > MAX_SOCKET_PATH:
+        raise ValueError(f"socket path {path} is longer than {MAX_SOCKET_PATH} bytes; pick a shorter one")
+    check_private_dir(path.parent)
+    if path.is_socket():
+        path.unlink()
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    previous = os.umask(0o177)
+    try:
+        listener.bind(str(path))
+    finally:
+        os.umask(previous)
+    os.chmod(path, 0o600)
+    listener.listen(8)
+    return listener
+
+
+def _own_peer(conn: socket.socket) -> bool:
+    uid = peer_uid(conn)
+    return uid is None or uid == os.getuid()
+
+
+def serve(listener: socket.socket, runtime: ClientRuntime, data: DataSource) -> None:
+    """Answer one connection at a time, forever: a request frame in, a reply frame out."""
+    while True:
+        conn, _ = listener.accept()
+        with conn:
+            if not _own_peer(conn):
+                log.warning("refused a connection from uid %s", peer_uid(conn))
+                continue
+            conn.settimeout(REQUEST_TIMEOUT_S)
+            try:
+                kind, records = frames.receive(conn)
+            except (ProtocolError, OSError) as error:
+                log.warning("refused a request: %s", error)
+                _send_quietly(conn, TrainReply(Status.ERROR, f"bad request frame: {error}").encode())
+                continue
+            started = time.perf_counter()
+            try:
+                reply = answer(runtime, data, kind, records)
+            except ProtocolError as error:
+                reply = TrainReply(Status.ERROR, f"malformed request: {error}").encode()
+            except Exception as error:  # a bug must not take the device's worker down with it
+                log.exception("request %s failed", kind)
+                reply = TrainReply(Status.ERROR, f"worker error: {type(error).__name__}: {error}").encode()
+            if kind != PING:
+                log.info("answered %s in %.2f s", kind, time.perf_counter() - started)
+            _send_quietly(conn, reply)
+
+
+def _send_quietly(conn: socket.socket, records: Records) -> None:
+    try:
+        frames.send(conn, REPLY, records)
+    except OSError as error:  # the ClientApp gave up waiting (its timeout) or was stopped
+        log.warning("could not send the reply: %s", error)
+
+
+def call(path: str | Path, kind: str, records: Records, timeout_s: float, connect_s: float = 0.0) -> Records:
+    """Send a request to the worker at ``path`` and return its reply records.
+
+    Connection attempts are retried for ``connect_s`` seconds (a worker being restarted); every read and write
+    then has ``timeout_s`` seconds. Raises :class:`WorkerUnavailable` with the reason otherwise.
+    """
+    deadline = time.monotonic() + connect_s
+    while True:
+        conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        conn.settimeout(max(1.0, min(timeout_s, 10.0)))
+        try:
+            conn.connect(str(path))
+            break
+        except (FileNotFoundError, ConnectionRefusedError) as error:
+            conn.close()
+            if time.monotonic() >= deadline:
+                raise WorkerUnavailable(f"no device worker at {path} ({error.strerror})") from None
+            time.sleep(0.1)
+        except OSError as error:
+            conn.close()
+            raise WorkerUnavailable(f"cannot connect to the device worker at {path}: {error}") from None
+    with conn:
+        if not _own_peer(conn):
+            raise WorkerUnavailable(f"the process at {path} belongs to uid {peer_uid(conn)}, not to us")
+        conn.settimeout(timeout_s)
+        try:
+            frames.send(conn, kind, records)
+            kind, reply = frames.receive(conn)
+        except TimeoutError:
+            raise WorkerUnavailable(f"the device worker at {path} did not answer within {timeout_s:g} s") from None
+        except (ProtocolError, OSError) as error:
+            raise WorkerUnavailable(f"the device worker at {path} failed: {error}") from None
+    if kind != REPLY:
+        raise WorkerUnavailable(f"the device worker at {path} sent a {kind!r:.40} frame, not a reply")
+    return reply
+
+
+# ---------------------------------------------------------------------------------------------- the process
+
+
+def _stop(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m clients.worker", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--socket", type=Path, required=True, help="socket path (its directory must be 0700)")
+    parser.add_argument("--data", type=Path, required=True, help="image folder DIR/<task>/<class>/*.png|jpg")
+    parser.add_argument("--cache", type=Path, required=True, help="backbone cache dir")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="fedpetah-worker %(levelname)s: %(message)s")
+    signal.signal(signal.SIGTERM, _stop)
+    started = time.perf_counter()
+    import torch
+
+    from clients.device_data import data_dir
+    from fedpetah.client import ClientRuntime
+    from fedpetah.local import BackboneCache
+
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    root = data_dir(str(args.data))
+    runtime = ClientRuntime(BackboneCache(args.cache.expanduser()))
+    try:
+        listener = listen(args.socket)
+    except (OSError, ValueError) as error:
+        log.error("cannot listen on %s: %s", args.socket, error)
+        return 2
+    log.info("ready on %s after %.1f s (pid %d)", args.socket, time.perf_counter() - started, os.getpid())
+    try:
+        serve(listener, runtime, device_source(root))
+    except (KeyboardInterrupt, SystemExit):
+        log.info("stopping")
+    finally:
+        listener.close()
+        args.socket.unlink(missing_ok=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
