@@ -24,7 +24,7 @@ from fedpetah.bank import AdapterBank
 from fedpetah.experiment import ExperimentConfig
 from fedpetah.local import load_stream
 from fedpetah.metrics import RoundRecord, RunLog, plot_run, read_rounds, summarize
-from fedpetah.prepare import prepare_artifact
+from fedpetah.pipeline import prepare_artifact
 from fedpetah.tasks import Task
 from fedpetah.train import evaluate
 
