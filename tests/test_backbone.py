@@ -162,3 +162,23 @@ def test_backbone_and_config_modules_import_no_cycle() -> None:
 
     mine = [m for m in graph if m.startswith("fedpetah.backbone") or m in ("fedpetah.config", "fedpetah.pipeline")]
     assert [m for m in mine if reaches(m, m)] == []
+
+
+def test_pipeline_prunes_recovers_and_packs_once(tmp_path: Path) -> None:
+    from fedpetah.artifact import load_artifact
+    from fedpetah.config import PruningConfig
+    from fedpetah.experiment import ExperimentConfig
+    from fedpetah.pipeline import prepare_artifact
+
+    warmup = WarmupConfig(epochs=1, batch_size=128)
+    backbone = BackboneConfig(name="efficientvit_b0", img_size=32, weights="random", warmup=warmup)
+    config = ExperimentConfig(backbone=backbone, pruning=PruningConfig(ratio=0.5, recovery_epochs=1))
+    target = prepare_artifact(config, tmp_path)
+    shipped = load_artifact(target)
+    assert shipped.pruning_history and shipped.pretraining["source"] == "random"
+    assert shipped.pretraining["recovery"]["dataset"] == "glyphs" and shipped.pretraining["recovery"]["epochs"] == 1
+    full = build_backbone(backbone)
+    assert shipped.num_params() < 0.7 * full.num_params()
+    stamp = (target / "weights.safetensors").stat().st_mtime_ns
+    assert prepare_artifact(config, tmp_path) == target  # cached: not rebuilt
+    assert (target / "weights.safetensors").stat().st_mtime_ns == stamp

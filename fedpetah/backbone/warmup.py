@@ -38,13 +38,14 @@ def pretrain(backbone: Backbone, config: WarmupConfig, proxy: ProxySet, epochs: 
     with a fixed generator), wall and CPU seconds and the load average. Seeded by ``config.seed`` alone.
     """
     epochs = config.epochs if epochs is None else epochs
-    torch.manual_seed(config.seed)  # the temporary heads' initialisation
     generator = torch.Generator().manual_seed(config.seed)
     train_idx, test_idx = (
         torch.from_numpy(i) for i in stratified_split(proxy.labels, 0.2, np.random.default_rng(config.seed))
     )
-    model = TaskModel(backbone.module, proxy.classes, backbone.img_size, backbone.mean, backbone.std)
-    angle_head = nn.Linear(model.head.in_features, ANGLE_BINS)
+    with torch.random.fork_rng():  # seeded temporary heads, the caller's global RNG left as it was
+        torch.manual_seed(config.seed)
+        model = TaskModel(backbone.module, proxy.classes, backbone.img_size, backbone.mean, backbone.std)
+        angle_head = nn.Linear(model.head.in_features, ANGLE_BINS)
     aug = proxy.augmentation if config.rotation is None else replace(proxy.augmentation, rotation=config.rotation)
     use_angle = config.angle_weight > 0 and aug.rotation > 0
     params = list(model.parameters()) + (list(angle_head.parameters()) if use_angle else [])
