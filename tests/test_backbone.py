@@ -81,6 +81,7 @@ def _tiny() -> tuple[Backbone, WarmupConfig]:
     return build_backbone(config), WarmupConfig(epochs=1, batch_size=128)
 
 
+@pytest.mark.slow  # trains the backbone at 32 px
 def test_pretraining_learns_the_proxy_and_reports_its_cost() -> None:
     backbone, config = _tiny()
     before = {k: v.clone() for k, v in backbone.module.state_dict().items()}
@@ -93,6 +94,7 @@ def test_pretraining_learns_the_proxy_and_reports_its_cost() -> None:
     assert not any(p.requires_grad for p in backbone.module.parameters())
 
 
+@pytest.mark.slow  # trains the backbone at 32 px
 def test_warm_up_is_cached_by_its_settings(tmp_path: Path) -> None:
     backbone, config = _tiny()
     first = warm_up(backbone, config, tmp_path)
@@ -164,6 +166,7 @@ def test_backbone_and_config_modules_import_no_cycle() -> None:
     assert [m for m in mine if reaches(m, m)] == []
 
 
+@pytest.mark.slow  # trains the backbone at 32 px
 def test_pipeline_prunes_recovers_and_packs_once(tmp_path: Path) -> None:
     from fedpetah.artifact import load_artifact
     from fedpetah.config import PruningConfig
