@@ -1,13 +1,19 @@
-"""Centralized sanity check: every adapter trained on split_mnist without federation, pruned and not.
+"""Centralized sanity check: every adapter trained on a task stream without federation, pruned and not.
 
-Run: ``.venv/bin/python benchmarks/centralized.py`` (writes benchmarks/results/centralized.{json,md}).
+Run: ``.venv/bin/python benchmarks/centralized.py [--stream rotated_mnist --out centralized_rotated]``
+(writes benchmarks/results/<out>.{json,md}). The backbone is the one the server ships, built through
+fedpetah.pipeline (warm-up, pruning and recovery are cached; a fresh build's wall and CPU seconds and the load
+average are recorded beside it).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -16,7 +22,7 @@ from fedpetah.adapters import ADAPTERS, adapter_config, build_adapter
 from fedpetah.artifact import load_artifact
 from fedpetah.config import BackboneConfig, PruningConfig, TrainConfig
 from fedpetah.experiment import ExperimentConfig
-from fedpetah.prepare import prepare_artifact
+from fedpetah.pipeline import prepare_artifact
 from fedpetah.tasks import TaskStreamConfig, build_stream
 from fedpetah.train import evaluate, train_adapter
 
@@ -29,19 +35,33 @@ def main() -> None:
     parser.add_argument("--img-size", type=int, default=64)
     parser.add_argument("--adapters", nargs="*", default=None, help="default: every registered adapter")
     parser.add_argument("--ratios", nargs="*", type=float, default=[0.0, 0.5])
-    parser.add_argument("--tasks", type=int, default=5, help="evaluate the first N split_mnist tasks")
+    parser.add_argument("--stream", default="split_mnist", help="task stream (split_mnist, rotated_mnist, ...)")
+    parser.add_argument("--warmup-dataset", default=None, help="proxy data set of the warm-up (default: config's)")
+    parser.add_argument("--tasks", type=int, default=5, help="evaluate the first N tasks of the stream")
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--first-task-only", nargs="*", default=[], help="adapters evaluated on task 0 only")
     parser.add_argument("--out", default="centralized")
     args = parser.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    tasks = build_stream(TaskStreamConfig(name="split_mnist"))[: args.tasks]
+    tasks = build_stream(TaskStreamConfig(name=args.stream))[: args.tasks]
+    backbone_cfg = BackboneConfig(name=args.backbone, img_size=args.img_size)
+    if args.warmup_dataset:
+        backbone_cfg = replace(backbone_cfg, warmup=replace(backbone_cfg.warmup, dataset=args.warmup_dataset))
+    prepared = []
     train_cfg = TrainConfig(epochs=args.epochs, lr=5e-3, batch_size=32)
     rows = []
     for ratio in args.ratios:
-        experiment = ExperimentConfig(backbone=BackboneConfig(name=args.backbone, img_size=args.img_size),
-                                      pruning=PruningConfig(ratio=ratio))
+        experiment = ExperimentConfig(backbone=backbone_cfg, pruning=PruningConfig(ratio=ratio))
+        start, cpu = time.perf_counter(), time.process_time()
         pruned = load_artifact(prepare_artifact(experiment))  # what the server ships (cached)
+        prepared.append({
+            "pruning_ratio": ratio,
+            "seconds": round(time.perf_counter() - start, 1),  # near 0 when cached
+            "cpu_seconds": round(time.process_time() - cpu, 1),
+            "load_average": [round(v, 2) for v in os.getloadavg()],
+            "pretraining": pruned.pretraining,
+        })
+        print(json.dumps(prepared[-1]), flush=True)
         for name in args.adapters or ADAPTERS.names():
             accuracies, start = [], time.perf_counter()
             lr = 1e-3 if name == "full" else train_cfg.lr
@@ -64,11 +84,15 @@ def main() -> None:
             print(json.dumps(row), flush=True)
             rows.append(row)
     RESULTS.mkdir(exist_ok=True)
-    meta = {"backbone": args.backbone, "img_size": args.img_size, "epochs": args.epochs,
-            "pretraining": pruned.pretraining, "rows": rows}
+    meta = {"stream": args.stream, "backbone": args.backbone, "img_size": args.img_size, "epochs": args.epochs,
+            "torch_threads": torch.get_num_threads(), "prepared": prepared, "rows": rows}
     (RESULTS / f"{args.out}.json").write_text(json.dumps(meta, indent=2))
+    command = " ".join(sys.argv[1:])
     lines = [
-        f"# Centralized split_mnist ({args.backbone}, {args.img_size} px, {args.epochs} epochs per task)",
+        f"# Centralized {args.stream} ({args.backbone}, {args.img_size} px, {args.epochs} epochs per task)",
+        "",
+        f"Warm-up: {backbone_cfg.warmup.dataset}; `python benchmarks/centralized.py "
+        f"{command}`",
         "",
         "| adapter | pruning | backbone params | trainable | task 0 acc | mean acc (tasks) | s |",
         "|---|---|---|---|---|---|---|",

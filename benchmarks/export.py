@@ -25,8 +25,8 @@ from fedpetah.bank import AdapterBank
 from fedpetah.config import TrainConfig
 from fedpetah.experiment import ExperimentConfig
 from fedpetah.export import write_export
+from fedpetah.pipeline import prepare_artifact
 from fedpetah.predict import build_predictor
-from fedpetah.prepare import prepare_artifact
 from fedpetah.routing import FrozenFeatures, RouterConfig, TaskFreeModel, data_stats
 from fedpetah.tasks import TaskStreamConfig, batches, build_stream
 from fedpetah.train import train_adapter

@@ -61,7 +61,7 @@ def latencies_ms(modules: list[torch.nn.Module], batch: int, size: int, repeats:
 
 def shipped_structure(name: str, size: int, ratio: float, warmup_size: int) -> Backbone:
     """The tree the server ships: pruned from the cached warm-up backbone on the proxy calibration
-    batches (as fedpetah.prepare does; recovery only changes weights), replayed at ``size`` on random weights."""
+    batches (as fedpetah.pipeline does; recovery only changes weights), replayed at ``size`` on random weights."""
     warm = build_backbone(BackboneConfig(name=name, img_size=warmup_size))
     images, _ = digits_tensors(warmup_size, warm.in_chans)
     history = prune_backbone(warm, PruningConfig(ratio=ratio), calibration=list(images[:128].split(32))).pruning_history

@@ -91,7 +91,7 @@ def centralized(config: Any) -> dict[str, Any]:
     from fedpetah.artifact import load_artifact
     from fedpetah.config import TrainConfig
     from fedpetah.local import load_stream
-    from fedpetah.prepare import prepare_artifact
+    from fedpetah.pipeline import prepare_artifact
     from fedpetah.train import evaluate, train_adapter
 
     backbone = load_artifact(prepare_artifact(config))

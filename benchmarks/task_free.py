@@ -25,8 +25,8 @@ from fedpetah.artifact import load_artifact
 from fedpetah.bank import AdapterBank
 from fedpetah.config import TrainConfig
 from fedpetah.experiment import ExperimentConfig
+from fedpetah.pipeline import prepare_artifact
 from fedpetah.predict import build_predictor, evaluate_task_free
-from fedpetah.prepare import prepare_artifact
 from fedpetah.routing import FeatureStats, RouterConfig, aggregate_stats, data_stats
 from fedpetah.tasks import PartitionConfig, TaskStreamConfig, batches, build_stream, partition
 from fedpetah.train import evaluate, train_adapter

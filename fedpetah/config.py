@@ -2,54 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
+from fedpetah.backbone.config import BackboneConfig, WarmupConfig
 
-@dataclass
-class WarmupConfig:
-    """Short offline pretraining on a proxy data set disjoint from every task stream."""
-
-    dataset: str = "digits"
-    epochs: int = 12
-    lr: float = 2e-3
-    batch_size: int = 64
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.dataset not in {"digits"}:
-            raise ValueError(f"warm-up dataset must be 'digits', got {self.dataset!r}")
-        if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
-            raise ValueError("warm-up epochs, batch_size and lr must be positive")
-
-
-@dataclass
-class BackboneConfig:
-    """Which timm hybrid to build, at which input size, with which weights.
-
-    ``weights`` is one of ``warmup`` (offline default: proxy pretraining, cached),
-    ``pretrained`` (timm hub weights, needs the network), ``checkpoint`` (a local
-    safetensors state dict at ``checkpoint``) or ``random`` (tests only).
-    """
-
-    name: str = "efficientvit_b0"
-    img_size: int = 64
-    in_chans: int = 3
-    weights: str = "warmup"
-    checkpoint: str | None = None
-    warmup: WarmupConfig = field(default_factory=WarmupConfig)
-
-    def __post_init__(self) -> None:
-        from fedpetah.backbone.families import family_of
-
-        family_of(self.name)  # unsupported names fail here, listing the supported ones
-        if self.weights not in {"warmup", "pretrained", "checkpoint", "random"}:
-            raise ValueError(
-                f"backbone.weights must be warmup|pretrained|checkpoint|random, got {self.weights!r}"
-            )
-        if self.weights == "checkpoint" and not self.checkpoint:
-            raise ValueError("backbone.weights=checkpoint needs backbone.checkpoint=PATH")
-        if self.img_size < 16:
-            raise ValueError(f"backbone.img_size must be >= 16, got {self.img_size}")
+__all__ = ["BackboneConfig", "PruningConfig", "TrainConfig", "WarmupConfig"]
 
 
 @dataclass

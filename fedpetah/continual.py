@@ -26,7 +26,7 @@ from fedpetah.collect import StatsCollector
 from fedpetah.experiment import ExperimentConfig
 from fedpetah.local import MANIFEST_FILE, WEIGHTS_FILE, load_stream
 from fedpetah.metrics import RoundRecord, RunLog, plot_run, read_rounds, summarize
-from fedpetah.prepare import prepare_artifact
+from fedpetah.pipeline import prepare_artifact
 from fedpetah.protocol import SECTIONS, Status, TaskInfo, TrainReply, TrainRequest, client_seed
 from fedpetah.tasks import Task
 from fedpetah.train import evaluate

@@ -35,8 +35,8 @@ from fedpetah.backbone.build import default_cache_dir
 from fedpetah.bank import AdapterBank, BankError
 from fedpetah.experiment import ExperimentConfig, to_experiment
 from fedpetah.flatconfig import build_dataclass
+from fedpetah.pipeline import settings_key
 from fedpetah.predict import TaskFreePredictor, build_predictor
-from fedpetah.prepare import settings_key
 from fedpetah.routing import FeatureStats, FrozenFeatures, RouterConfig, TaskFreeModel
 
 EXPORT_FORMAT, EXPORT_VERSION = "fedpetah-task-free", 1

@@ -1,6 +1,7 @@
-"""Hybrid timm backbones: the family registry, building, offline warm-up pretraining."""
+"""Hybrid timm backbones: the family registry, building, offline warm-up pretraining on proxy data."""
 
-from fedpetah.backbone.build import Backbone, build_backbone, create_timm_model
+from fedpetah.backbone.base import Backbone, create_timm_model, default_cache_dir
+from fedpetah.backbone.build import build_backbone
 from fedpetah.backbone.families import (
     FAMILIES,
     LAYER_KINDS,
@@ -16,6 +17,7 @@ __all__ = [
     "BackboneFamily",
     "build_backbone",
     "create_timm_model",
+    "default_cache_dir",
     "family_of",
     "supported_models",
 ]

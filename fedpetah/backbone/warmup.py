@@ -1,95 +1,143 @@
-"""Offline warm-up pretraining on scikit-learn's digits, a proxy disjoint from every task stream."""
+"""Offline pretraining on a proxy data set (warm-up, and recovery after pruning), cached by its settings."""
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
+import os
 import time
-from typing import TYPE_CHECKING, Any
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any
 
 import numpy as np
+import timm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from sklearn.datasets import load_digits
+from safetensors.torch import load_file, save
 
-from fedpetah.config import WarmupConfig
+from fedpetah.atomic import atomic_write_bytes, atomic_write_text
+from fedpetah.backbone.augment import augment
+from fedpetah.backbone.base import Backbone
+from fedpetah.backbone.config import WarmupConfig
+from fedpetah.backbone.proxy import ProxySet, load_proxy
 from fedpetah.model import TaskModel
+from fedpetah.tasks.data import stratified_split
 
-if TYPE_CHECKING:
-    from fedpetah.backbone.build import Backbone
+log = logging.getLogger(__name__)
 
-
-def digits_tensors(img_size: int, in_chans: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
-    """scikit-learn's 1,797 8x8 digits as (N, C, S, S) floats in [0, 1] and labels."""
-    digits = load_digits()
-    images = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    images = F.interpolate(images, size=(img_size, img_size), mode="bilinear", align_corners=False)
-    return images.clamp(0, 1).expand(-1, in_chans, -1, -1).contiguous(), torch.tensor(digits.target)
+WARMUP_FORMAT = 3
+ANGLE_BINS = 8
 
 
-def random_affine(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Small random rotation, scale and shift, so features do not memorise pixel positions."""
-    n = images.shape[0]
-    angle = (torch.rand(n, generator=generator) - 0.5) * 0.5
-    scale = 0.9 + 0.2 * torch.rand(n, generator=generator)
-    shift = (torch.rand(n, 2, generator=generator) - 0.5) * 0.2
-    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
-    theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1)
-    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
-    return F.grid_sample(images, grid, align_corners=False)
+def pretrain(backbone: Backbone, config: WarmupConfig, proxy: ProxySet, epochs: int | None = None) -> dict[str, Any]:
+    """Train the whole backbone (batch-norm statistics included) on ``proxy`` with temporary heads.
 
-
-def random_stroke_contrast(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Per image, a random soft threshold: from the blurry upscaled 8x8 digit to a crisp binary stroke.
-
-    Upscaled 8x8 digits are blobs; pen strokes in real images (MNIST, photos of text) are thin and sharp.
-    Without this, digits-pretrained features transferred poorly to MNIST (the default run sat at chance).
+    Returns what it did: data, epochs, held-out accuracy (a seeded 20% of the proxy images, distorted
+    with a fixed generator), wall and CPU seconds and the load average. Seeded by ``config.seed`` alone.
     """
-    n = images.shape[0]
-    sharpness = 1.0 + 19.0 * torch.rand(n, 1, 1, 1, generator=generator)
-    threshold = 0.25 + 0.35 * torch.rand(n, 1, 1, 1, generator=generator)
-    sharp = torch.sigmoid((images - threshold) * sharpness)
-    low, high = sharp.amin((1, 2, 3), keepdim=True), sharp.amax((1, 2, 3), keepdim=True)
-    return (sharp - low) / (high - low).clamp_min(1e-6)
-
-
-def warmup_pretrain(backbone: Backbone, config: WarmupConfig) -> dict[str, Any]:
-    """Train the whole backbone with a temporary 10-way head; report held-out accuracy."""
-    torch.manual_seed(config.seed)
+    epochs = config.epochs if epochs is None else epochs
     generator = torch.Generator().manual_seed(config.seed)
-    images, labels = digits_tensors(backbone.img_size, backbone.in_chans)
-    order = torch.randperm(len(labels), generator=generator)
-    n_test = len(labels) // 5
-    test_idx, train_idx = order[:n_test], order[n_test:]
-    model = TaskModel(backbone.module, 10, backbone.img_size, backbone.mean, backbone.std)
-    model.requires_grad_(True)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.05)
-    steps = config.epochs * -(-len(train_idx) // config.batch_size)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, config.lr, total_steps=steps)
-    start = time.perf_counter()
+    train_idx, test_idx = (
+        torch.from_numpy(i) for i in stratified_split(proxy.labels, 0.2, np.random.default_rng(config.seed))
+    )
+    with torch.random.fork_rng():  # seeded temporary heads, the caller's global RNG left as it was
+        torch.manual_seed(config.seed)
+        model = TaskModel(backbone.module, proxy.classes, backbone.img_size, backbone.mean, backbone.std)
+        angle_head = nn.Linear(model.head.in_features, ANGLE_BINS)
+    aug = proxy.augmentation if config.rotation is None else replace(proxy.augmentation, rotation=config.rotation)
+    use_angle = config.angle_weight > 0 and aug.rotation > 0
+    params = list(model.parameters()) + (list(angle_head.parameters()) if use_angle else [])
+    for p in params:
+        p.requires_grad_(True)
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.05)
+    steps = epochs * (len(train_idx) // config.batch_size)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, config.lr, total_steps=max(1, steps))
+    start, cpu_start = time.perf_counter(), time.process_time()
     nn.Module.train(model, True)  # real pretraining: batch-norm statistics do update here
-    for _ in range(config.epochs):
-        perm = train_idx[torch.randperm(len(train_idx), generator=generator)]
-        for batch in perm.split(config.batch_size):
-            if len(batch) < 2:
-                continue
-            x = random_affine(random_stroke_contrast(images[batch], generator), generator)
-            loss = F.cross_entropy(model(x), labels[batch])
+    for _ in range(epochs):
+        order = train_idx[torch.randperm(len(train_idx), generator=generator)]
+        for batch in order.split(config.batch_size):
+            if len(batch) < config.batch_size:
+                continue  # equal batches keep the schedule's step count exact
+            images, labels = proxy.tensors(batch)
+            x, degrees = augment(images, aug, backbone.img_size, generator)
+            features = model.features(x.expand(-1, backbone.in_chans, -1, -1))
+            loss = F.cross_entropy(model.head(features), labels, label_smoothing=0.1)
+            if use_angle:
+                loss = loss + config.angle_weight * F.cross_entropy(angle_head(features), _angle_bins(degrees))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             schedule.step()
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     model.eval()
+    held_out = torch.Generator().manual_seed(config.seed + 1)
+    correct = angle_correct = 0
     with torch.no_grad():
-        logits = torch.cat([model(images[b]) for b in test_idx.split(256)])
-    accuracy = float((logits.argmax(1) == labels[test_idx]).float().mean())
+        for batch in test_idx.split(256):
+            images, labels = proxy.tensors(batch)
+            x, degrees = augment(images, aug, backbone.img_size, held_out)
+            features = model.features(x.expand(-1, backbone.in_chans, -1, -1))
+            correct += int((model.head(features).argmax(1) == labels).sum())
+            angle_correct += int((angle_head(features).argmax(1) == _angle_bins(degrees)).sum())
     backbone.module.eval().requires_grad_(False)
-    return {
+    info: dict[str, Any] = {
         "source": "warmup",
-        "dataset": config.dataset,
-        "train_images": int(len(train_idx)),
-        "test_images": int(n_test),
-        "epochs": config.epochs,
-        "test_accuracy": round(accuracy, 4),
-        "seconds": round(time.perf_counter() - start, 1),
-        "label_counts": np.bincount(labels.numpy()).tolist(),
+        "dataset": proxy.name,
+        "classes": proxy.classes,
+        "train_images": len(train_idx),
+        "test_images": len(test_idx),
+        "epochs": epochs,
+        "rotation": aug.rotation,
+        "test_accuracy": round(correct / len(test_idx), 4),
+        "seconds": round(seconds, 1),
+        "cpu_seconds": round(cpu_seconds, 1),
+        "load_average": [round(v, 2) for v in os.getloadavg()],
+        "torch_threads": torch.get_num_threads(),
     }
+    if use_angle:
+        info["test_angle_accuracy"] = round(angle_correct / len(test_idx), 4)
+    return info
+
+
+def warm_up(backbone: Backbone, config: WarmupConfig, cache_dir: Path) -> dict[str, Any]:
+    """Load the warm-up weights cached for these settings, or pretrain on the proxy and cache them."""
+    proxy = load_proxy(config.dataset)
+    key = warmup_key(backbone, config, proxy)
+    stem = cache_dir / f"warmup-{backbone.model_name}-{backbone.img_size}px-{key}"
+    weights, meta = stem.with_suffix(".safetensors"), stem.with_suffix(".json")
+    if weights.is_file() and meta.is_file():
+        try:
+            backbone.module.load_state_dict(load_file(str(weights)), strict=True)
+            info: dict[str, Any] = json.loads(meta.read_text())
+            return info
+        except Exception as err:  # a corrupt cache entry is rebuilt, never trusted
+            log.warning("discarding corrupt warm-up cache %s: %s", weights, err)
+    log.info("warm-up pretraining %s at %d px on %s (cached)", backbone.model_name, backbone.img_size, proxy.name)
+    info = pretrain(backbone, config, proxy)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(weights, save({k: v.contiguous() for k, v in backbone.module.state_dict().items()}))
+    atomic_write_text(meta, json.dumps(info, indent=2))
+    return info
+
+
+def warmup_key(backbone: Backbone, config: WarmupConfig, proxy: ProxySet) -> str:
+    """Content hash of everything that determines the warm-up weights."""
+    payload = {
+        "format": WARMUP_FORMAT,
+        "name": backbone.model_name,
+        "img_size": backbone.img_size,
+        "in_chans": backbone.in_chans,
+        "warmup": asdict(config),
+        "timm": timm.__version__,
+        "torch": torch.__version__,
+        "proxy": proxy.versions,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _angle_bins(degrees: torch.Tensor) -> torch.Tensor:
+    return torch.round(degrees / (360 / ANGLE_BINS)).long() % ANGLE_BINS
