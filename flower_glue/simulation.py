@@ -31,6 +31,7 @@ def simulate(config: ExperimentConfig, run_dir: Path, cache_dir: Path | None = N
     os.environ["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])
     if cache_dir is not None:
         os.environ["FEDPETAH_CACHE"] = str(cache_dir)
+    restore_console = _quiet_console()  # before importing Flower: alembic logs its plugins at import
     from flwr.simulation import run_simulation
 
     from clients.app import app as client_app
@@ -46,7 +47,6 @@ def simulate(config: ExperimentConfig, run_dir: Path, cache_dir: Path | None = N
                "client_resources": {"num_cpus": sim.cpus_per_client, "num_gpus": sim.gpus_per_client}}
     summary_path = run_dir / "summary.json"
     restore = _terminate_as_interrupt()
-    restore_console = _quiet_console()
     try:
         run_simulation(server_app=make_server_app(config, run_dir, cache_dir), client_app=client_app,
                        num_supernodes=config.clients, backend_config=backend)

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from flwr.app import Context, RecordDict
 from PIL import Image
 
 from clients import cli as client_cli
@@ -24,8 +23,6 @@ def _png(path: Path, value: int) -> None:
     Image.fromarray(np.full((8, 8), value, dtype=np.uint8)).save(path)
 
 
-def _context(data: Path) -> Context:
-    return Context(run_id=1, node_id=1, node_config={"data-dir": str(data)}, state=RecordDict(), run_config={})
 
 
 @pytest.fixture
@@ -40,7 +37,7 @@ def device(tmp_path: Path) -> Path:
 
 
 def test_device_reads_its_own_task(device: Path) -> None:
-    data = device_task_data(_context(device), "digits", ["a", "b"], store_size=8, channels=1)
+    data = device_task_data(device, "digits", ["a", "b"], store_size=8, channels=1)
     assert data is not None and data.labels.tolist() == [0, 1]
     assert data.images[0].max().item() == 10 and data.images[1].min().item() == 200
 
@@ -66,7 +63,7 @@ def test_device_refuses_names_that_leave_its_data_dir(device: Path, task: str, c
     if task == "SECRET":
         task = str(device.parent / "outside" / "secret")
     with pytest.raises(UnsafeNameError) as error:
-        device_task_data(_context(device), task, classes, store_size=8, channels=1)  # type: ignore[arg-type]
+        device_task_data(device, task, classes, store_size=8, channels=1)  # type: ignore[arg-type]
     assert "private.png" not in str(error.value)
 
 
