@@ -254,7 +254,9 @@ def test_collector_sums_each_clients_statistics_once_into_the_bank(
     bank.save(tmp_path)
     stored = AdapterBank.load(tmp_path)[0].stats
     assert torch.equal(stored["count"], whole.count)
-    torch.testing.assert_close(stored["scatter"], whole.scatter, rtol=1e-10, atol=1e-8)
+    # float32 features of two halves and of the whole batch differ in the last bits; the float64 sums do not add more
+    scale = float(whole.scatter.abs().max())
+    torch.testing.assert_close(stored["scatter"], whole.scatter, rtol=1e-5, atol=1e-6 * scale)
     assert StatsCollector(AdapterBank.load(tmp_path), backbone, RouterConfig(dim=64)).config.dim == 16  # resumed
 
 
