@@ -86,7 +86,7 @@ def _reproducible(path: Path) -> list[dict[str, object]]:
     for line in path.read_text().splitlines():
         row = {k: v for k, v in json.loads(line).items() if k not in MEASURED}
         row["extra"] = {k: v for k, v in row["extra"].items()
-                        if not k.endswith(("_s", "_mb")) and k != "bytes_backbone"}
+                        if not k.endswith(("_s", "_mb", "_s_per_image")) and k != "bytes_backbone"}
         rows.append(row)
     return rows
 

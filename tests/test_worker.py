@@ -26,7 +26,18 @@ from clients import cli as client_cli
 from clients.app import handle
 from clients.worker import PING, WorkerUnavailable, call, listen, peer_uid
 from fedpetah import frames
-from fedpetah.protocol import HELLO, TRAIN, HelloReply, HelloRequest, Records, Status, TrainReply, TrainRequest, specs
+from fedpetah.protocol import (
+    HELLO,
+    TRAIN,
+    HelloReply,
+    HelloRequest,
+    Records,
+    Status,
+    TrainReply,
+    TrainRequest,
+    specs,
+    stats_specs,
+)
 from flower_glue.launch import child_env
 from server.bundle import REPO
 
@@ -209,13 +220,18 @@ def test_worker_answers_like_the_in_process_client_app(setup: dict[str, Any],
     # Assert: identical arrays and counts, the backbone now held by the worker, no Ray/Hydra/plotting/sklearn
     # on the device path, and the worker holds no TCP socket
     expected = specs(request.state)
-    worker_reply = TrainReply.decode(via_worker, expected)
-    local_reply = TrainReply.decode(frames.decode((root / "reply.frame").read_bytes())[1], expected)
+    asked = request.stats  # the server asks a client for its router statistics with its first update of a task
+    expected_stats = None if asked is None else stats_specs(request.task.num_classes, asked[0])
+    worker_reply = TrainReply.decode(via_worker, expected, expected_stats)
+    local_reply = TrainReply.decode(frames.decode((root / "reply.frame").read_bytes())[1], expected, expected_stats)
     assert worker_reply.status is Status.OK, worker_reply.reason
     assert worker_reply.num_examples == local_reply.num_examples == 12
     assert worker_reply.state is not None and local_reply.state is not None
     for key, value in local_reply.state.items():
         np.testing.assert_allclose(worker_reply.state[key], value, rtol=0, atol=0)
+    if worker_reply.stats is not None and local_reply.stats is not None:
+        for key, value in local_reply.stats.items():
+            np.testing.assert_allclose(worker_reply.stats[key], value, rtol=0, atol=0)
     assert any(not np.array_equal(worker_reply.state[k], v) for k, v in request.state.items())  # it trained
     assert json.loads(imported.splitlines()[-1]) == []
     assert HelloReply.decode(handle(HELLO, HelloRequest(request.digest).encode(),
