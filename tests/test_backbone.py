@@ -78,7 +78,7 @@ def test_warmup_config_rejects_an_unknown_data_set_naming_the_valid_ones() -> No
 
 def _tiny() -> tuple[Backbone, WarmupConfig]:
     config = BackboneConfig(name="efficientvit_b0", img_size=32, weights="random")
-    return build_backbone(config), WarmupConfig(epochs=1, batch_size=128)
+    return build_backbone(config), WarmupConfig(dataset="glyphs", epochs=1, batch_size=128)
 
 
 @pytest.mark.slow  # trains the backbone at 32 px
@@ -168,7 +168,7 @@ def test_pipeline_prunes_recovers_and_packs_once(tmp_path: Path) -> None:
     from fedpetah.experiment import ExperimentConfig
     from fedpetah.pipeline import prepare_artifact
 
-    warmup = WarmupConfig(epochs=1, batch_size=128)
+    warmup = WarmupConfig(dataset="glyphs", epochs=1, batch_size=128)
     backbone = BackboneConfig(name="efficientvit_b0", img_size=32, weights="random", warmup=warmup)
     config = ExperimentConfig(backbone=backbone, pruning=PruningConfig(ratio=0.5, recovery_epochs=1))
     target = prepare_artifact(config, tmp_path)
