@@ -78,29 +78,24 @@ def missing_key(state: StateDict, reference: StateDict, num_examples: int,
     return out, float(num_examples)
 
 
-@ATTACKS.register("inflated_count")
-def inflated_count(state: StateDict, reference: StateDict, num_examples: int,
-                   rng: np.random.Generator) -> tuple[StateDict, float]:
-    """Its own (honest, but local and skewed) update, claimed to come from ``INFLATED_COUNT`` examples."""
-    return _copy(state), INFLATED_COUNT
+def _claiming(count: float, doc: str) -> Attack:
+    """An attack that sends its own (honest, local, skewed) update and claims ``count`` examples."""
 
-
-@ATTACKS.register("nan_count")
-def nan_count(state: StateDict, reference: StateDict, num_examples: int,
+    def claim(state: StateDict, reference: StateDict, num_examples: int,
               rng: np.random.Generator) -> tuple[StateDict, float]:
-    return _copy(state), math.nan
+        return _copy(state), count
+
+    claim.__doc__ = doc
+    return claim
 
 
-@ATTACKS.register("inf_count")
-def inf_count(state: StateDict, reference: StateDict, num_examples: int,
-              rng: np.random.Generator) -> tuple[StateDict, float]:
-    return _copy(state), math.inf
-
-
-@ATTACKS.register("negative_count")
-def negative_count(state: StateDict, reference: StateDict, num_examples: int,
-                   rng: np.random.Generator) -> tuple[StateDict, float]:
-    return _copy(state), NEGATIVE_COUNT
+for _name, _count, _doc in (
+    ("inflated_count", INFLATED_COUNT, "An honest update claimed to come from ``INFLATED_COUNT`` examples."),
+    ("nan_count", math.nan, "An honest update with a NaN example count."),
+    ("inf_count", math.inf, "An honest update with an infinite example count."),
+    ("negative_count", NEGATIVE_COUNT, "An honest update with a negative example count."),
+):
+    ATTACKS.register(_name)(_claiming(_count, _doc))
 
 
 @ATTACKS.register("noise")
