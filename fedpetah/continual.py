@@ -11,6 +11,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -143,13 +144,16 @@ class ContinualServer:
         config, task = self.config, self.tasks[plan.task]
         sections = {name: asdict(getattr(config, name)) for name in SECTIONS}
         sections["train"]["seed"] = client_seed(config.seed, plan.round, client)
-        artifact: tuple[bytes, ...] | None = None
-        if with_artifact:
-            artifact = tuple((self.artifact_dir / name).read_bytes() for name in (WEIGHTS_FILE, MANIFEST_FILE))
         return TrainRequest(digest=self.digest, round=plan.round, seed=config.seed, clients=config.clients,
                             task=TaskInfo(plan.task, task.name, tuple(task.classes)), sections=sections,
                             state={k: v.detach().cpu().contiguous().numpy() for k, v in current.items()},
-                            artifact=artifact, stats=self.router.wanted(plan.task, client))
+                            artifact=self.artifact_payload if with_artifact else None,
+                            stats=self.router.wanted(plan.task, client))
+
+    @cached_property
+    def artifact_payload(self) -> tuple[bytes, bytes]:
+        """The backbone's weights and manifest bytes as they travel to a client (read once per run)."""
+        return (self.artifact_dir / WEIGHTS_FILE).read_bytes(), (self.artifact_dir / MANIFEST_FILE).read_bytes()
 
     def complete_round(self, plan: RoundPlan, current: StateDict, replies: list[ClientReply],
                        bytes_down: int, bytes_up: int, started: float,
