@@ -62,11 +62,13 @@ def federated_inprocess(config: Any, run_dir: Path) -> dict[str, Any]:
         started = time.perf_counter()
         current = server.global_state(plan.task)
         expected = specs({k: v.numpy() for k, v in current.items()})
+        expected_stats = server.router.specs(server.tasks[plan.task].num_classes)
         replies = []
         for client in server.sample(list(runtimes), plan):
             request = server.train_request(plan, client, current, with_artifact=not cache.has(server.digest))
             answer = runtimes[client].train(TrainRequest.decode(request.encode()), simulated_data(client))
-            replies.append(ClientReply.of(client, TrainReply.decode(answer.encode(), expected)))
+            asked = expected_stats if request.stats is not None else None
+            replies.append(ClientReply.of(client, TrainReply.decode(answer.encode(), expected, asked)))
         record = server.complete_round(plan, current, replies, 0, 0, started)
         print(f"  round {plan.round}: task {plan.task} acc {[round(a, 3) for a in record.accuracy.values()]} "
               f"{time.perf_counter() - started:.1f}s", flush=True)

@@ -42,6 +42,10 @@ class TrainConfig:
 
     ``cache_features``: adapters whose backbone features do not depend on trainable tensors
     (``synqt``) compute them once per call and reuse them across epochs.
+    ``loss``: ``cross_entropy``, or ``balanced``: Balanced Softmax (Ren et al., NeurIPS 2020) with the local
+    data's own label frequencies, ``cross_entropy(logits + log p_local(c))`` while training. Under label skew
+    a client then fits its classes' share of the shared head instead of pulling it towards them, and a
+    class it lacks gets no gradient (as in FedRS). Evaluation and inference use the plain logits.
     """
 
     epochs: int = 1
@@ -52,6 +56,7 @@ class TrainConfig:
     momentum: float = 0.9
     max_steps: int | None = None
     cache_features: bool = True
+    loss: str = "cross_entropy"
     device: str = "cpu"
     seed: int = 0
 
@@ -60,6 +65,8 @@ class TrainConfig:
             raise ValueError(f"train.device must be cpu|cuda|auto, got {self.device!r}")
         if self.optimizer not in {"adamw", "sgd"}:
             raise ValueError(f"train.optimizer must be adamw|sgd, got {self.optimizer!r}")
+        if self.loss not in {"cross_entropy", "balanced"}:
+            raise ValueError(f"train.loss must be cross_entropy|balanced, got {self.loss!r}")
         if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
             raise ValueError("train.epochs, batch_size and lr must be positive")
         if self.max_steps is not None and self.max_steps < 1:

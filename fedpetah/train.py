@@ -81,6 +81,14 @@ def _select(features: Any, index: torch.Tensor) -> Any:
     return [f[index] for f in features]
 
 
+def label_log_prior(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """(num_classes,) log of each class's share of ``labels``; ``-inf`` for a class that is absent."""
+    if len(labels) and not 0 <= int(labels.min()) <= int(labels.max()) < num_classes:
+        raise ValueError(f"labels outside 0..{num_classes - 1}")
+    counts = torch.bincount(labels.to(torch.int64), minlength=num_classes).to(torch.float32)
+    return torch.log(counts / counts.sum())
+
+
 def train_adapter(adapter: Adapter, data: ImageSet, config: TrainConfig) -> TrainResult:
     """Train ``adapter`` on ``data`` in place; returns examples, mean loss/accuracy, time and memory.
 
@@ -108,6 +116,7 @@ def _train(adapter: Adapter, data: ImageSet, config: TrainConfig, device: torch.
     if cached is not None:
         features = _cached_features(cached, data, backbone.img_size, backbone.in_chans, device)
         labels = data.labels.to(device)
+    log_prior: torch.Tensor | None = None  # balanced loss: log of the local label frequencies, per class
     steps, seen, loss_sum, correct, step_seconds = 0, 0, 0.0, 0, 0.0
     for _ in range(config.epochs):
         if features is not None:
@@ -123,7 +132,12 @@ def _train(adapter: Adapter, data: ImageSet, config: TrainConfig, device: torch.
             else:
                 x, y = x.to(device), y.to(device)
                 logits = model(x)
-            loss = F.cross_entropy(logits, y)
+            if config.loss == "balanced":
+                if log_prior is None:
+                    log_prior = label_log_prior(data.labels, logits.shape[1]).to(device)
+                loss = F.cross_entropy(logits + log_prior, y)
+            else:
+                loss = F.cross_entropy(logits, y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

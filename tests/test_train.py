@@ -11,7 +11,7 @@ from fedpetah.adapters import adapter_config, build_adapter
 from fedpetah.backbone import Backbone
 from fedpetah.config import TrainConfig
 from fedpetah.tasks import ImageSet
-from fedpetah.train import train_adapter
+from fedpetah.train import label_log_prior, train_adapter
 
 
 def _data(n: int = 24) -> ImageSet:
@@ -51,3 +51,32 @@ def test_training_leaves_the_callers_rng_state_alone(tiny_backbone: Callable[...
     before = torch.get_rng_state()
     train_adapter(model, _data(), TrainConfig(epochs=1, batch_size=8, seed=9))
     assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_label_log_prior_is_the_log_share_of_each_class() -> None:
+    prior = label_log_prior(torch.tensor([0, 0, 2, 0]), 4)
+    torch.testing.assert_close(prior[[0, 2]], torch.log(torch.tensor([0.75, 0.25])))
+    assert torch.isneginf(prior[[1, 3]]).all()
+    with pytest.raises(ValueError, match="labels outside"):
+        label_log_prior(torch.tensor([0, 4]), 4)
+
+
+@pytest.mark.parametrize("loss", ["cross_entropy", "balanced"])
+def test_balanced_loss_leaves_the_head_rows_of_absent_classes_alone(
+        tiny_backbone: Callable[..., Backbone], loss: str) -> None:
+    torch.manual_seed(0)
+    model = build_adapter(adapter_config("head"), tiny_backbone(), 4)  # 4 classes, the data has only 0 and 1
+    before = {k: v.clone() for k, v in model.state().items()}
+    train_adapter(model, _data(), TrainConfig(epochs=2, batch_size=8, lr=1e-2, loss=loss, weight_decay=0.0))
+    after = model.state()
+    rows = {k: (before[k][2:], after[k][2:], before[k][:2], after[k][:2]) for k in before if k.startswith("head")}
+    assert rows, f"no head tensors in {sorted(before)}"
+    for old_absent, new_absent, old_present, new_present in rows.values():
+        assert not torch.equal(old_present, new_present)  # both losses train the classes the client has
+        # balanced: a class the client lacks gets no gradient; plain cross-entropy pushes it down
+        assert torch.equal(old_absent, new_absent) == (loss == "balanced")
+
+
+def test_unknown_loss_is_a_clear_error() -> None:
+    with pytest.raises(ValueError, match="train.loss must be cross_entropy|balanced"):
+        TrainConfig(loss="focal")
