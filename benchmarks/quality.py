@@ -18,6 +18,7 @@ average before and after it ran (the machine is shared: times are indicative onl
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import os
 import shutil
@@ -191,17 +192,20 @@ def main() -> None:
     for stream in args.streams:
         for adapter in args.adapters:
             row = run_case(stream, adapter, args)
-            results = {_key(r): r for r in json.loads(path.read_text())} if path.is_file() else {}
-            previous = results.get(_key(row), {})
-            for part in ("federated", "centralized"):  # a partial re-run keeps the other half
-                if part not in row and part in previous:
-                    row[part] = previous[part]
-            if "federated" in row and "centralized" in row:
-                row["gap_points"] = round(100 * (row["centralized"]["average_accuracy"]
-                                                 - row["federated"]["average_accuracy"]), 1)
-            results[_key(row)] = row
-            print(json.dumps(row), flush=True)
-            write(results)
+            RESULTS.mkdir(parents=True, exist_ok=True)
+            with open(RESULTS / ".quality.lock", "w") as lock:  # runs side by side merge, not clobber
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                results = {_key(r): r for r in json.loads(path.read_text())} if path.is_file() else {}
+                previous = results.get(_key(row), {})
+                for part in ("federated", "centralized"):  # a partial re-run keeps the other half
+                    if part not in row and part in previous:
+                        row[part] = previous[part]
+                if "federated" in row and "centralized" in row:
+                    row["gap_points"] = round(100 * (row["centralized"]["average_accuracy"]
+                                                     - row["federated"]["average_accuracy"]), 1)
+                results[_key(row)] = row
+                print(json.dumps(row), flush=True)
+                write(results)
 
 
 def _key(row: dict[str, Any]) -> str:

@@ -75,7 +75,7 @@ class ExperimentConfig:
     """
 
     clients: int = 50
-    rounds_per_task: int = 3
+    rounds_per_task: int = 10
     seed: int = 0
     resume: bool = False
     stop_after: int | None = None
