@@ -132,7 +132,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--lr", type=float, default=5e-3)
     parser.add_argument("--clients", type=int, default=50)
-    parser.add_argument("--routers", nargs="*", default=["default", "dim=1024", "grid=0,dim=256,joint=0,shrinkage=0"],
+    parser.add_argument("--routers", nargs="*", default=["default", "dim=512", "grid=0,dim=256,joint=0,shrinkage=0"],
                         help="routers to measure: comma-separated RouterConfig overrides, or 'default'")
     parser.add_argument("--timing-rounds", type=int, default=5)
     parser.add_argument("--final-only", action="store_true", help="evaluate task-free only after the last task")
