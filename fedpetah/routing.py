@@ -151,9 +151,17 @@ class FrozenFeatures(nn.Module):
             return pooled, pooled
         final, stages = self.backbone.forward_intermediates((x - self.mean) / self.std)  # type: ignore[operator]
         pooled = self.backbone.forward_head(final, pre_logits=True)  # type: ignore[operator]
-        cells = [F.adaptive_avg_pool2d(s, (min(self.grid, int(s.shape[-2])), min(self.grid, int(s.shape[-1]))))
-                 for s in stages]
-        return pooled, torch.cat([c.flatten(1) for c in cells], dim=1)
+        return pooled, torch.cat([_cells(s, self.grid).flatten(1) for s in stages], dim=1)
+
+
+def _cells(stage: torch.Tensor, grid: int) -> torch.Tensor:
+    """(N, C, H, W) -> (N, C, min(grid, H), min(grid, W)) cell means. A plain average pool where the cells
+    tile the map (it exports to ONNX with either torch exporter; an adaptive one only with torch.export)."""
+    height, width = int(stage.shape[-2]), int(stage.shape[-1])
+    rows, cols = min(grid, height), min(grid, width)
+    if height % rows == 0 and width % cols == 0:
+        return F.avg_pool2d(stage, (height // rows, width // cols))
+    return F.adaptive_avg_pool2d(stage, (rows, cols))
 
 
 def feature_width(backbone: Backbone, grid: int = 0) -> int:
