@@ -210,9 +210,10 @@ def data_stats(backbone: Backbone, data: ImageSet, num_classes: int, config: Rou
     return class_stats(project(frozen_features(backbone, data, grid=config.grid), config), data.labels, num_classes)
 
 
-@dataclass(frozen=True)
+@dataclass
 class RouterConfig:
-    """How the task-free router is built; ``dim``, ``seed`` and ``grid`` fix what clients compute and send.
+    """How the task-free router is built (``router.*`` in the experiment config); ``dim``, ``seed`` and ``grid``
+    fix what clients compute and send. Not frozen, so Hydra can override its fields.
 
     ``grid``: features the router reads: every backbone stage's output average-pooled to at most
     ``grid x grid`` cells, concatenated (0: the final pooled features only); ``dim``: width they are
