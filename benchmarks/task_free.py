@@ -6,12 +6,16 @@ bank with ``--run-dir``); the router's statistics are the sum of every simulated
 once). Task-aware accuracy picks each task's adapter by its id; task-free accuracy predicts among every
 class learned so far with no id.
 
+Each ``--routers`` entry is a router to measure, as comma-separated ``RouterConfig`` overrides
+(``grid=0,dim=256,joint=0,shrinkage=0`` is the router before stage grids; ``default`` the defaults).
+
 Run: ``.venv/bin/python benchmarks/task_free.py`` (writes benchmarks/results/task_free.{json,md}).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import time
@@ -51,12 +55,27 @@ def per_image_seconds(model: torch.nn.Module, x: torch.Tensor, repeats: int) -> 
     return sorted(times)[len(times) // 2]
 
 
+def router_config(spec: str) -> RouterConfig:
+    """``"grid=4,dim=512"`` -> RouterConfig with those fields (``default``: the defaults)."""
+    if spec == "default":
+        return RouterConfig()
+    fields = {f.name: f.type for f in dataclasses.fields(RouterConfig)}
+    values: dict[str, Any] = {}
+    for item in spec.split(","):
+        key, _, value = item.partition("=")
+        if key not in fields:
+            raise SystemExit(f"--routers {spec!r}: unknown field {key!r}; known: {sorted(fields)}")
+        values[key] = value if key == "prior" else (float(value) if "." in value or key in ("shrinkage", "joint")
+                                                   else int(value))
+    return RouterConfig(**values)
+
+
 def run_stream(stream: str, args: argparse.Namespace) -> dict[str, Any]:
     experiment = ExperimentConfig()
     backbone = load_artifact(prepare_artifact(experiment))
     tasks = build_stream(TaskStreamConfig(name=stream))
     adapter = adapter_config(args.adapter)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     bank = AdapterBank()
     aware = []
     for task in tasks:
@@ -68,9 +87,10 @@ def run_stream(stream: str, args: argparse.Namespace) -> dict[str, Any]:
     train_s = time.perf_counter() - start
     out: dict[str, Any] = {"stream": stream, "adapter": args.adapter, "epochs": args.epochs,
                            "task_aware_per_task": aware, "task_aware_accuracy": sum(aware) / len(aware),
-                           "train_seconds": round(train_s, 1), "routers": []}
-    for dim in args.router_dims:
-        router = RouterConfig(dim=dim)
+                           "train_seconds": round(train_s, 1),
+                           "train_cpu_seconds": round(time.process_time() - cpu, 1), "routers": []}
+    for spec in args.routers:
+        router = router_config(spec)
         stats = {t.index: federated_stats(backbone, t, args.clients, experiment.seed, router) for t in tasks}
         matrix, routing = [], []
         for learned in range(len(tasks) - 1 if args.final_only else 0, len(tasks)):
@@ -87,6 +107,7 @@ def run_stream(stream: str, args: argparse.Namespace) -> dict[str, Any]:
             timings["load"].append(os.getloadavg()[0])
         free_s, aware_s = (sorted(v)[len(v) // 2] for v in (timings["task_free"], timings["task_aware"]))
         row = {
+            "router": dataclasses.asdict(router),
             "router_dim": stats[0].dim,
             "task_free_matrix": matrix,
             "task_free_accuracy": sum(matrix[-1]) / len(matrix[-1]),
@@ -111,12 +132,15 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--lr", type=float, default=5e-3)
     parser.add_argument("--clients", type=int, default=50)
-    parser.add_argument("--router-dims", nargs="*", type=int, default=[256, 0], help="0: no projection")
+    parser.add_argument("--routers", nargs="*", default=["default", "dim=512", "grid=0,dim=256,joint=0,shrinkage=0"],
+                        help="routers to measure: comma-separated RouterConfig overrides, or 'default'")
     parser.add_argument("--timing-rounds", type=int, default=5)
     parser.add_argument("--final-only", action="store_true", help="evaluate task-free only after the last task")
     parser.add_argument("--out", default="task_free")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    for spec in args.routers:
+        router_config(spec)  # fail before training
     rows = [run_stream(stream, args) for stream in args.streams]
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{args.out}.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2))
@@ -124,14 +148,15 @@ def main() -> None:
         f"# Task-free vs task-aware ({args.adapter}, {args.epochs} epochs per task, central training, "
         f"router statistics summed over {args.clients} Dirichlet(0.5) clients)",
         "",
-        "| stream | router dim | task-aware avg | task-free avg | gap (points) | router picks the task "
-        "| stats B per client-task | batch-1 s task-free / task-aware (x) | load avg |",
+        "| stream | router (grid, dim, joint, shrinkage) | task-aware avg | task-free avg | gap (points) "
+        "| router picks the task | stats B per client-task | batch-1 s task-free / task-aware (x) | load avg |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         for q in r["routers"]:
             lines.append(
-                f"| {r['stream']} | {q['router_dim']} | {100 * r['task_aware_accuracy']:.1f}% "
+                f"| {r['stream']} | {q['router']['grid']}, {q['router_dim']}, {q['router']['joint']:g}, "
+                f"{q['router']['shrinkage']:g} | {100 * r['task_aware_accuracy']:.1f}% "
                 f"| {100 * q['task_free_accuracy']:.1f}% | {q['gap_points']:.1f} | {100 * q['routing_accuracy']:.1f}% "
                 f"| {q['stats_bytes_per_client_task']:,} | {q['batch1_seconds_task_free']:.4f} / "
                 f"{q['batch1_seconds_task_aware']:.4f} ({q['task_free_over_task_aware_time']:.1f}x) "
@@ -140,7 +165,8 @@ def main() -> None:
     lines += ["", "Task-free accuracy matrix (row: after learning task i; %):", ""]
     for r in rows:
         for q in r["routers"]:
-            lines.append(f"- {r['stream']}, dim {q['router_dim']}: " + "; ".join(
+            lines.append(f"- {r['stream']}, grid {q['router']['grid']}, dim {q['router_dim']}, "
+                         f"joint {q['router']['joint']:g}: " + "; ".join(
                 " ".join(f"{100 * v:.1f}" for v in row) for row in q["task_free_matrix"]))
     (RESULTS / f"{args.out}.md").write_text("\n".join(lines) + "\n")
 

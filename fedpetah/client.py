@@ -81,7 +81,8 @@ class ClientRuntime:
                                           settings.train)
             stats = None
             if request.stats is not None:  # the task-free router's statistics of this client's data
-                router = RouterConfig(dim=request.stats[0], seed=request.stats[1])
+                dim, seed, grid = request.stats
+                router = RouterConfig(dim=dim, seed=seed, grid=grid)
                 found = data_stats(backbone, images, request.task.num_classes, router)
                 stats = {k: v.numpy() for k, v in found.tensors().items()}
         except ArtifactError as error:

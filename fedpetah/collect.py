@@ -14,20 +14,13 @@ from fedpetah.backbone import Backbone
 from fedpetah.bank import AdapterBank
 from fedpetah.predict import build_predictor, evaluate_task_free
 from fedpetah.protocol import ArraySpec, stats_specs
-from fedpetah.routing import FeatureStats, FrozenFeatures, RouterConfig, StatsError, aggregate_stats
+from fedpetah.routing import FeatureStats, RouterConfig, StatsError, aggregate_stats, feature_width
 from fedpetah.tasks import Task
 
 log = logging.getLogger(__name__)
 
 ROUTER_KEY, CLIENTS_KEY = "router", "router_clients"
 """Bank metadata: the router config the statistics were taken with; per task, the clients counted already."""
-
-
-def feature_width(backbone: Backbone) -> int:
-    """Width of the frozen backbone's pooled features (one forward pass of zeros)."""
-    module = FrozenFeatures(backbone.module, backbone.mean, backbone.std)
-    with torch.no_grad():
-        return int(module(torch.zeros(1, backbone.in_chans, backbone.img_size, backbone.img_size)).shape[1])
 
 
 class StatsCollector:
@@ -41,17 +34,17 @@ class StatsCollector:
         self.bank = bank
         self.backbone = backbone
         recorded = bank.metadata.get(ROUTER_KEY)
-        self.config = RouterConfig(**recorded) if isinstance(recorded, dict) else (config or RouterConfig())
+        self.config = RouterConfig.from_record(recorded) if isinstance(recorded, dict) else (config or RouterConfig())
         bank.metadata[ROUTER_KEY] = asdict(self.config)
         bank.metadata.setdefault(CLIENTS_KEY, {})
-        self.width = self.config.width(feature_width(backbone))
+        self.width = self.config.width(feature_width(backbone, self.config.grid))
 
     def counted(self, task: int) -> list[int]:
         return list(self.bank.metadata[CLIENTS_KEY].get(str(task), []))
 
-    def wanted(self, task: int, client: int) -> tuple[int, int] | None:
-        """``(dim, seed)`` for a train request when ``client`` has not contributed to ``task`` yet."""
-        return None if client in self.counted(task) else (self.config.dim, self.config.seed)
+    def wanted(self, task: int, client: int) -> tuple[int, int, int] | None:
+        """``(dim, seed, grid)`` for a train request when ``client`` has not contributed to ``task`` yet."""
+        return None if client in self.counted(task) else (self.config.dim, self.config.seed, self.config.grid)
 
     def specs(self, num_classes: int) -> dict[str, ArraySpec]:
         return stats_specs(num_classes, self.width)

@@ -97,7 +97,7 @@ class ContinualServer:
         self.bank = AdapterBank.load(self.bank_dir) if resuming else AdapterBank()
         self.bank.check_backbone(self.digest)  # a resumed bank's adapters must fit this backbone
         self.state = RunState(**self.bank.metadata["run"]) if resuming else RunState()
-        self.router = StatsCollector(self.bank, self.backbone)
+        self.router = StatsCollector(self.bank, self.backbone, self.config.router)
         self.log = RunLog(self.run_dir, committed_rounds=self.state.completed_rounds)  # drops uncommitted rows
 
     @property

@@ -13,6 +13,7 @@ from fedpetah.aggregation import AGGREGATORS, AggregatorConfig, BoundsConfig
 from fedpetah.attacks import AttackConfig
 from fedpetah.config import BackboneConfig, PruningConfig, TrainConfig
 from fedpetah.flatconfig import build_dataclass
+from fedpetah.routing import RouterConfig
 from fedpetah.tasks import PartitionConfig, TaskStreamConfig
 
 T = TypeVar("T")
@@ -90,6 +91,7 @@ class ExperimentConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
+    router: RouterConfig = field(default_factory=RouterConfig)  # task-free router (no YAML: router.dim=512 etc.)
 
     def __post_init__(self) -> None:
         if self.clients < 1 or self.rounds_per_task < 1:

@@ -2,7 +2,7 @@
 
 ``fedpetah-export RUN_DIR OUT_DIR`` writes::
 
-    model.onnx          float32 images [N, C, H, W] in [0, 1] -> scores [N, K] (log-probabilities)
+    model.onnx          float32 images [N, C, H, W] in [0, 1] -> scores [N, K] (the best is the prediction)
     labels.json         the K labels "<task>/<class>", in score order
     model.safetensors   the same model's tensors (adapters merged), for torch users
     model.json          how to rebuild it (adapter config, tasks, widths) + SHA-256 of model.safetensors
@@ -37,9 +37,11 @@ from fedpetah.experiment import ExperimentConfig, to_experiment
 from fedpetah.flatconfig import build_dataclass
 from fedpetah.pipeline import settings_key
 from fedpetah.predict import TaskFreePredictor, build_predictor
-from fedpetah.routing import FeatureStats, FrozenFeatures, RouterConfig, TaskFreeModel
+from fedpetah.routing import FeatureStats, FrozenFeatures, RouterConfig, TaskFreeModel, feature_width
 
-EXPORT_FORMAT, EXPORT_VERSION = "fedpetah-task-free", 1
+EXPORT_FORMAT, EXPORT_VERSION = "fedpetah-task-free", 2
+LEGACY_VERSIONS = (1,)
+"""Versions :func:`load_export` still reads (v1: no router section: the final pooled features, the task marginal)."""
 ONNX_FILE, LABELS_FILE, WEIGHTS_FILE, MODEL_FILE = "model.onnx", "labels.json", "model.safetensors", "model.json"
 BACKBONE_DIR = "backbone"
 ROUTER_KEY = "router"
@@ -64,15 +66,14 @@ class Run:
 def router_config(bank: AdapterBank) -> RouterConfig:
     """The router config recorded in the bank (the defaults when none is)."""
     try:
-        return RouterConfig(**bank.metadata.get(ROUTER_KEY, {}))
+        return RouterConfig.from_record(bank.metadata.get(ROUTER_KEY, {}))
     except (TypeError, ValueError) as error:
         raise ExportError(f"bank metadata {ROUTER_KEY!r} is malformed: {error}") from None
 
 
 def bank_stats(bank: AdapterBank, backbone: Backbone, router: RouterConfig) -> dict[int, FeatureStats]:
     """Every task's validated statistics; a task without any is an error naming it."""
-    width = router.width(int(FrozenFeatures(backbone.module, backbone.mean, backbone.std)(
-        torch.zeros(1, backbone.in_chans, backbone.img_size, backbone.img_size)).shape[1]))
+    width = router.width(feature_width(backbone, router.grid))
     missing = [t for t in bank.tasks() if not bank[t].stats]
     if missing:
         raise ExportError(f"tasks {missing} have no router statistics in the bank: the run predates task-free "
@@ -190,7 +191,9 @@ def write_export(predictor: TaskFreePredictor, backbone: Backbone, adapter: Adap
         "adapter": dataclasses.asdict(adapter),
         "input": {"shape": ["N", backbone.in_chans, backbone.img_size, backbone.img_size],
                   "dtype": "float32", "range": [0.0, 1.0], "normalised_inside": True},
-        "output": "scores [N, K]: log p(task | x) + log softmax(adapter_task(x)), K = len(labels)",
+        "router": {"grid": model.features.grid, "joint": model.joint},
+        "output": "scores [N, K]: (1 - joint) log p(task | x) + joint log p(task, class | x) "
+                  "+ log softmax(adapter_task(x)), K = len(labels)",
         "sha256": hashlib.sha256(data).hexdigest(),
         "onnx": ONNX_FILE if onnx else None,
     }
@@ -222,8 +225,9 @@ def load_export(out_dir: str | Path) -> TaskFreePredictor:
         raise ExportError(f"{root} is not a complete export: {error.filename} is missing") from None
     except (OSError, ValueError) as error:
         raise ExportError(f"{root / MODEL_FILE} is unreadable: {error}") from None
-    if info.get("format") != EXPORT_FORMAT or info.get("format_version") != EXPORT_VERSION:
-        raise ExportError(f"{root / MODEL_FILE} is not a {EXPORT_FORMAT} v{EXPORT_VERSION} manifest")
+    if info.get("format") != EXPORT_FORMAT or info.get("format_version") not in (EXPORT_VERSION, *LEGACY_VERSIONS):
+        raise ExportError(f"{root / MODEL_FILE} is not a {EXPORT_FORMAT} manifest of version "
+                          f"{[EXPORT_VERSION, *LEGACY_VERSIONS]}")
     if hashlib.sha256(data).hexdigest() != info.get("sha256"):
         raise ExportError(f"{root / WEIGHTS_FILE}: SHA-256 does not match model.json (corrupted or tampered)")
     try:
@@ -232,10 +236,11 @@ def load_export(out_dir: str | Path) -> TaskFreePredictor:
         adapter = build_dataclass(ADAPTERS.get(str(raw.get("name"))).config_class, raw)
         widths, shared, labels = list(info["widths"]), list(info["shared"]), list(info["labels"])
         experts = [build_adapter(adapter, backbone, int(w)).merge() for w in widths]
-        features = FrozenFeatures(backbone.module, backbone.mean, backbone.std)
+        routing = dict(info["router"]) if info["format_version"] == EXPORT_VERSION else {"grid": 0, "joint": 0.0}
+        features = FrozenFeatures(backbone.module, backbone.mean, backbone.std, int(routing["grid"]))
         tensors = load_safetensors(data)
         router = torch.nn.Linear(int(tensors["router.weight"].shape[1]), sum(widths))
-        model = TaskFreeModel(features, router, experts, widths, shared=shared)
+        model = TaskFreeModel(features, router, experts, widths, shared=shared, joint=float(routing["joint"]))
         model.load_state_dict(tensors, strict=True)
     except (ArtifactError, KeyError, TypeError, ValueError, RuntimeError) as error:
         raise ExportError(f"{root} cannot be rebuilt: {type(error).__name__}: {str(error)[:300]}") from None

@@ -11,7 +11,15 @@ import torch
 from fedpetah.adapters import AdapterConfig, build_adapter
 from fedpetah.backbone import Backbone
 from fedpetah.bank import AdapterBank
-from fedpetah.routing import FeatureStats, FrozenFeatures, RouterConfig, TaskFreeModel, fit_router, predict_indices
+from fedpetah.routing import (
+    FeatureStats,
+    FrozenFeatures,
+    RouterConfig,
+    TaskFreeModel,
+    feature_width,
+    fit_router,
+    predict_indices,
+)
 from fedpetah.tasks import Task, batches
 
 
@@ -66,10 +74,10 @@ def build_predictor(backbone: Backbone, adapter: AdapterConfig, bank: AdapterBan
             labels.append(task_label(bank, task, c))
             owners.append(task)
             names.append(entry.class_names[c] if entry.class_names else str(c))
-    features = FrozenFeatures(backbone.module, backbone.mean, backbone.std)
-    width = int(features(torch.zeros(1, backbone.in_chans, backbone.img_size, backbone.img_size)).shape[1])
-    layer = fit_router([stats[t] for t in chosen], width, router)
-    model = TaskFreeModel(features, layer, experts, widths)
+    router = router or RouterConfig()
+    features = FrozenFeatures(backbone.module, backbone.mean, backbone.std, router.grid)
+    layer = fit_router([stats[t] for t in chosen], feature_width(backbone, router.grid), router)
+    model = TaskFreeModel(features, layer, experts, widths, joint=router.joint)
     return TaskFreePredictor(model, labels, owners, chosen, names, backbone.img_size, backbone.in_chans)
 
 

@@ -40,6 +40,10 @@ MAX_CLASSES = 10_000
 MAX_NAME_CHARS = 128
 MAX_ARTIFACT_BYTES = 512 * 2**20
 MAX_STATS_DIM = 4096
+MAX_STATS_GRID = 16
+STATS_REQUEST = "router_stats"
+"""Header section of a train request that asks for router statistics (renamed from ``stats`` when ``grid``
+was added, so a client that would ignore ``grid`` sends none and its reply is rejected instead of misread)."""
 DIGEST = re.compile(r"[0-9a-f]{64}")
 ArraySpec = tuple[tuple[int, ...], str]  # (shape, numpy dtype string)
 STATS_KEYS = ("count", "sum", "scatter")
@@ -220,8 +224,8 @@ class TrainRequest:
 
     ``seed`` is the run's seed (it fixes the simulated partitioning, identical for every client);
     ``sections["train"]["seed"]`` is this client's own training seed (:func:`client_seed`). ``artifact`` carries
-    the backbone (weights and manifest bytes) to a client that does not hold it yet. ``stats`` = (dim, seed)
-    asks for the task-free router's statistics of the client's data, projected as ``RouterConfig(dim, seed)``.
+    the backbone (weights and manifest bytes) to a client that does not hold it yet. ``stats`` = (dim, seed, grid)
+    asks for the task-free router's statistics of the client's data, as ``RouterConfig(dim, seed, grid=grid)``.
     """
 
     digest: str
@@ -232,13 +236,13 @@ class TrainRequest:
     sections: dict[str, dict[str, Any]]
     state: dict[str, np.ndarray]
     artifact: tuple[bytes, ...] | None = None  # (weights, manifest)
-    stats: tuple[int, int] | None = None  # (dim, seed)
+    stats: tuple[int, int, int] | None = None  # (dim, seed, grid)
 
     def encode(self) -> Records:
         header = {"digest": self.digest, "round": self.round, "seed": self.seed, "clients": self.clients,
                   "task": {"index": self.task.index, "name": self.task.name, "classes": list(self.task.classes)}}
         if self.stats is not None:
-            header["stats"] = {"dim": self.stats[0], "seed": self.stats[1]}
+            header[STATS_REQUEST] = {"dim": self.stats[0], "seed": self.stats[1], "grid": self.stats[2]}
         records = Records(arrays={"adapter": dict(self.state)},
                           configs={"config": flatten({**header, **self.sections})})
         if self.artifact is not None:
@@ -272,16 +276,17 @@ class TrainRequest:
             if len(weights) + len(manifest) > MAX_ARTIFACT_BYTES:
                 raise ProtocolError("size", f"artifact of {len(weights) + len(manifest)} B exceeds the limit")
             artifact = (weights, manifest)
-        stats = nested.get("stats")
+        stats = nested.get(STATS_REQUEST)
         if stats is not None and not isinstance(stats, dict):
-            raise ProtocolError("malformed", "the stats section must hold dim and seed")
+            raise ProtocolError("malformed", f"the {STATS_REQUEST} section must hold dim, seed and grid")
         return cls(
             digest=_digest(config), round=_int(nested, "round", 1, 2**31), seed=_int(nested, "seed", -2**62, 2**62),
             clients=_int(nested, "clients", 1, 2**31),
             task=TaskInfo(_int(task, "index", 0, 2**31), _str(task, "name"), tuple(classes)),
             sections=sections,  # type: ignore[arg-type]
             state=dict(state), artifact=artifact,
-            stats=None if stats is None else (_int(stats, "dim", 0, MAX_STATS_DIM), _int(stats, "seed", 0, 2**31)))
+            stats=None if stats is None else (_int(stats, "dim", 0, MAX_STATS_DIM), _int(stats, "seed", 0, 2**31),
+                                              _int(stats, "grid", 0, MAX_STATS_GRID)))
 
 
 METRICS = ("train-loss", "train-accuracy", "step-time-ms", "train-seconds", "peak-memory-mb",

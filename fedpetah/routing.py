@@ -1,13 +1,15 @@
 """Task-free prediction across the adapter bank: federated class statistics of frozen features -> Gaussian router.
 
-Every client summarises its local data of a task as sufficient statistics of the frozen backbone's pooled
-features (:class:`FeatureStats`: per class a count and a sum, plus one sum of outer products); sums and
-counts add up exactly across clients. The server turns the statistics of every learned task into a
-shared-covariance Gaussian classifier (LDA with shrinkage) over all learned ``(task, class)`` pairs: a
-single linear layer on the frozen features (:func:`fit_router`). :class:`TaskFreeModel` combines it with
-each task's adapter: ``score(t, c) = log p(t | x) + log softmax(adapter_t(x))_c``, where ``p(t | x)`` sums
-the router's posterior over the classes of task ``t``. Neither the router nor the adapters ever see a
-task id at prediction time.
+Every client summarises its local data of a task as sufficient statistics of the frozen backbone's features
+(:class:`FeatureStats`: per class a count and a sum, plus one sum of outer products); sums and counts add up
+exactly across clients. The router reads every stage's output average-pooled to a small spatial grid
+(``RouterConfig.grid``; 0: the final pooled features), randomly projected to ``RouterConfig.dim``. The server
+turns the statistics of every learned task into a shared-covariance Gaussian classifier (LDA with shrinkage)
+over all learned ``(task, class)`` pairs: a single linear layer on those features (:func:`fit_router`).
+:class:`TaskFreeModel` combines it with each task's adapter:
+``score(t, c) = (1 - a) log p(t | x) + a log p(t, c | x) + log softmax(adapter_t(x))_c`` with ``a`` =
+``RouterConfig.joint`` and ``p(t | x)`` the router's posterior summed over the classes of task ``t``. Neither
+the router nor the adapters ever see a task id at prediction time.
 """
 
 from __future__ import annotations
@@ -18,10 +20,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from fedpetah.backbone import Backbone
 from fedpetah.model import TaskModel
-from fedpetah.protocol import STATS_KEYS
+from fedpetah.protocol import MAX_STATS_GRID, STATS_KEYS
 from fedpetah.tasks import ImageSet, batches
 
 MAX_STATS_COUNT = 10_000_000
@@ -119,29 +122,69 @@ def aggregate_stats(parts: Iterable[FeatureStats]) -> FeatureStats:
 
 
 class FrozenFeatures(nn.Module):
-    """``backbone(normalize(x))`` for ``x`` in [0, 1]: the pooled features the router reads."""
+    """``backbone(normalize(x))`` for ``x`` in [0, 1]: the pooled features a head reads; :meth:`routed` adds
+    what the router reads: with ``grid > 0`` every stage's output average-pooled to at most ``grid x grid``
+    cells and concatenated (stage by stage, channel-major), else the pooled features themselves."""
 
     mean: torch.Tensor
     std: torch.Tensor
 
-    def __init__(self, backbone: nn.Module, mean: Sequence[float], std: Sequence[float]) -> None:
+    def __init__(self, backbone: nn.Module, mean: Sequence[float], std: Sequence[float], grid: int = 0) -> None:
         super().__init__()
+        if grid < 0:
+            raise ValueError(f"grid must be >= 0, got {grid}")
+        if grid and not hasattr(backbone, "forward_intermediates"):
+            raise ValueError(f"router.grid={grid} needs a timm backbone with forward_intermediates; "
+                             f"{type(backbone).__name__} has none (set router.grid=0)")
         self.backbone = backbone
+        self.grid = grid
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.backbone((x - self.mean) / self.std)
 
+    def routed(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(pooled features, router features)`` from one backbone pass."""
+        if not self.grid:
+            pooled = self(x)
+            return pooled, pooled
+        final, stages = self.backbone.forward_intermediates((x - self.mean) / self.std)  # type: ignore[operator]
+        pooled = self.backbone.forward_head(final, pre_logits=True)  # type: ignore[operator]
+        return pooled, torch.cat([_cells(s, self.grid).flatten(1) for s in stages], dim=1)
 
-@torch.no_grad()
-def frozen_features(backbone: Backbone, data: ImageSet, batch_size: int = 256) -> torch.Tensor:
-    """(N, D) float32 pooled features of the frozen backbone for every image of ``data``."""
-    module = FrozenFeatures(backbone.module, backbone.mean, backbone.std)
+
+def _cells(stage: torch.Tensor, grid: int) -> torch.Tensor:
+    """(N, C, H, W) -> (N, C, min(grid, H), min(grid, W)) cell means. A plain average pool where the cells
+    tile the map (it exports to ONNX with either torch exporter; an adaptive one only with torch.export)."""
+    height, width = int(stage.shape[-2]), int(stage.shape[-1])
+    rows, cols = min(grid, height), min(grid, width)
+    if height % rows == 0 and width % cols == 0:
+        return F.avg_pool2d(stage, (height // rows, width // cols))
+    return F.adaptive_avg_pool2d(stage, (rows, cols))
+
+
+def feature_width(backbone: Backbone, grid: int = 0) -> int:
+    """Width of the features the router reads (before projection): one forward pass of zeros."""
+    module = FrozenFeatures(backbone.module, backbone.mean, backbone.std, grid)
     was_training = backbone.module.training
     backbone.module.eval()
     try:
-        parts = [module(x) for x, _ in batches(data, backbone.img_size, backbone.in_chans, batch_size)]
+        with torch.no_grad():
+            zeros = torch.zeros(1, backbone.in_chans, backbone.img_size, backbone.img_size)
+            return int(module.routed(zeros)[1].shape[1])
+    finally:
+        backbone.module.train(was_training)
+
+
+@torch.no_grad()
+def frozen_features(backbone: Backbone, data: ImageSet, batch_size: int = 256, grid: int = 0) -> torch.Tensor:
+    """(N, D) float32 features the router reads (``grid``: see :class:`FrozenFeatures`) for every image."""
+    module = FrozenFeatures(backbone.module, backbone.mean, backbone.std, grid)
+    was_training = backbone.module.training
+    backbone.module.eval()
+    try:
+        parts = [module.routed(x)[1] for x, _ in batches(data, backbone.img_size, backbone.in_chans, batch_size)]
     finally:
         backbone.module.train(was_training)
     return torch.cat(parts) if parts else torch.zeros(0, 0)
@@ -163,20 +206,30 @@ def class_stats(features: torch.Tensor, labels: torch.Tensor, num_classes: int) 
 def data_stats(backbone: Backbone, data: ImageSet, num_classes: int, config: RouterConfig | None = None
                ) -> FeatureStats:
     """What one client computes for one task: the statistics of its local images' projected frozen features."""
-    return class_stats(project(frozen_features(backbone, data), config or RouterConfig()), data.labels, num_classes)
+    config = config or RouterConfig()
+    return class_stats(project(frozen_features(backbone, data, grid=config.grid), config), data.labels, num_classes)
 
 
-@dataclass(frozen=True)
+@dataclass
 class RouterConfig:
-    """``dim``: width the features are projected to before statistics are taken (0: no projection; the
-    scatter costs ``8 * dim**2`` bytes); ``seed``: the projection's seed; ``shrinkage``: weight of the scaled
-    identity in the pooled covariance (0: plain LDA, 1: nearest mean); ``prior``: ``uniform`` over
-    (task, class) pairs or ``counts`` (the classes' share of the data)."""
+    """How the task-free router is built (``router.*`` in the experiment config); ``dim``, ``seed`` and ``grid``
+    fix what clients compute and send. Not frozen, so Hydra can override its fields.
 
-    dim: int = 256
+    ``grid``: features the router reads: every backbone stage's output average-pooled to at most
+    ``grid x grid`` cells, concatenated (0: the final pooled features only); ``dim``: width they are
+    randomly projected to before statistics are taken (0: no projection; the scatter costs ``8 * dim**2``
+    bytes); ``seed``: the projection's seed; ``shrinkage``: weight of the scaled identity in the pooled
+    covariance (0: plain LDA, 1: nearest mean); ``prior``: ``uniform`` over (task, class) pairs or ``counts``
+    (the classes' share of the data); ``joint``: weight ``a`` of the router's own class posterior in the
+    scores, ``(1 - a) log p(t | x) + a log p(t, c | x) + log softmax(adapter_t)_c`` (0: the task only).
+    """
+
+    dim: int = 1024
     seed: int = 0
-    shrinkage: float = 0.0
+    shrinkage: float = 0.01
     prior: str = "uniform"
+    grid: int = 4
+    joint: float = 1.0
 
     def __post_init__(self) -> None:
         if self.dim < 0 or self.seed < 0:
@@ -185,9 +238,21 @@ class RouterConfig:
             raise ValueError(f"router.shrinkage must be in [0, 1], got {self.shrinkage}")
         if self.prior not in ("uniform", "counts"):
             raise ValueError(f"router.prior must be 'uniform' or 'counts', got {self.prior!r}")
+        if not 0 <= self.grid <= MAX_STATS_GRID:
+            raise ValueError(f"router.grid must be in 0..{MAX_STATS_GRID} (0: final pooled features), "
+                             f"got {self.grid}")
+        if not 0.0 <= self.joint <= 1.0:
+            raise ValueError(f"router.joint must be in [0, 1], got {self.joint}")
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, object]) -> RouterConfig:
+        """The config recorded in a bank's metadata. A record without ``grid`` comes from before the grid
+        features: its statistics are of the final pooled features, scored by the task marginal only."""
+        legacy = {"grid": 0, "joint": 0.0} if "grid" not in record else {}
+        return cls(**{**legacy, **record})  # type: ignore[arg-type]
 
     def width(self, features: int) -> int:
-        """Width of the statistics for backbone features of width ``features``."""
+        """Width of the statistics for router features of width ``features``."""
         return features if self.dim == 0 or self.dim >= features else self.dim
 
 
@@ -219,7 +284,7 @@ def project(features: torch.Tensor, config: RouterConfig) -> torch.Tensor:
 
 
 def fit_router(stats: Sequence[FeatureStats], features: int, config: RouterConfig | None = None) -> nn.Linear:
-    """A linear layer on (N, ``features``) frozen features scoring every (task, class) pair, task-major.
+    """A linear layer on (N, ``features``) router features scoring every (task, class) pair, task-major.
 
     ``W = mu_k^T S^-1``, ``b = -mu_k^T S^-1 mu_k / 2 + log prior_k`` with ``S`` the pooled within-class
     covariance shrunk towards ``tr(S)/D * I`` (float64 maths, float32 layer). A class without examples
@@ -259,8 +324,10 @@ def fit_router(stats: Sequence[FeatureStats], features: int, config: RouterConfi
     return layer
 
 
-def joint_scores(router_scores: torch.Tensor, expert_logits: Sequence[torch.Tensor]) -> torch.Tensor:
-    """``log p(t | x) + log softmax(expert_t)``: (N, K) log-probabilities over every (task, class) pair.
+def joint_scores(router_scores: torch.Tensor, expert_logits: Sequence[torch.Tensor], joint: float = 0.0
+                 ) -> torch.Tensor:
+    """``(1 - joint) log p(t | x) + joint log p(t, c | x) + log softmax(expert_t)_c``: (N, K) scores over every
+    (task, class) pair (log-probabilities when ``joint`` is 0).
 
     ``router_scores`` are (N, K) task-major; expert ``t`` gives (N, C_t) and ``sum C_t == K``.
     """
@@ -270,8 +337,10 @@ def joint_scores(router_scores: torch.Tensor, expert_logits: Sequence[torch.Tens
     log_joint = torch.log_softmax(router_scores, dim=1)
     parts, start = [], 0
     for logits, width in zip(expert_logits, widths, strict=True):
-        log_task = torch.logsumexp(log_joint[:, start : start + width], dim=1, keepdim=True)
-        parts.append(log_task + torch.log_softmax(logits, dim=1))
+        own = log_joint[:, start : start + width]
+        log_task = torch.logsumexp(own, dim=1, keepdim=True)
+        router = log_task if joint == 0.0 else (1.0 - joint) * log_task + joint * own
+        parts.append(router + torch.log_softmax(logits, dim=1))
         start += width
     return torch.cat(parts, dim=1)
 
@@ -290,12 +359,16 @@ class TaskFreeModel(nn.Module):
     """One model for every learned task: images in [0, 1] -> (N, K) scores over every learned class.
 
     ``experts[t]`` is task ``t``'s inference model (merged where the adapter allows); an expert that is a
-    plain head on the frozen backbone reuses the router's features instead of running the backbone again.
+    plain head on the frozen backbone reuses the router's backbone pass instead of running the backbone again.
+    ``joint``: see :func:`joint_scores`.
     """
 
     def __init__(self, features: FrozenFeatures, router: nn.Linear, experts: Sequence[nn.Module],
-                 widths: Sequence[int], shared: Sequence[bool] | None = None) -> None:
+                 widths: Sequence[int], shared: Sequence[bool] | None = None, joint: float = 0.0) -> None:
         super().__init__()
+        if not 0.0 <= joint <= 1.0:
+            raise ValueError(f"joint must be in [0, 1], got {joint}")
+        self.joint = float(joint)
         if len(experts) != len(widths) or sum(widths) != router.out_features:
             raise ValueError(f"{len(experts)} experts with widths {list(widths)} for {router.out_features} scores")
         self.features = features
@@ -314,15 +387,15 @@ class TaskFreeModel(nn.Module):
         self.eval()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        frozen = self.features(x)
-        logits = [expert(frozen) if shared else expert(x)
+        pooled, routed = self.features.routed(x)
+        logits = [expert(pooled) if shared else expert(x)
                   for expert, shared in zip(self.experts, self.shared, strict=True)]
-        return joint_scores(self.router(frozen), logits)
+        return joint_scores(self.router(routed), logits, self.joint)
 
     @torch.no_grad()
     def route(self, x: torch.Tensor) -> torch.Tensor:
         """(N,) the task the router alone picks for each image."""
-        scores = torch.log_softmax(self.router(self.features(x)), dim=1)
+        scores = torch.log_softmax(self.router(self.features.routed(x)[1]), dim=1)
         per_task = torch.stack([s.logsumexp(1) for s in scores.split(self.widths, dim=1)], dim=1)
         return per_task.argmax(1)
 

@@ -12,6 +12,7 @@ from omegaconf.errors import ConfigKeyError
 from fedpetah.adapters import ADAPTERS
 from fedpetah.aggregation import AGGREGATORS, BoundsConfig
 from fedpetah.experiment import ExperimentConfig, register_configs, to_experiment
+from fedpetah.routing import RouterConfig
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 register_configs()
@@ -105,3 +106,13 @@ def test_invalid_aggregator_values_name_the_yaml_path() -> None:
         _compose("strategy=fedadam", "strategy.aggregator.eta=-1")
     with pytest.raises(ValueError, match="strategy.aggregator.trim_ratio"):
         _compose("strategy=trimmed_mean", "strategy.aggregator.trim_ratio=0.5")
+
+
+def test_router_keys_reach_the_run_and_typos_fail() -> None:
+    assert _compose().router == RouterConfig()
+    cfg = _compose("router.dim=512", "router.joint=0.5", "router.grid=0")
+    assert (cfg.router.dim, cfg.router.joint, cfg.router.grid) == (512, 0.5, 0)
+    with pytest.raises(ConfigCompositionException):
+        _compose("router.dimm=512")
+    with pytest.raises(ValueError, match="router.grid"):
+        _compose("router.grid=99")

@@ -26,10 +26,10 @@ ort = pytest.importorskip("onnxruntime")
 ROUTER = RouterConfig(dim=16)
 
 
-def _bank(backbone: Backbone, name: str, digest: str = "") -> AdapterBank:
+def _bank(backbone: Backbone, name: str, digest: str = "", router: RouterConfig = ROUTER) -> AdapterBank:
     """Two tasks (2 and 3 classes) whose adapters are moved away from their initial values, with statistics."""
-    bank = AdapterBank({ROUTER_KEY: asdict(ROUTER)})
-    width = ROUTER.width(feature_width(backbone))
+    bank = AdapterBank({ROUTER_KEY: asdict(router)})
+    width = router.width(feature_width(backbone, router.grid))
     g = torch.Generator().manual_seed(0)
     for task, classes in enumerate((2, 3)):
         adapter = build_adapter(adapter_config(name), backbone, classes)
@@ -117,3 +117,28 @@ def test_a_bank_without_statistics_is_a_clear_error(tiny_backbone: Callable[...,
     bank.set_stats(1, {})
     with pytest.raises(ExportError, match=r"tasks \[1\] have no router statistics"):
         _stats(bank, backbone)
+
+
+def test_a_version_1_export_and_a_bank_from_before_grids_load_with_the_pooled_router(
+        tiny_backbone: Callable[..., Backbone], tmp_path: Path) -> None:
+    backbone = tiny_backbone("efficientvit_b0", 32)
+    legacy = RouterConfig(dim=16, grid=0, joint=0.0)
+    bank = _bank(backbone, "head", router=legacy)
+    record = {k: v for k, v in asdict(legacy).items() if k not in ("grid", "joint")}  # what such a bank recorded
+    bank.metadata[ROUTER_KEY] = record
+    from fedpetah.export import bank_stats, router_config
+
+    assert router_config(bank) == legacy
+    predictor = build_predictor(backbone, adapter_config("head"), bank, bank_stats(bank, backbone, legacy),
+                                router=legacy)
+    assert predictor.model.router.in_features == feature_width(backbone, 0)
+    write_export(predictor, backbone, adapter_config("head"), tmp_path, onnx=False)
+    info = json.loads((tmp_path / "model.json").read_text())
+    assert info["format_version"] == 2 and info["router"] == {"grid": 0, "joint": 0.0}
+    del info["router"]
+    (tmp_path / "model.json").write_text(json.dumps({**info, "format_version": 1}))  # as version 1 wrote it
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(load_export(tmp_path).model(x), predictor.model(x), rtol=0, atol=1e-6)
+    (tmp_path / "model.json").write_text(json.dumps({**info, "format_version": 7}))
+    with pytest.raises(ExportError, match="version"):
+        load_export(tmp_path)

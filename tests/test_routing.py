@@ -22,14 +22,25 @@ from fedpetah.config import TrainConfig
 from fedpetah.local import train_task
 from fedpetah.metrics import RoundRecord, RunLog, plot_run, summarize
 from fedpetah.predict import build_predictor, evaluate_task_free
-from fedpetah.protocol import ProtocolError, Records, Status, TaskInfo, TrainReply, TrainRequest, stats_specs
+from fedpetah.protocol import (
+    STATS_REQUEST,
+    ProtocolError,
+    Records,
+    Status,
+    TaskInfo,
+    TrainReply,
+    TrainRequest,
+    stats_specs,
+)
 from fedpetah.routing import (
     FeatureStats,
+    FrozenFeatures,
     RouterConfig,
     StatsError,
     aggregate_stats,
     class_stats,
     data_stats,
+    feature_width,
     fit_router,
     joint_scores,
     project,
@@ -134,6 +145,48 @@ def test_joint_scores_are_log_probabilities_of_router_times_expert() -> None:
     torch.testing.assert_close(scores, torch.tensor([[2 / 9, 2 / 9, 4 / 9, 1 / 9]]))
 
 
+
+def test_joint_weight_mixes_the_routers_class_posterior_into_the_scores() -> None:
+    router = torch.tensor([[0.0, math.log(3.0), math.log(4.0), 0.0]])  # p(t, c): 1/9, 3/9, 4/9, 1/9
+    experts = [torch.tensor([[0.0, 0.0]]), torch.tensor([[math.log(4.0), 0.0]])]
+    full = joint_scores(router, experts, joint=1.0).exp()  # p(t, c) * p_t(c)
+    torch.testing.assert_close(full, torch.tensor([[1 / 18, 3 / 18, 16 / 45, 1 / 45]]))
+    half = joint_scores(router, experts, joint=0.5)
+    torch.testing.assert_close(half, (joint_scores(router, experts) + joint_scores(router, experts, joint=1.0)) / 2)
+    # the task marginal alone ties task 0's classes; the router's class posterior breaks the tie
+    assert joint_scores(router, experts)[0, 0] == joint_scores(router, experts)[0, 1]
+    assert int(full[0, :2].argmax()) == 1
+
+
+def test_router_config_is_validated_and_old_records_keep_their_features() -> None:
+    for bad, message in (({"grid": 17}, "router.grid"), ({"joint": 1.5}, "router.joint"), ({"dim": -1}, "router.dim")):
+        with pytest.raises(ValueError, match=message):
+            RouterConfig(**bad)  # type: ignore[arg-type]
+    legacy = RouterConfig.from_record({"dim": 256, "seed": 0, "shrinkage": 0.0, "prior": "uniform"})
+    assert (legacy.grid, legacy.joint, legacy.dim) == (0, 0.0, 256)  # statistics of the final pooled features
+    assert RouterConfig.from_record(dataclasses.asdict(RouterConfig(grid=2))) == RouterConfig(grid=2)
+
+
+def test_grid_features_pool_every_stage_and_average_back_to_its_mean(tiny_backbone: Callable[..., Backbone]) -> None:
+    backbone = tiny_backbone("efficientvit_b0", 32)
+    module = backbone.module.eval()
+    x = torch.rand(2, 3, 32, 32)
+    features = FrozenFeatures(module, backbone.mean, backbone.std, grid=2)
+    with torch.no_grad():
+        pooled, routed = features.routed(x)
+        _, stages = module.forward_intermediates((x - features.mean) / features.std)  # type: ignore[operator]
+        torch.testing.assert_close(pooled, module((x - features.mean) / features.std))
+    cells = [min(2, s.shape[-2]) * min(2, s.shape[-1]) for s in stages]
+    assert routed.shape == (2, sum(s.shape[1] * c for s, c in zip(stages, cells, strict=True)))
+    assert feature_width(backbone, 2) == routed.shape[1] and feature_width(backbone, 0) == pooled.shape[1]
+    start = 0
+    for stage, c in zip(stages, cells, strict=True):  # each stage's cells average back to its global mean
+        block = routed[:, start : start + stage.shape[1] * c].reshape(2, stage.shape[1], c)
+        torch.testing.assert_close(block.mean(2), stage.mean((2, 3)), rtol=1e-5, atol=1e-6)
+        start += stage.shape[1] * c
+    assert torch.equal(FrozenFeatures(module, backbone.mean, backbone.std).routed(x)[1], pooled)  # grid 0
+
+
 def _digits(num_tasks: int) -> list[Task]:
     return build_stream(TaskStreamConfig(name="digits", num_tasks=num_tasks))
 
@@ -182,14 +235,16 @@ def test_task_free_model_routes_digits_without_task_ids(two_tasks: tuple[Backbon
     stats = {t.index: data_stats(backbone, t.train, t.num_classes) for t in tasks}
     predictor = build_predictor(backbone, adapter_config("head"), bank, stats)
     assert predictor.labels == ["digits_0_1/0", "digits_0_1/1", "digits_2_3/2", "digits_2_3/3"]
-    assert all(predictor.model.shared)  # head experts read the router's features: one backbone pass
+    assert all(predictor.model.shared)  # head experts reuse the router's backbone pass
     result = evaluate_task_free(predictor, tasks)
     assert result.routing_accuracy >= 0.7 and result.accuracy >= 0.6, result  # chance: 0.5 and 0.25
-    # the scores are the router's task posterior times the expert's class posterior
+    # the scores are the router's (task, class) posterior times the expert's class posterior (router.joint=1)
     x = torch.rand(3, 3, 32, 32)
     model = predictor.model
-    frozen = model.features(x)
-    expected = joint_scores(model.router(frozen), [e(frozen) for e in model.experts])
+    pooled, routed = model.features.routed(x)
+    assert routed.shape[1] != pooled.shape[1] and model.joint == 1.0  # grid features, not the pooled ones
+    torch.testing.assert_close(pooled, model.features(x))
+    expected = joint_scores(model.router(routed), [e(pooled) for e in model.experts], joint=1.0)
     torch.testing.assert_close(model(x), expected)
     labels = predictor.predict(x)
     assert len(labels) == 3 and set(labels) <= set(predictor.labels)
@@ -217,8 +272,16 @@ def _stats_reply(examples: int = 40, **arrays: np.ndarray) -> Records:
 
 def test_statistics_travel_with_the_train_reply_and_are_decoded_defensively() -> None:
     request = TrainRequest("a" * 64, 1, 0, 2, TaskInfo(0, "t", ("0", "1")),
-                           {s: {} for s in ("adapter", "train", "tasks", "partition")}, {}, stats=(256, 7))
-    assert TrainRequest.decode(request.encode()).stats == (256, 7)
+                           {s: {} for s in ("adapter", "train", "tasks", "partition")}, {}, stats=(256, 7, 4))
+    assert TrainRequest.decode(request.encode()).stats == (256, 7, 4)
+    records = request.encode()
+    records.configs["config"][f"{STATS_REQUEST}.grid"] = 99
+    with pytest.raises(ProtocolError, match="grid=99"):
+        TrainRequest.decode(records)
+    # the section before grid existed ("stats") asks for nothing: such a client sends none and is rejected
+    old = request.encode()
+    old.configs["config"] = {k.replace(STATS_REQUEST, "stats"): v for k, v in old.configs["config"].items()}
+    assert TrainRequest.decode(old).stats is None
     expected, specs = {"w": ((2,), "<f4")}, stats_specs(4, 4)
     reply = TrainReply.decode(_stats_reply(), expected, specs)
     assert reply.stats is not None and int(reply.stats["count"].sum()) == 40
@@ -243,7 +306,7 @@ def test_collector_sums_each_clients_statistics_once_into_the_bank(
     task = tasks[0]
     bank.add_task(0, "head", 2, build_adapter(adapter_config("head"), backbone, 2).state(), task.classes)
     collector = StatsCollector(bank, backbone, RouterConfig(dim=16))
-    assert collector.wanted(0, 3) == (16, 0)
+    assert collector.wanted(0, 3) == (16, 0, 4)
     halves = [task.train.subset(range(0, 100)), task.train.subset(range(100, len(task.train)))]
     parts = [data_stats(backbone, h, 2, collector.config).tensors() for h in halves]
     bad = dict(parts[1], scatter=parts[1]["scatter"] + torch.triu(torch.ones(16, 16), 1))
