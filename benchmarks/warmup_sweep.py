@@ -44,9 +44,11 @@ def main() -> None:
     parser.add_argument("--rotation", type=float, default=45.0)
     parser.add_argument("--angle-weight", type=float, default=0.5)
     parser.add_argument("--augmentation", choices=sorted(AUGMENTATIONS), default="mild")
+    parser.add_argument("--seed", type=int, default=0, help="seeds the initial weights (the sweep's rows: 0)")
     parser.add_argument("--load", default=None, help="probe these cached warm-up weights instead")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    torch.manual_seed(args.seed)  # the random initial weights
     backbone = build_backbone(BackboneConfig(weights="random"))
     row: dict[str, object] = {"tag": args.tag, "args": vars(args)}
     if args.load:
