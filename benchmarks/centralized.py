@@ -20,7 +20,7 @@ import torch
 
 from fedpetah.adapters import ADAPTERS, adapter_config, build_adapter
 from fedpetah.artifact import load_artifact
-from fedpetah.config import BackboneConfig, PruningConfig, TrainConfig
+from fedpetah.config import BackboneConfig, PruningConfig, TrainConfig, WarmupConfig
 from fedpetah.experiment import ExperimentConfig
 from fedpetah.pipeline import prepare_artifact
 from fedpetah.tasks import TaskStreamConfig, build_stream
@@ -46,7 +46,8 @@ def main() -> None:
     tasks = build_stream(TaskStreamConfig(name=args.stream))[: args.tasks]
     backbone_cfg = BackboneConfig(name=args.backbone, img_size=args.img_size)
     if args.warmup_dataset:
-        backbone_cfg = replace(backbone_cfg, warmup=replace(backbone_cfg.warmup, dataset=args.warmup_dataset))
+        # a fresh WarmupConfig: the data set's own epochs and lr (replace() would keep the default's)
+        backbone_cfg = replace(backbone_cfg, warmup=WarmupConfig(dataset=args.warmup_dataset))
     prepared = []
     train_cfg = TrainConfig(epochs=args.epochs, lr=5e-3, batch_size=32)
     rows = []

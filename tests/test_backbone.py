@@ -76,6 +76,15 @@ def test_warmup_config_rejects_an_unknown_data_set_naming_the_valid_ones() -> No
         WarmupConfig(rotation=270)
 
 
+def test_warmup_config_takes_each_data_set_s_own_recipe_unless_set() -> None:
+    digits, glyphs = WarmupConfig(dataset="digits"), WarmupConfig(dataset="glyphs")
+    assert (digits.epochs, digits.lr) == (12, 2e-3)  # the former defaults: the digits cache keys stay valid
+    assert (glyphs.epochs, glyphs.lr) == (PROXIES.get("glyphs").epochs, PROXIES.get("glyphs").lr) != (12, 2e-3)
+    assert (WarmupConfig(dataset="glyphs", epochs=3, lr=1e-3).epochs, WarmupConfig(lr=1e-3).lr) == (3, 1e-3)
+    with pytest.raises(ValueError, match="epochs >= 1"):
+        WarmupConfig(dataset="glyphs", epochs=0)
+
+
 def _tiny() -> tuple[Backbone, WarmupConfig]:
     config = BackboneConfig(name="efficientvit_b0", img_size=32, weights="random")
     return build_backbone(config), WarmupConfig(dataset="glyphs", epochs=1, batch_size=128)

@@ -14,16 +14,17 @@ class WarmupConfig:
 
     ``dataset``: ``digits`` (default: scikit-learn's 1,797 8x8 digits, the same ten classes the MNIST streams
     present later) or ``glyphs`` (110 letters and signs, no digit and no digit look-alike, rendered from
-    matplotlib's fonts under heavy augmentation: the disjoint proxy the project is moving to, not the default
-    while its 12-epoch warm-up reaches only 9.8% held-out accuracy; docs/backbone.md).
+    matplotlib's fonts under augmentation: the class-disjoint proxy; docs/backbone.md has what each transfers).
+    ``epochs`` / ``lr``: null takes the data set's own recipe (digits 12 epochs at 2e-3, glyphs in
+    ``fedpetah.backbone.proxy``), filled in here so that the resolved values enter every cache key.
     ``rotation``: largest rotation (degrees) of the augmentation; null keeps the data set's own
-    (glyphs 180, digits 14.3). ``angle_weight``: weight of an auxiliary loss that predicts the rotation (8 bins of 45
+    (glyphs 45, digits 14.3). ``angle_weight``: weight of an auxiliary loss that predicts the rotation (8 bins of 45
     degrees), so features stay orientation-aware while the glyph head learns to ignore orientation.
     """
 
     dataset: str = "digits"
-    epochs: int = 12
-    lr: float = 2e-3
+    epochs: int | None = None
+    lr: float | None = None
     batch_size: int = 64
     rotation: float | None = None
     angle_weight: float = 0.5
@@ -34,6 +35,9 @@ class WarmupConfig:
             raise ValueError(
                 f"backbone.warmup.dataset={self.dataset!r} is not a proxy data set; valid: {PROXIES.names()}"
             )
+        own = PROXIES.get(self.dataset)
+        self.epochs = own.epochs if self.epochs is None else self.epochs
+        self.lr = own.lr if self.lr is None else self.lr
         if self.epochs < 1 or self.batch_size < 2 or self.lr <= 0:
             raise ValueError(
                 f"backbone.warmup: epochs >= 1, batch_size >= 2 and lr > 0 needed, got epochs={self.epochs}, "

@@ -32,20 +32,25 @@ WARMUP_FORMAT = 3
 ANGLE_BINS = 8
 
 
-def pretrain(backbone: Backbone, config: WarmupConfig, proxy: ProxySet, epochs: int | None = None) -> dict[str, Any]:
-    """Train the whole backbone (batch-norm statistics included) on ``proxy`` with temporary heads.
+def pretrain(
+    backbone: Backbone, config: WarmupConfig, proxy: ProxySet, epochs: int | None = None, img_size: int | None = None
+) -> dict[str, Any]:
+    """Train the whole backbone (batch-norm statistics included) on ``proxy`` with temporary heads, at
+    ``img_size`` (default: the backbone's).
 
     Returns what it did: data, epochs, held-out accuracy (a seeded 20% of the proxy images, distorted
     with a fixed generator), wall and CPU seconds and the load average. Seeded by ``config.seed`` alone.
     """
     epochs = config.epochs if epochs is None else epochs
+    assert epochs is not None and config.lr is not None  # WarmupConfig fills both in
+    size = backbone.img_size if img_size is None else img_size
     generator = torch.Generator().manual_seed(config.seed)
     train_idx, test_idx = (
         torch.from_numpy(i) for i in stratified_split(proxy.labels, 0.2, np.random.default_rng(config.seed))
     )
     with torch.random.fork_rng():  # seeded temporary heads, the caller's global RNG left as it was
         torch.manual_seed(config.seed)
-        model = TaskModel(backbone.module, proxy.classes, backbone.img_size, backbone.mean, backbone.std)
+        model = TaskModel(backbone.module, proxy.classes, size, backbone.mean, backbone.std)
         angle_head = nn.Linear(model.head.in_features, ANGLE_BINS)
     aug = proxy.augmentation if config.rotation is None else replace(proxy.augmentation, rotation=config.rotation)
     use_angle = config.angle_weight > 0 and aug.rotation > 0
@@ -63,7 +68,7 @@ def pretrain(backbone: Backbone, config: WarmupConfig, proxy: ProxySet, epochs: 
             if len(batch) < config.batch_size:
                 continue  # equal batches keep the schedule's step count exact
             images, labels = proxy.tensors(batch)
-            x, degrees = augment(images, aug, backbone.img_size, generator)
+            x, degrees = augment(images, aug, size, generator)
             features = model.features(x.expand(-1, backbone.in_chans, -1, -1))
             loss = F.cross_entropy(model.head(features), labels, label_smoothing=0.1)
             if use_angle:
@@ -79,7 +84,7 @@ def pretrain(backbone: Backbone, config: WarmupConfig, proxy: ProxySet, epochs: 
     with torch.no_grad():
         for batch in test_idx.split(256):
             images, labels = proxy.tensors(batch)
-            x, degrees = augment(images, aug, backbone.img_size, held_out)
+            x, degrees = augment(images, aug, size, held_out)
             features = model.features(x.expand(-1, backbone.in_chans, -1, -1))
             correct += int((model.head(features).argmax(1) == labels).sum())
             angle_correct += int((angle_head(features).argmax(1) == _angle_bins(degrees)).sum())
@@ -91,6 +96,9 @@ def pretrain(backbone: Backbone, config: WarmupConfig, proxy: ProxySet, epochs: 
         "train_images": len(train_idx),
         "test_images": len(test_idx),
         "epochs": epochs,
+        "steps": steps,
+        "img_size": size,
+        "lr": config.lr,
         "rotation": aug.rotation,
         "test_accuracy": round(correct / len(test_idx), 4),
         "seconds": round(seconds, 1),
@@ -117,7 +125,7 @@ def warm_up(backbone: Backbone, config: WarmupConfig, cache_dir: Path) -> dict[s
         except Exception as err:  # a corrupt cache entry is rebuilt, never trusted
             log.warning("discarding corrupt warm-up cache %s: %s", weights, err)
     log.info("warm-up pretraining %s at %d px on %s (cached)", backbone.model_name, backbone.img_size, proxy.name)
-    info = pretrain(backbone, config, proxy)
+    info = pretrain(backbone, config, proxy, img_size=proxy.train_size)
     cache_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(weights, save({k: v.contiguous() for k, v in backbone.module.state_dict().items()}))
     atomic_write_text(meta, json.dumps(info, indent=2))
