@@ -137,17 +137,26 @@ def write(results: dict[str, dict[str, Any]]) -> None:
              f"Centralized: each task's whole training split, {CENTRAL_EPOCHS} epochs, AdamW lr {CENTRAL_LR}, "
              f"batch {CENTRAL_BATCH}. Federated: the default recipe plus the overrides shown. "
              "Load average (1, 5, 15 min) before each row: the machine is shared, seconds are indicative only.", "",
-             "| stream | adapter | label | engine | overrides | federated | centralized | gap (points) "
-             "| fed s | central s | load before |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| stream | adapter | label | engine | recipe (rounds/task x local epochs, loss, fraction, aggregator) "
+             "| overrides | federated | centralized | gap (points) | fed s | central s | load before |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results.values():
         fed, cen = r.get("federated", {}), r.get("centralized", {})
-        lines.append(f"| {r['stream']} | {r['adapter']} | {r['label']} | {r['engine']} "
+        lines.append(f"| {r['stream']} | {r['adapter']} | {r['label']} | {r['engine']} | {_recipe(r)} "
                      f"| {' '.join(r['overrides']) or '(defaults)'} | {_pct(fed)} | {_pct(cen)} "
                      f"| {r.get('gap_points', '')} | {fed.get('seconds', '')} | {cen.get('seconds', '')} "
                      f"| {r['load_before']} |")
     (RESULTS / "quality.md").write_text("\n".join(lines) + "\n")
     plot(results)
+
+
+def _recipe(row: dict[str, Any]) -> str:
+    """The effective federated recipe of a row (its overrides are relative to the default of their day)."""
+    recipe = row["recipe"]
+    train, strategy = recipe["train"], recipe["strategy"]
+    tasks = next((o.split("=", 1)[1] for o in row["overrides"] if o.startswith("tasks.num_tasks=")), None)
+    return (f"{recipe['rounds_per_task']} x {train['epochs']}, {train.get('loss', 'cross_entropy')}, "
+            f"{strategy['fraction']}, {strategy['aggregator']['name']}" + (f"; {tasks} tasks" if tasks else ""))
 
 
 def _pct(part: dict[str, Any]) -> str:
@@ -185,8 +194,12 @@ def main() -> None:
     parser.add_argument("--label", default="default", help="names the recipe variant in the results")
     parser.add_argument("--no-federated", action="store_true")
     parser.add_argument("--no-centralized", action="store_true")
+    parser.add_argument("--render", action="store_true", help="only rewrite quality.md/png from quality.json")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides of the federated recipe (after --)")
     args = parser.parse_args()
+    if args.render:
+        write({_key(r): r for r in json.loads((RESULTS / "quality.json").read_text())})
+        return
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     path = RESULTS / "quality.json"
     for stream in args.streams:
