@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from fedpetah.backbone import Backbone, build_backbone, create_timm_model, family_of
-from fedpetah.backbone.warmup import digits_tensors
+from fedpetah.backbone.proxy import calibration_batches, load_proxy
 from fedpetah.config import BackboneConfig, PruningConfig
 from fedpetah.model import feature_dim
 from fedpetah.pruning import prune_backbone, prune_report, replay_pruning
@@ -62,9 +62,11 @@ def latencies_ms(modules: list[torch.nn.Module], batch: int, size: int, repeats:
 def shipped_structure(name: str, size: int, ratio: float, warmup_size: int) -> Backbone:
     """The tree the server ships: pruned from the cached warm-up backbone on the proxy calibration
     batches (as fedpetah.pipeline does; recovery only changes weights), replayed at ``size`` on random weights."""
-    warm = build_backbone(BackboneConfig(name=name, img_size=warmup_size))
-    images, _ = digits_tensors(warmup_size, warm.in_chans)
-    history = prune_backbone(warm, PruningConfig(ratio=ratio), calibration=list(images[:128].split(32))).pruning_history
+    config, pruning = BackboneConfig(name=name, img_size=warmup_size), PruningConfig(ratio=ratio)
+    warm = build_backbone(config)
+    calibration = calibration_batches(load_proxy(config.warmup.dataset), warmup_size, warm.in_chans,
+                                      pruning.calibration_batches)
+    history = prune_backbone(warm, pruning, calibration=calibration).pruning_history
     torch.manual_seed(0)
     module, kwargs = create_timm_model(name, size)
     replay_pruning(module, warm.family, history, size)
