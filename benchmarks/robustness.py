@@ -96,7 +96,7 @@ def run_case(case: str) -> dict[str, Any]:
 def write_markdown(results: dict[str, dict[str, Any]]) -> None:
     clean = results.get("none/default")
     lines = [
-        "# Robustness: a fifth of 50 clients byzantine (split_mnist, LoRA, 3 rounds per task, seed 0)",
+        "# Robustness: a fifth of 50 clients byzantine (split_mnist, LoRA, the default recipe, seed 0)",
         "",
         "`python benchmarks/robustness.py` (the `simulate` code path; 2-core CPU shared with other jobs, so wall",
         "times are noisy: the load average is recorded beside each). `default` is bounded FedAvg (count cap 3x the",
