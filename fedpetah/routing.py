@@ -14,7 +14,8 @@ the router nor the adapters ever see a task id at prediction time.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -164,29 +165,31 @@ def _cells(stage: torch.Tensor, grid: int) -> torch.Tensor:
     return F.adaptive_avg_pool2d(stage, (rows, cols))
 
 
+@contextmanager
+def _evaluating(module: nn.Module) -> Iterator[None]:
+    """``module`` in eval mode without gradients, its training flag restored afterwards."""
+    was_training = module.training
+    module.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        module.train(was_training)
+
+
 def feature_width(backbone: Backbone, grid: int = 0) -> int:
     """Width of the features the router reads (before projection): one forward pass of zeros."""
     module = FrozenFeatures(backbone.module, backbone.mean, backbone.std, grid)
-    was_training = backbone.module.training
-    backbone.module.eval()
-    try:
-        with torch.no_grad():
-            zeros = torch.zeros(1, backbone.in_chans, backbone.img_size, backbone.img_size)
-            return int(module.routed(zeros)[1].shape[1])
-    finally:
-        backbone.module.train(was_training)
+    with _evaluating(backbone.module):
+        zeros = torch.zeros(1, backbone.in_chans, backbone.img_size, backbone.img_size)
+        return int(module.routed(zeros)[1].shape[1])
 
 
-@torch.no_grad()
 def frozen_features(backbone: Backbone, data: ImageSet, batch_size: int = 256, grid: int = 0) -> torch.Tensor:
     """(N, D) float32 features the router reads (``grid``: see :class:`FrozenFeatures`) for every image."""
     module = FrozenFeatures(backbone.module, backbone.mean, backbone.std, grid)
-    was_training = backbone.module.training
-    backbone.module.eval()
-    try:
+    with _evaluating(backbone.module):
         parts = [module.routed(x)[1] for x, _ in batches(data, backbone.img_size, backbone.in_chans, batch_size)]
-    finally:
-        backbone.module.train(was_training)
     return torch.cat(parts) if parts else torch.zeros(0, 0)
 
 
