@@ -236,11 +236,12 @@ def load_export(out_dir: str | Path) -> TaskFreePredictor:
         adapter = build_dataclass(ADAPTERS.get(str(raw.get("name"))).config_class, raw)
         widths, shared, labels = list(info["widths"]), list(info["shared"]), list(info["labels"])
         experts = [build_adapter(adapter, backbone, int(w)).merge() for w in widths]
-        routing = dict(info["router"]) if info["format_version"] == EXPORT_VERSION else {"grid": 0, "joint": 0.0}
-        features = FrozenFeatures(backbone.module, backbone.mean, backbone.std, int(routing["grid"]))
+        # a v1 manifest has no router section: RouterConfig.from_record reads that as the legacy router
+        routing = RouterConfig.from_record(dict(info["router"]) if info["format_version"] == EXPORT_VERSION else {})
+        features = FrozenFeatures(backbone.module, backbone.mean, backbone.std, routing.grid)
         tensors = load_safetensors(data)
         router = torch.nn.Linear(int(tensors["router.weight"].shape[1]), sum(widths))
-        model = TaskFreeModel(features, router, experts, widths, shared=shared, joint=float(routing["joint"]))
+        model = TaskFreeModel(features, router, experts, widths, shared=shared, joint=routing.joint)
         model.load_state_dict(tensors, strict=True)
     except (ArtifactError, KeyError, TypeError, ValueError, RuntimeError) as error:
         raise ExportError(f"{root} cannot be rebuilt: {type(error).__name__}: {str(error)[:300]}") from None
