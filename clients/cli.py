@@ -52,6 +52,10 @@ class ClientError(Exception):
         self.code = code
 
 
+REFUSED = ("[code: 2004]", "Failed to activate SuperNode")  # Flower: this key is not registered (yet)
+KEY_RETRIES = 3  # a device may connect while the server is still registering keys at its start
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     env = os.environ.get
     cache = Path(env("FEDPETAH_CACHE", str(Path.home() / ".cache" / "fedpetah"))) / "backbones"
@@ -69,6 +73,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="reconnection attempts before giving up (env FEDPETAH_CONNECT_RETRIES)")
     parser.add_argument("--backoff", type=float, default=float(env("FEDPETAH_CONNECT_BACKOFF", "2.0")),
                         help="first wait in seconds, doubled per attempt (env FEDPETAH_CONNECT_BACKOFF)")
+    parser.add_argument("--key-retries", type=int, default=KEY_RETRIES,
+                        help=f"new attempts after the server refused this device's key (default {KEY_RETRIES}: the "
+                        "server may still be registering keys)")
     parser.add_argument("--min-free-mb", type=int, default=200, help="free disk the cache needs")
     parser.add_argument("--threads", type=int, default=0, help="torch threads for training (0: torch's default)")
     parser.add_argument("--no-worker", action="store_true",
@@ -178,8 +185,6 @@ def supernode_command(args: argparse.Namespace, address: str, worker: Path | Non
     return command
 
 
-REFUSED = ("[code: 2004]", "Failed to activate SuperNode")  # Flower: this key is not registered (yet)
-KEY_RETRIES = 3  # a device may connect while the server is still registering keys at its start
 
 
 def explain_exit(returncode: int, output: str, args: argparse.Namespace) -> ClientError | None:
@@ -317,7 +322,7 @@ class Supervisor:
 
 
 def join(args: argparse.Namespace, address: str) -> int:
-    """Run the SuperNode; a refused key is retried :data:`KEY_RETRIES` times (the server may be registering it)."""
+    """Run the SuperNode; a refused key is retried ``--key-retries`` times (the server may be registering it)."""
     if not port_is_free("127.0.0.1", args.runtime_port):
         raise ClientError(EXIT_SUPERNODE, f"local port {args.runtime_port} is in use (another fedpetah-client?): "
                                           "pass --runtime-port")
@@ -341,7 +346,7 @@ def _join(args: argparse.Namespace, address: str, worker: Path | None) -> int:
         if outcome is None:
             return 0
         returncode, output = outcome
-        if attempt == KEY_RETRIES or not any(sign in output for sign in REFUSED):
+        if attempt >= args.key_retries or not any(sign in output for sign in REFUSED):
             error = explain_exit(returncode, output, args)
             if error is not None:
                 raise error
@@ -349,7 +354,7 @@ def _join(args: argparse.Namespace, address: str, worker: Path | None) -> int:
         delay = min(60.0, 8 * args.backoff * 2**attempt)
         attempt += 1
         print(f"fedpetah-client: the server refused this device's key (not registered yet?); retry "
-              f"{attempt}/{KEY_RETRIES} in {delay:.0f} s", file=sys.stderr)
+              f"{attempt}/{args.key_retries} in {delay:.0f} s", file=sys.stderr)
         time.sleep(delay)
 
 
@@ -359,6 +364,8 @@ def check_and_join(args: argparse.Namespace) -> int:
         host, port = split_address(args.server)
     except ValueError as err:
         raise ClientError(EXIT_USAGE, f"--server: {err}") from None
+    if min(args.retries, args.key_retries) < 0 or args.backoff < 0:
+        raise ClientError(EXIT_USAGE, "--retries, --key-retries and --backoff must not be negative")
     if args.insecure:
         if host not in LOOPBACK_HOSTS:
             loopback = ", ".join(sorted(LOOPBACK_HOSTS))
