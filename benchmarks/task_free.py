@@ -41,7 +41,8 @@ RESULTS = Path(__file__).parent / "results"
 def federated_stats(backbone: Any, task: Any, clients: int, seed: int, router: RouterConfig) -> FeatureStats:
     shards = partition(task.train.labels.numpy(), clients, PartitionConfig(), seed + task.index)
     parts = [data_stats(backbone, task.train.subset(s), task.num_classes, router) for s in shards if len(s)]
-    return aggregate_stats(parts)
+    # through the wire form, as the server receives them (the within-class scatter travels as float32)
+    return aggregate_stats(FeatureStats.from_tensors(p.tensors(), p.num_classes, p.dim) for p in parts)
 
 
 def per_image_seconds(model: torch.nn.Module, x: torch.Tensor, repeats: int) -> float:

@@ -71,8 +71,10 @@ class StatsCollector:
         valid = [(c, FeatureStats.from_tensors(t, entry.num_classes, self.width)) for c, t in replies
                  if c not in rejected]
         if valid:
-            parts = ([FeatureStats.from_tensors(entry.stats, entry.num_classes, self.width)] if entry.stats else [])
-            self.bank.set_stats(task, aggregate_stats(parts + [s for _, s in valid]).tensors())
+            parts = [s for _, s in valid]
+            if entry.stats:  # what earlier rounds collected comes first
+                parts.insert(0, FeatureStats.from_tensors(entry.stats, entry.num_classes, self.width, legacy_ok=True))
+            self.bank.set_stats(task, aggregate_stats(parts).tensors())
             self.bank.metadata[CLIENTS_KEY][str(task)] = sorted({*self.counted(task), *(c for c, _ in valid)})
         return rejected
 
@@ -85,7 +87,8 @@ class StatsCollector:
         if missing:
             log.warning("no task-free evaluation after task %d: tasks %s have no router statistics", upto, missing)
             return {}
-        stats = {t: FeatureStats.from_tensors(self.bank[t].stats, self.bank[t].num_classes, self.width)
+        stats = {t: FeatureStats.from_tensors(self.bank[t].stats, self.bank[t].num_classes, self.width,
+                                            legacy_ok=True)
                  for t in learned}
         predictor = build_predictor(self.backbone, adapter, self.bank, stats, learned, self.config)
         result = evaluate_task_free(predictor, tasks[: upto + 1])

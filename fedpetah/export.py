@@ -79,7 +79,8 @@ def bank_stats(bank: AdapterBank, backbone: Backbone, router: RouterConfig) -> d
         raise ExportError(f"tasks {missing} have no router statistics in the bank: the run predates task-free "
                           "routing or its clients sent none")
     try:
-        return {t: FeatureStats.from_tensors(bank[t].stats, bank[t].num_classes, width) for t in bank.tasks()}
+        return {t: FeatureStats.from_tensors(bank[t].stats, bank[t].num_classes, width, legacy_ok=True)
+                for t in bank.tasks()}
     except ValueError as error:
         raise ExportError(f"router statistics in the bank are invalid: {error}") from None
 

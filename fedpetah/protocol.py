@@ -46,13 +46,16 @@ STATS_REQUEST = "router_stats"
 was added, so a client that would ignore ``grid`` sends none and its reply is rejected instead of misread)."""
 DIGEST = re.compile(r"[0-9a-f]{64}")
 ArraySpec = tuple[tuple[int, ...], str]  # (shape, numpy dtype string)
-STATS_KEYS = ("count", "sum", "scatter")
-"""Arrays of a task-free router's statistics (fedpetah.routing.FeatureStats), in the ``stats`` array record."""
+STATS_KEYS = ("count", "sum", "within")
+"""Arrays of a task-free router's statistics (fedpetah.routing.FeatureStats), in the ``stats`` array record:
+class counts, class feature sums, and the within-class scatter as a float32 packed upper triangle (the key was
+``scatter``, the raw float64 matrix at 4x the bytes: a client that still sends it is rejected, not misread)."""
 
 
 def stats_specs(num_classes: int, dim: int) -> dict[str, ArraySpec]:
     """What a client's statistics of ``dim``-wide features of a ``num_classes``-class task must look like."""
-    return {"count": ((num_classes,), "<i8"), "sum": ((num_classes, dim), "<f8"), "scatter": ((dim, dim), "<f8")}
+    return {"count": ((num_classes,), "<i8"), "sum": ((num_classes, dim), "<f8"),
+            "within": ((dim * (dim + 1) // 2,), "<f4")}
 
 
 class ProtocolError(ValueError):
@@ -361,6 +364,6 @@ def _stats(records: Records, expected: Mapping[str, ArraySpec] | None, count: in
     counts = stats["count"]
     if int(counts.min(initial=0)) < 0 or int(counts.sum()) != count:
         raise ProtocolError("stats", f"class counts {counts.tolist()[:8]} do not add up to num-examples={count}")
-    if not (np.isfinite(stats["sum"]).all() and np.isfinite(stats["scatter"]).all()):
+    if not (np.isfinite(stats["sum"]).all() and np.isfinite(stats["within"]).all()):
         raise ProtocolError("stats", "statistics hold NaN or infinite values")
     return stats

@@ -36,12 +36,26 @@ class StatsError(ValueError):
     """Statistics that do not fit what the server expects (keys, shapes, dtypes, values)."""
 
 
+LEGACY_STATS_KEYS = ("count", "sum", "scatter")
+"""The tensor form of statistics in banks written before the packed within-class scatter (read, never written)."""
+
+
+def _between(count: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
+    """(D, D) float64 ``sum_c s_c s_c^T / n_c`` over the classes with examples: the scatter of the class means."""
+    seen = count > 0
+    sums = total[seen]
+    return (sums / count[seen].to(torch.float64)[:, None]).T @ sums
+
+
 @dataclass(frozen=True)
 class FeatureStats:
     """Sufficient statistics of one task's frozen features.
 
     ``count`` (C,) int64 examples per class, ``sum`` (C, D) float64 sum of features per class,
-    ``scatter`` (D, D) float64 sum of ``x x^T`` over every example of the task.
+    ``scatter`` (D, D) float64 sum of ``x x^T`` over every example of the task. Their tensor form (:meth:`tensors`,
+    what a client sends and the bank stores) replaces ``scatter`` by ``within``, the within-class scatter
+    ``scatter - sum_c s_c s_c^T / n_c`` as a float32 packed upper triangle: a quarter of the bytes, and rounding
+    relative to the spread around the class means (what the router uses) rather than to the raw second moment.
     """
 
     count: torch.Tensor
@@ -71,43 +85,61 @@ class FeatureStats:
         return FeatureStats(self.count + other.count, self.sum + other.sum, self.scatter + other.scatter)
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        """``{"count", "sum", "scatter"}``, CPU and contiguous: what a client sends."""
-        return {k: getattr(self, k).detach().to("cpu").contiguous() for k in STATS_KEYS}
+        """``{"count", "sum", "within"}`` (:data:`STATS_KEYS`), CPU and contiguous: what a client sends."""
+        within = self.scatter - _between(self.count, self.sum)
+        rows, cols = torch.triu_indices(self.dim, self.dim)
+        packed = within[rows, cols]
+        diagonal = rows == cols
+        packed[diagonal] = packed[diagonal].clamp(min=0)  # >= 0 exactly; float64 cancellation may leave -1e-17
+        tensors = {"count": self.count, "sum": self.sum, "within": packed.to(torch.float32)}
+        return {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors().values())
 
     @classmethod
     def from_tensors(
-        cls, tensors: Mapping[str, torch.Tensor], num_classes: int, dim: int, max_count: int = MAX_STATS_COUNT
+        cls, tensors: Mapping[str, torch.Tensor], num_classes: int, dim: int, max_count: int = MAX_STATS_COUNT,
+        legacy_ok: bool = False,
     ) -> FeatureStats:
         """Validate untrusted statistics: exact keys, shapes and dtypes, finite values, counts in
-        ``0..max_count``, a symmetric scatter with a non-negative diagonal. Raises :class:`StatsError`."""
-        if set(tensors) != set(STATS_KEYS):
+        ``0..max_count``, a within-class scatter with a non-negative diagonal. Raises :class:`StatsError`.
+        With ``legacy_ok`` (a bank's statistics, never a client's) the legacy form is read as well
+        (:data:`LEGACY_STATS_KEYS`, the raw float64 scatter)."""
+        legacy = legacy_ok and set(tensors) == set(LEGACY_STATS_KEYS)
+        if set(tensors) != set(STATS_KEYS) and not legacy:
             raise StatsError(f"statistics need exactly the keys {list(STATS_KEYS)}, got {sorted(tensors)[:8]}")
         expected = {
             "count": ((num_classes,), torch.int64),
             "sum": ((num_classes, dim), torch.float64),
-            "scatter": ((dim, dim), torch.float64),
+            **({"scatter": ((dim, dim), torch.float64)} if legacy else
+               {"within": ((dim * (dim + 1) // 2,), torch.float32)}),
         }
         for key, (shape, dtype) in expected.items():
             value = tensors[key]
             if not isinstance(value, torch.Tensor) or tuple(value.shape) != shape or value.dtype != dtype:
                 got = (tuple(value.shape), value.dtype) if isinstance(value, torch.Tensor) else type(value)
                 raise StatsError(f"statistics {key!r}: expected {dtype} {shape}, got {got}")
-        count, total, scatter = tensors["count"], tensors["sum"], tensors["scatter"]
+        count, total = tensors["count"], tensors["sum"]
         if int(count.min()) < 0 or int(count.max()) > max_count:
             raise StatsError(f"statistics counts must be in 0..{max_count}, got {count.tolist()[:10]}")
-        if not bool(torch.isfinite(total).all()) or not bool(torch.isfinite(scatter).all()):
+        second = tensors["scatter" if legacy else "within"]
+        if not bool(torch.isfinite(total).all()) or not bool(torch.isfinite(second).all()):
             raise StatsError("statistics hold NaN or infinite values")
-        if bool((scatter.diagonal() < 0).any()):
-            raise StatsError("statistics scatter has a negative diagonal")
-        tolerance = 1e-6 * float(scatter.abs().max()) + 1e-12
-        if float((scatter - scatter.T).abs().max()) > tolerance:
-            raise StatsError("statistics scatter is not symmetric")
         if bool((total.abs().sum(1)[count == 0] > 0).any()):
             raise StatsError("statistics hold a feature sum for a class with no examples")
-        return cls(count.clone(), total.clone(), scatter.clone())
+        if legacy:
+            if float((second - second.T).abs().max()) > 1e-6 * float(second.abs().max()) + 1e-12:
+                raise StatsError("statistics scatter is not symmetric")
+            scatter = second.clone()
+        else:
+            rows, cols = torch.triu_indices(dim, dim)
+            scatter = torch.zeros(dim, dim, dtype=torch.float64)
+            scatter[rows, cols] = second.to(torch.float64)
+            scatter[cols, rows] = second.to(torch.float64)
+        if bool((scatter.diagonal() < 0).any()):
+            raise StatsError("statistics scatter has a negative diagonal")
+        return cls(count.clone(), total.clone(), scatter if legacy else scatter + _between(count, total))
 
 
 def aggregate_stats(parts: Iterable[FeatureStats]) -> FeatureStats:
@@ -220,11 +252,12 @@ class RouterConfig:
 
     ``grid``: features the router reads: every backbone stage's output average-pooled to at most
     ``grid x grid`` cells, concatenated (0: the final pooled features only); ``dim``: width they are
-    randomly projected to before statistics are taken (0: no projection; the scatter costs ``8 * dim**2``
-    bytes); ``seed``: the projection's seed; ``shrinkage``: weight of the scaled identity in the pooled
-    covariance (0: plain LDA, 1: nearest mean); ``prior``: ``uniform`` over (task, class) pairs or ``counts``
-    (the classes' share of the data); ``joint``: weight ``a`` of the router's own class posterior in the
-    scores, ``(1 - a) log p(t | x) + a log p(t, c | x) + log softmax(adapter_t)_c`` (0: the task only).
+    randomly projected to before statistics are taken (0: no projection; the packed within-class
+    scatter costs ``2 * dim * (dim + 1)`` bytes); ``seed``: the projection's seed; ``shrinkage``: weight of
+    the scaled identity in the pooled covariance (0: plain LDA, 1: nearest mean); ``prior``: ``uniform``
+    over (task, class) pairs or ``counts`` (the classes' share of the data); ``joint``: weight ``a`` of the
+    router's own class posterior in the scores,
+    ``(1 - a) log p(t | x) + a log p(t, c | x) + log softmax(adapter_t)_c`` (0: the task only).
     """
 
     dim: int = 1024

@@ -119,14 +119,17 @@ def _valid() -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        (lambda t: t.pop("scatter"), "exactly the keys"),
+        (lambda t: t.pop("within"), "exactly the keys"),
+        (lambda t: t.update(scatter=t.pop("within")), "exactly the keys"),  # the legacy form only from a bank
         (lambda t: t.update(sum=t["sum"].float()), "expected torch.float64"),
         (lambda t: t.update(sum=t["sum"][:3]), r"\(4, 4\)"),
+        (lambda t: t.update(within=t["within"].double()), "expected torch.float32"),
+        (lambda t: t.update(within=t["within"][:-1]), r"\(10,\)"),
         (lambda t: t["sum"].__setitem__((0, 0), math.nan), "NaN"),
+        (lambda t: t["within"].__setitem__(3, math.inf), "infinite"),
         (lambda t: t["count"].__setitem__(0, -1), "counts"),
         (lambda t: t["count"].__setitem__(0, 10**9), "counts"),
-        (lambda t: t["scatter"].__setitem__((0, 1), 1e6), "symmetric"),
-        (lambda t: t["scatter"].__setitem__((1, 1), -1.0), "negative diagonal"),
+        (lambda t: t["within"].__setitem__(4, -1.0), "negative diagonal"),  # packed index 4 = (1, 1)
         (lambda t: t["count"].__setitem__(2, 0), "no examples"),
     ],
 )
@@ -136,6 +139,38 @@ def test_untrusted_statistics_are_validated(change: Callable[[dict[str, torch.Te
     change(bad)
     with pytest.raises(StatsError, match=message):
         FeatureStats.from_tensors(bad, num_classes=4, dim=4)
+
+
+def test_packed_within_class_scatter_round_trips_at_a_quarter_of_the_bytes() -> None:
+    x, y, _ = _clusters(6, dim=6)
+    x = x + 1e3  # a large common offset: a float32 raw second moment would lose the class spreads to it
+    stats = class_stats(x, y, 4)
+    tensors = stats.tensors()
+    assert tensors["within"].shape == (21,) and tensors["within"].dtype == torch.float32
+    again = FeatureStats.from_tensors(tensors, num_classes=4, dim=6)
+    assert torch.equal(again.count, stats.count) and torch.equal(again.sum, stats.sum)
+    centered = x.double() - (stats.sum / stats.count.double()[:, None])[y]
+    within = centered.T @ centered
+    rows, cols = torch.triu_indices(6, 6)
+    torch.testing.assert_close(tensors["within"], within[rows, cols].float())
+    torch.testing.assert_close(again.scatter - stats.scatter, torch.zeros(6, 6, dtype=torch.float64),
+                               rtol=0, atol=1e-6 * float(within.abs().max()))
+    torch.testing.assert_close(fit_router([again], 6)(x), fit_router([stats], 6)(x), rtol=1e-4, atol=1e-3)
+    wide = class_stats(torch.randn(50, 1024), torch.arange(50) % 10, 10)
+    legacy_bytes = sum(t.numel() * t.element_size() for t in (wide.count, wide.sum, wide.scatter))
+    assert wide.nbytes() < 0.3 * legacy_bytes
+
+
+def test_a_bank_with_the_legacy_raw_scatter_still_loads() -> None:
+    stats = class_stats(*_clusters(7, dim=6)[:2], 4)
+    legacy = {"count": stats.count, "sum": stats.sum, "scatter": stats.scatter}
+    with pytest.raises(StatsError, match="exactly the keys"):
+        FeatureStats.from_tensors(legacy, num_classes=4, dim=6)  # never from a client
+    read = FeatureStats.from_tensors(legacy, num_classes=4, dim=6, legacy_ok=True)
+    assert torch.equal(read.scatter, stats.scatter)
+    asymmetric = dict(legacy, scatter=stats.scatter + torch.triu(torch.ones(6, 6, dtype=torch.float64), 1))
+    with pytest.raises(StatsError, match="symmetric"):
+        FeatureStats.from_tensors(asymmetric, num_classes=4, dim=6, legacy_ok=True)
 
 
 def test_joint_scores_are_log_probabilities_of_router_times_expert() -> None:
@@ -291,7 +326,8 @@ def test_statistics_travel_with_the_train_reply_and_are_decoded_defensively() ->
         "shape": (_stats_reply(sum=np.zeros((4, 5))), specs),
         "dtype": (_stats_reply(count=np.full(4, 10, np.int32)), specs),
         "counts": (_stats_reply(examples=41), specs),
-        "nan": (_stats_reply(scatter=np.full((4, 4), np.nan)), specs),
+        "nan": (_stats_reply(within=np.full(10, np.nan, np.float32)), specs),
+        "legacy": (_stats_reply(scatter=np.eye(4)), specs),
     }
     for name, (records, wanted) in hostile.items():
         with pytest.raises(ProtocolError) as error:
@@ -309,8 +345,8 @@ def test_collector_sums_each_clients_statistics_once_into_the_bank(
     assert collector.wanted(0, 3) == (16, 0, 4)
     halves = [task.train.subset(range(0, 100)), task.train.subset(range(100, len(task.train)))]
     parts = [data_stats(backbone, h, 2, collector.config).tensors() for h in halves]
-    bad = dict(parts[1], scatter=parts[1]["scatter"] + torch.triu(torch.ones(16, 16), 1))
-    assert set(collector.collect(0, [(3, parts[0]), (4, bad)])) == {4}  # asymmetric: rejected
+    bad = dict(parts[1], within=-parts[1]["within"])
+    assert set(collector.collect(0, [(3, parts[0]), (4, bad)])) == {4}  # negative variances: rejected
     assert set(collector.collect(0, [(3, parts[0]), (4, parts[1])])) == {3}  # 3 counted already
     assert collector.wanted(0, 3) is None and collector.wanted(0, 4) is None
     whole = data_stats(backbone, task.train, 2, collector.config)
@@ -318,8 +354,9 @@ def test_collector_sums_each_clients_statistics_once_into_the_bank(
     stored = AdapterBank.load(tmp_path)[0].stats
     assert torch.equal(stored["count"], whole.count)
     # float32 features of two halves and of the whole batch differ in the last bits; the float64 sums do not add more
+    read = FeatureStats.from_tensors(stored, 2, 16)
     scale = float(whole.scatter.abs().max())
-    torch.testing.assert_close(stored["scatter"], whole.scatter, rtol=1e-5, atol=1e-6 * scale)
+    torch.testing.assert_close(read.scatter, whole.scatter, rtol=1e-5, atol=1e-6 * scale)
     assert StatsCollector(AdapterBank.load(tmp_path), backbone, RouterConfig(dim=64)).config.dim == 16  # resumed
 
 

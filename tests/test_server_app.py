@@ -120,7 +120,7 @@ def _valid_reply(message: Message) -> Records:
     if request.stats is not None:  # the router statistics asked for: 10 all-zero feature vectors of class 0
         dim, classes = request.stats[0], request.task.num_classes  # dim < the width of the router features
         stats = {"count": np.array([10] + [0] * (classes - 1), np.int64), "sum": np.zeros((classes, dim)),
-                 "scatter": np.zeros((dim, dim))}
+                 "within": np.zeros(dim * (dim + 1) // 2, np.float32)}
     return TrainReply(Status.OK, "", {k: v.copy() for k, v in request.state.items()}, 10, {}, stats).encode()
 
 
