@@ -1,8 +1,10 @@
-"""Export a run for phones: one task-free model as ONNX, as safetensors + JSON for torch, and ExecuTorch where it fits.
+"""Export a run for phones: one task-free model as ONNX, as safetensors + JSON for torch, and as ExecuTorch.
 
 ``fedpetah-export RUN_DIR OUT_DIR`` writes::
 
     model.onnx          float32 images [N, C, H, W] in [0, 1] -> scores [N, K] (the best is the prediction)
+    model.pte           with --executorch: the same model for ExecuTorch's runtime (XNNPACK), one image
+                        [1, C, H, W] per call; needs ``fedpetah[executorch]`` (executorch 1.5.1 with torch 2.14)
     labels.json         the K labels "<task>/<class>", in score order
     model.safetensors   the same model's tensors (adapters merged), for torch users
     model.json          how to rebuild it (adapter config, tasks, widths) + SHA-256 of model.safetensors
@@ -16,6 +18,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
+import importlib.metadata
 import json
 import shutil
 import sys
@@ -43,6 +46,7 @@ EXPORT_FORMAT, EXPORT_VERSION = "fedpetah-task-free", 2
 LEGACY_VERSIONS = (1,)
 """Versions :func:`load_export` still reads (v1: no router section: the final pooled features, the task marginal)."""
 ONNX_FILE, LABELS_FILE, WEIGHTS_FILE, MODEL_FILE = "model.onnx", "labels.json", "model.safetensors", "model.json"
+PTE_FILE = "model.pte"
 BACKBONE_DIR = "backbone"
 ROUTER_KEY = "router"
 """``bank.metadata[ROUTER_KEY]``: the :class:`RouterConfig` the clients' statistics were taken with."""
@@ -159,16 +163,36 @@ def export_onnx(model: torch.nn.Module, example: torch.Tensor, path: Path) -> No
     raise ExportError("ONNX export failed: " + " | ".join(errors))
 
 
+def export_pte(model: torch.nn.Module, example: torch.Tensor, path: Path) -> dict[str, str]:
+    """``model`` as an ExecuTorch program lowered to XNNPACK (static input shape: ``example``'s); returns the
+    versions used. Raises :class:`ExportError` when executorch is missing or cannot lower the model."""
+    try:
+        from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+        from executorch.exir import to_edge_transform_and_lower
+    except ImportError as error:
+        raise ExportError(f"ExecuTorch is not installed ({error}): pip install 'fedpetah[executorch]' "
+                          "(executorch 1.5.1, built for torch 2.14)") from None
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            program = torch.export.export(model, (example,))
+            lowered = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()]).to_executorch()
+    except Exception as error:  # torch.export and the lowering passes raise many types
+        raise ExportError(f"ExecuTorch export failed: {type(error).__name__}: {str(error)[:300]}") from None
+    path.write_bytes(lowered.buffer)
+    return {"executorch": importlib.metadata.version("executorch"), "torch": torch.__version__}
+
+
 def export_run(run_dir: str | Path, out_dir: str | Path, artifact: str | Path | None = None,
-               onnx: bool = True) -> dict[str, Any]:
+               onnx: bool = True, pte: bool = False) -> dict[str, Any]:
     """Write the export of ``run_dir`` into ``out_dir``; returns ``model.json``'s content."""
     run = load_run(run_dir, artifact)
     predictor = run_predictor(run)
-    return write_export(predictor, run.backbone, run.config.adapter, Path(out_dir), onnx=onnx)
+    return write_export(predictor, run.backbone, run.config.adapter, Path(out_dir), onnx=onnx, pte=pte)
 
 
 def write_export(predictor: TaskFreePredictor, backbone: Backbone, adapter: AdapterConfig, out: Path,
-                 onnx: bool = True) -> dict[str, Any]:
+                 onnx: bool = True, pte: bool = False) -> dict[str, Any]:
     """The files of an export (see the module docstring) for a built predictor."""
     out.mkdir(parents=True, exist_ok=True)
     model = predictor.model
@@ -197,11 +221,16 @@ def write_export(predictor: TaskFreePredictor, backbone: Backbone, adapter: Adap
                   "+ log softmax(adapter_task(x)), K = len(labels)",
         "sha256": hashlib.sha256(data).hexdigest(),
         "onnx": ONNX_FILE if onnx else None,
+        "pte": None,
     }
-    (out / MODEL_FILE).write_text(json.dumps(info, indent=2, allow_nan=False))
     if onnx:
         example = torch.rand(2, backbone.in_chans, backbone.img_size, backbone.img_size)
         export_onnx(model, example, out / ONNX_FILE)
+    if pte:
+        example = torch.rand(1, backbone.in_chans, backbone.img_size, backbone.img_size)
+        versions = export_pte(model, example, out / PTE_FILE)
+        info["pte"] = {"file": PTE_FILE, "input": list(example.shape), "backend": "xnnpack", **versions}
+    (out / MODEL_FILE).write_text(json.dumps(info, indent=2, allow_nan=False))
     return info
 
 
@@ -253,15 +282,18 @@ def load_export(out_dir: str | Path) -> TaskFreePredictor:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fedpetah-export", description="Export a run's adapters as one "
-                                     "task-free model: model.onnx, labels.json, model.safetensors + model.json.")
+                                     "task-free model: model.onnx, labels.json, model.safetensors + model.json "
+                                     "(and model.pte with --executorch).")
     parser.add_argument("run_dir", help="a run directory (config.json, bank/)")
     parser.add_argument("out_dir", help="where to write the export")
     parser.add_argument("--artifact", default=None, help="the backbone artifact directory (default: "
                         "RUN_DIR/backbone, else the cache entry of the run's settings)")
     parser.add_argument("--no-onnx", action="store_true", help="skip model.onnx")
+    parser.add_argument("--executorch", action="store_true", help="also write model.pte for ExecuTorch "
+                        "(needs fedpetah[executorch]; lowering takes minutes on a laptop)")
     args = parser.parse_args(argv)
     try:
-        info = export_run(args.run_dir, args.out_dir, args.artifact, onnx=not args.no_onnx)
+        info = export_run(args.run_dir, args.out_dir, args.artifact, onnx=not args.no_onnx, pte=args.executorch)
     except ExportError as error:
         print(f"fedpetah-export: {error}", file=sys.stderr)
         return 2

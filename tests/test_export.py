@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
@@ -69,6 +70,38 @@ def test_onnx_and_torch_exports_match_pytorch(name: str, tiny_backbone: Callable
     reloaded = load_export(tmp_path)
     assert reloaded.labels == predictor.labels
     torch.testing.assert_close(reloaded.model(x), predictor.model(x), rtol=0, atol=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["lora", "synqt"])
+def test_executorch_program_matches_pytorch(name: str, tiny_backbone: Callable[..., Backbone], tmp_path: Path) -> None:
+    pytest.importorskip("executorch", reason="ExecuTorch is an optional extra: pip install 'fedpetah[executorch]'")
+    from executorch.runtime import Runtime
+
+    backbone = tiny_backbone("efficientvit_b0", 32)
+    bank = _bank(backbone, name)
+    predictor = build_predictor(backbone, adapter_config(name), bank, _stats(bank, backbone), router=ROUTER)
+    info = write_export(predictor, backbone, adapter_config(name), tmp_path, onnx=False, pte=True)
+    assert json.loads((tmp_path / "model.json").read_text())["pte"] == info["pte"]
+    assert info["pte"]["input"] == [1, 3, 32, 32] and info["pte"]["torch"] == torch.__version__
+    method = Runtime.get().load_program(str(tmp_path / "model.pte")).load_method("forward")
+    for seed in range(2):
+        x = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+        scores, expected = method.execute([x])[0].numpy(), predictor.model(x).numpy()
+        np.testing.assert_allclose(scores, expected, atol=1e-4, rtol=1e-5)
+        assert scores.argmax() == expected.argmax()
+
+
+def test_executorch_missing_is_a_clear_error(tiny_backbone: Callable[..., Backbone], tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    for module in ["executorch", *(m for m in sys.modules if m.startswith("executorch."))]:
+        monkeypatch.setitem(sys.modules, module, None)  # what an environment without the extra looks like
+    backbone = tiny_backbone("efficientvit_b0", 32)
+    bank = _bank(backbone, "head")
+    predictor = build_predictor(backbone, adapter_config("head"), bank, _stats(bank, backbone), router=ROUTER)
+    with pytest.raises(ExportError, match=r"pip install 'fedpetah\[executorch\]'"):
+        write_export(predictor, backbone, adapter_config("head"), tmp_path, onnx=False, pte=True)
+    assert not (tmp_path / "model.json").exists()  # no manifest for an export that did not complete
 
 
 def _run_dir(root: Path, backbone: Backbone) -> Path:
