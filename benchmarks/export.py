@@ -27,13 +27,13 @@ from fedpetah.adapters import adapter_config, build_adapter
 from fedpetah.artifact import load_artifact
 from fedpetah.bank import AdapterBank
 from fedpetah.config import TrainConfig
-from fedpetah.experiment import ExperimentConfig
 from fedpetah.export import write_export
 from fedpetah.pipeline import prepare_artifact
 from fedpetah.predict import build_predictor
 from fedpetah.routing import FrozenFeatures, RouterConfig, TaskFreeModel, data_stats
 from fedpetah.tasks import TaskStreamConfig, batches, build_stream
 from fedpetah.train import train_adapter
+from server.bundle import compose_experiment
 
 RESULTS = Path(__file__).parent / "results"
 NAMES = {"onnx": "ONNX Runtime", "pytorch_unmerged": "unmerged PyTorch", "executorch": "ExecuTorch (XNNPACK)"}
@@ -49,7 +49,7 @@ def main() -> None:
     parser.add_argument("--no-executorch", action="store_true", help="skip model.pte even if executorch is installed")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    backbone = load_artifact(prepare_artifact(ExperimentConfig()))
+    backbone = load_artifact(prepare_artifact(compose_experiment([])))  # the pruned backbone the server ships
     tasks = build_stream(TaskStreamConfig(name="split_mnist"))[: args.tasks]
     config, router = adapter_config(args.adapter), RouterConfig()
     bank, stats, unmerged = AdapterBank(), {}, []

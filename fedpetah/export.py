@@ -6,7 +6,8 @@
     model.pte           with --executorch: the same model for ExecuTorch's runtime (XNNPACK), one image
                         [1, C, H, W] per call; needs ``fedpetah[executorch]`` (executorch 1.5.1 with torch 2.14)
     labels.json         the K labels "<task>/<class>", in score order
-    model.safetensors   the same model's tensors (adapters merged), for torch users
+    model.safetensors   the same model's tensors (adapters merged; a tensor repeated across experts stored once),
+                        for torch users
     model.json          how to rebuild it (adapter config, tasks, widths) + SHA-256 of model.safetensors
     backbone/           the frozen backbone artifact (weights.safetensors + manifest.json) it builds on
 
@@ -42,11 +43,14 @@ from fedpetah.pipeline import settings_key
 from fedpetah.predict import TaskFreePredictor, build_predictor
 from fedpetah.routing import FeatureStats, FrozenFeatures, RouterConfig, TaskFreeModel, feature_width
 
-EXPORT_FORMAT, EXPORT_VERSION = "fedpetah-task-free", 2
-LEGACY_VERSIONS = (1,)
-"""Versions :func:`load_export` still reads (v1: no router section: the final pooled features, the task marginal)."""
+EXPORT_FORMAT, EXPORT_VERSION = "fedpetah-task-free", 3
+LEGACY_VERSIONS = (1, 2)
+"""Versions :func:`load_export` still reads (v1: no router section: the final pooled features, the task marginal;
+v2: every expert's tensors stored in full, no aliases)."""
 ONNX_FILE, LABELS_FILE, WEIGHTS_FILE, MODEL_FILE = "model.onnx", "labels.json", "model.safetensors", "model.json"
 PTE_FILE = "model.pte"
+ALIASES_KEY = "aliases"
+"""``model.safetensors`` metadata: JSON ``{alias: stored key}`` for tensors stored once and used under more names."""
 BACKBONE_DIR = "backbone"
 ROUTER_KEY = "router"
 """``bank.metadata[ROUTER_KEY]``: the :class:`RouterConfig` the clients' statistics were taken with."""
@@ -196,8 +200,8 @@ def write_export(predictor: TaskFreePredictor, backbone: Backbone, adapter: Adap
     """The files of an export (see the module docstring) for a built predictor."""
     out.mkdir(parents=True, exist_ok=True)
     model = predictor.model
-    state = {k: v.contiguous() for k, v in model.state_dict().items()}
-    data = save_safetensors(_unshared(state))
+    tensors, aliases = _deduplicated(model.state_dict())
+    data = save_safetensors(tensors, metadata={ALIASES_KEY: json.dumps(aliases, sort_keys=True)})
     (out / WEIGHTS_FILE).write_bytes(data)
     (out / LABELS_FILE).write_text(json.dumps(predictor.labels, indent=1))
     if (out / BACKBONE_DIR).exists():
@@ -234,15 +238,34 @@ def write_export(predictor: TaskFreePredictor, backbone: Backbone, adapter: Adap
     return info
 
 
-def _unshared(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Copies for tensors that share storage (safetensors refuses shared tensors)."""
-    seen: set[int] = set()
-    out = {}
+def _deduplicated(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """One copy of each distinct tensor (same dtype, shape and bytes) and ``{alias: stored key}`` for the repeats:
+    every merged expert repeats the backbone weights its adapter leaves alone."""
+    stored: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    first: dict[tuple[str, tuple[int, ...], str], str] = {}
     for key, value in state.items():
-        pointer = value.untyped_storage().data_ptr()
-        out[key] = value.clone() if pointer in seen else value
-        seen.add(pointer)
-    return out
+        value = value.detach().to("cpu").clone()  # its own storage: safetensors refuses shared ones
+        digest = hashlib.sha256(value.reshape(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
+        fingerprint = (str(value.dtype), tuple(value.shape), digest)
+        if fingerprint in first:
+            aliases[key] = first[fingerprint]
+        else:
+            first[fingerprint] = key
+            stored[key] = value
+    return stored, aliases
+
+
+def _aliases(data: bytes) -> dict[str, str]:
+    """The ``{alias: stored key}`` map in a safetensors file's metadata (covered by its SHA-256); {} if none."""
+    size = int.from_bytes(data[:8], "little")
+    if len(data) < 8 or size > len(data) - 8:
+        raise ValueError("the safetensors header is truncated")
+    metadata = json.loads(data[8 : 8 + size]).get("__metadata__") or {}
+    aliases = json.loads(metadata.get(ALIASES_KEY, "{}"))
+    if not isinstance(aliases, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in aliases.items()):
+        raise ValueError(f"{ALIASES_KEY} must map tensor names to tensor names")
+    return aliases
 
 
 def load_export(out_dir: str | Path) -> TaskFreePredictor:
@@ -267,9 +290,11 @@ def load_export(out_dir: str | Path) -> TaskFreePredictor:
         widths, shared, labels = list(info["widths"]), list(info["shared"]), list(info["labels"])
         experts = [build_adapter(adapter, backbone, int(w)).merge() for w in widths]
         # a v1 manifest has no router section: RouterConfig.from_record reads that as the legacy router
-        routing = RouterConfig.from_record(dict(info["router"]) if info["format_version"] == EXPORT_VERSION else {})
+        routing = RouterConfig.from_record(dict(info["router"]) if info["format_version"] >= 2 else {})
         features = FrozenFeatures(backbone.module, backbone.mean, backbone.std, routing.grid)
         tensors = load_safetensors(data)
+        for alias, key in _aliases(data).items():
+            tensors[alias] = tensors[key]  # a missing key is a KeyError: reported below
         router = torch.nn.Linear(int(tensors["router.weight"].shape[1]), sum(widths))
         model = TaskFreeModel(features, router, experts, widths, shared=shared, joint=routing.joint)
         model.load_state_dict(tensors, strict=True)
