@@ -28,12 +28,12 @@ from fedpetah.adapters import adapter_config, build_adapter
 from fedpetah.artifact import load_artifact
 from fedpetah.bank import AdapterBank
 from fedpetah.config import TrainConfig
-from fedpetah.experiment import ExperimentConfig
 from fedpetah.pipeline import prepare_artifact
 from fedpetah.predict import build_predictor, evaluate_task_free
 from fedpetah.routing import FeatureStats, RouterConfig, aggregate_stats, data_stats
 from fedpetah.tasks import PartitionConfig, TaskStreamConfig, batches, build_stream, partition
 from fedpetah.train import evaluate, train_adapter
+from server.bundle import compose_experiment
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -72,7 +72,7 @@ def router_config(spec: str) -> RouterConfig:
 
 
 def run_stream(stream: str, args: argparse.Namespace) -> dict[str, Any]:
-    experiment = ExperimentConfig()
+    experiment = compose_experiment([])  # the default run's settings: the pruned backbone the server ships
     backbone = load_artifact(prepare_artifact(experiment))
     tasks = build_stream(TaskStreamConfig(name=stream))
     adapter = adapter_config(args.adapter)

@@ -260,7 +260,7 @@ class RouterConfig:
     ``(1 - a) log p(t | x) + a log p(t, c | x) + log softmax(adapter_t)_c`` (0: the task only).
     """
 
-    dim: int = 1024
+    dim: int = 512
     seed: int = 0
     shrinkage: float = 0.01
     prior: str = "uniform"
