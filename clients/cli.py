@@ -185,8 +185,6 @@ def supernode_command(args: argparse.Namespace, address: str, worker: Path | Non
     return command
 
 
-
-
 def explain_exit(returncode: int, output: str, args: argparse.Namespace) -> ClientError | None:
     """Our exit code and advice for a SuperNode that stopped on its own; None for a clean stop."""
     key = args.auth_key

@@ -51,25 +51,30 @@ class StatsCollector:
 
     def check(self, task: int, replies: Sequence[tuple[int, Mapping[str, torch.Tensor]]]) -> dict[int, str]:
         """``{client: reason}`` for each ``(client, statistics)`` that fails validation or comes twice."""
-        entry, rejected, seen = self.bank[task], {}, set(self.counted(task))
+        return self._validated(task, replies)[1]
+
+    def _validated(self, task: int, replies: Sequence[tuple[int, Mapping[str, torch.Tensor]]]
+                   ) -> tuple[list[tuple[int, FeatureStats]], dict[int, str]]:
+        """The valid ``(client, statistics)`` decoded, in the given order, and ``{client: reason}`` for the rest."""
+        entry, seen = self.bank[task], set(self.counted(task))
+        valid: list[tuple[int, FeatureStats]] = []
+        rejected: dict[int, str] = {}
         for client, tensors in replies:
             if client in seen:
                 rejected[client] = "statistics sent twice for this task"
                 continue
             try:
-                FeatureStats.from_tensors(tensors, entry.num_classes, self.width)
+                valid.append((client, FeatureStats.from_tensors(tensors, entry.num_classes, self.width)))
                 seen.add(client)
             except StatsError as error:
                 rejected[client] = str(error)
-        return rejected
+        return valid, rejected
 
     def collect(self, task: int, replies: Sequence[tuple[int, Mapping[str, torch.Tensor]]]) -> dict[int, str]:
         """Add the valid ``(client, statistics)`` (in the given, fixed order) to the task's statistics in the
         bank; returns ``{client: reason}`` for the rejected ones (see :meth:`check`)."""
         entry = self.bank[task]
-        rejected = self.check(task, replies)
-        valid = [(c, FeatureStats.from_tensors(t, entry.num_classes, self.width)) for c, t in replies
-                 if c not in rejected]
+        valid, rejected = self._validated(task, replies)
         if valid:
             parts = [s for _, s in valid]
             if entry.stats:  # what earlier rounds collected comes first

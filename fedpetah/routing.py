@@ -47,6 +47,16 @@ def _between(count: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
     return (sums / count[seen].to(torch.float64)[:, None]).T @ sums
 
 
+def _unpacked(packed: torch.Tensor, dim: int) -> torch.Tensor:
+    """The symmetric (D, D) float64 matrix of a packed upper triangle (the inverse of the packing in
+    :meth:`FeatureStats.tensors`)."""
+    rows, cols = torch.triu_indices(dim, dim)
+    square = torch.zeros(dim, dim, dtype=torch.float64)
+    square[rows, cols] = packed.to(torch.float64)
+    square[cols, rows] = packed.to(torch.float64)
+    return square
+
+
 @dataclass(frozen=True)
 class FeatureStats:
     """Sufficient statistics of one task's frozen features.
@@ -128,18 +138,12 @@ class FeatureStats:
             raise StatsError("statistics hold NaN or infinite values")
         if bool((total.abs().sum(1)[count == 0] > 0).any()):
             raise StatsError("statistics hold a feature sum for a class with no examples")
-        if legacy:
-            if float((second - second.T).abs().max()) > 1e-6 * float(second.abs().max()) + 1e-12:
-                raise StatsError("statistics scatter is not symmetric")
-            scatter = second.clone()
-        else:
-            rows, cols = torch.triu_indices(dim, dim)
-            scatter = torch.zeros(dim, dim, dtype=torch.float64)
-            scatter[rows, cols] = second.to(torch.float64)
-            scatter[cols, rows] = second.to(torch.float64)
-        if bool((scatter.diagonal() < 0).any()):
+        if legacy and float((second - second.T).abs().max()) > 1e-6 * float(second.abs().max()) + 1e-12:
+            raise StatsError("statistics scatter is not symmetric")
+        square = second.clone() if legacy else _unpacked(second, dim)  # raw (legacy) or within-class scatter
+        if bool((square.diagonal() < 0).any()):
             raise StatsError("statistics scatter has a negative diagonal")
-        return cls(count.clone(), total.clone(), scatter if legacy else scatter + _between(count, total))
+        return cls(count.clone(), total.clone(), square if legacy else square + _between(count, total))
 
 
 def aggregate_stats(parts: Iterable[FeatureStats]) -> FeatureStats:
