@@ -109,6 +109,8 @@ def decode_payload(payload: bytes | bytearray) -> tuple[str, Records]:
         header = json.loads(payload[HEADER_LENGTH.size:start])
     except (UnicodeDecodeError, ValueError) as error:
         raise FrameError("malformed", f"header is not JSON: {error}") from None
+    except RecursionError:  # deeply nested brackets: json's parser recurses once per level
+        raise FrameError("malformed", "header nests too deeply") from None
     if not isinstance(header, dict) or not isinstance(header.get("type"), str):
         raise FrameError("malformed", "header must be an object with a string type")
     lengths = header.get("segments")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import stat
 import time
 from pathlib import Path
@@ -65,6 +66,23 @@ def test_device_refuses_names_that_leave_its_data_dir(device: Path, task: str, c
     with pytest.raises(UnsafeNameError) as error:
         device_task_data(device, task, classes, store_size=8, channels=1)  # type: ignore[arg-type]
     assert "private.png" not in str(error.value)
+
+
+def test_device_reads_no_image_file_that_leads_out_of_its_data_dir_or_is_not_a_file(device: Path) -> None:
+    # Arrange: in class a, a link to an image outside the data dir, a link to /dev/zero and a FIFO (reading either
+    # could hang); in class b, a link to another image inside the data dir (allowed)
+    outside = device.parent / "outside" / "secret" / "cls" / "private.png"
+    (device / "digits" / "a" / "1.png").symlink_to(outside)
+    (device / "digits" / "a" / "2.png").symlink_to("/dev/zero")
+    os.mkfifo(device / "digits" / "a" / "3.png")
+    (device / "digits" / "b" / "1.png").symlink_to(device / "digits" / "b" / "0.png")
+
+    # Act
+    data = device_task_data(device, "digits", ["a", "b"], store_size=8, channels=1)
+
+    # Assert: class a is its own image only (no 77 from outside), class b its image twice
+    assert data is not None and data.labels.tolist() == [0, 1, 1]
+    assert data.images[0].unique().tolist() == [10] and data.images[1:].unique().tolist() == [200]
 
 
 def test_client_refuses_insecure_for_a_remote_server(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -91,6 +91,7 @@ HOSTILE = {
                                          b"z")),
     "record not an object": _framed(_payload({"type": TRAIN, "segments": [0], "configs": {"c": 5}})),
     "unknown tensor": _framed(_payload({"type": TRAIN, "segments": [0], "arrays": {"a": {"k": "0"}}})),
+    "deeply nested header": _framed(frames.HEADER_LENGTH.pack(200_000) + b"[" * 100_000 + b"]" * 100_000),
     "corrupt tensor blob": _framed(_payload({"type": TRAIN, "segments": [9], "arrays": {"a": {"k": "0"}}},
                                             b"\x08" + b"\x00" * 7 + b"{")),
 }
@@ -244,7 +245,7 @@ def test_worker_refuses_garbage_and_oversized_frames_and_keeps_serving(
         worker: tuple[subprocess.Popen[bytes], Path]) -> None:
     _, path = worker
     for raw in (b"garbage that is no frame at all", frames.PREFIX.pack(frames.MAGIC, frames.MAX_FRAME_BYTES + 1),
-                HOSTILE["bad json"]):
+                HOSTILE["bad json"], HOSTILE["deeply nested header"]):
         with socket.socket(socket.AF_UNIX) as conn:
             conn.settimeout(30.0)
             conn.connect(str(path))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import stat
 import warnings
 from pathlib import Path
 
@@ -71,14 +72,20 @@ def load_image(path: Path, channels: int, size: int) -> np.ndarray:
 def load_class(directory: Path, channels: int, size: int, root: Path) -> tuple[list[np.ndarray], list[str]]:
     """Readable images of one class directory and the root-relative paths of the skipped ones.
 
-    A class with no readable image raises ``ValueError``.
+    Each file is read through its resolved path, and only if that is a regular file inside ``root``: a symbolic
+    link that leads out of the data dir (or to a FIFO or device, whose read could block) is skipped like an
+    unreadable image. A class with no readable image raises ``ValueError``.
     """
     images, skipped = [], []
-    files = sorted(p for p in directory.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    base = root.resolve()
+    files = sorted(p for p in directory.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.is_dir())
     for path in files:
         try:
-            images.append(load_image(path, channels, size))
-        except _READ_ERRORS:
+            real = path.resolve(strict=True)
+            if not real.is_relative_to(base) or not stat.S_ISREG(real.stat().st_mode):
+                raise ValueError(f"{path} is not a regular file inside {base}")
+            images.append(load_image(real, channels, size))
+        except (*_READ_ERRORS, RuntimeError):  # RuntimeError: a symbolic link loop (Python < 3.13)
             skipped.append(str(path.relative_to(root)))
     if not images:
         raise ValueError(
