@@ -30,10 +30,19 @@ def executable(name: str) -> str:
     return found
 
 
+FLWR_INHERITED = frozenset({"FLWR_HOME", "FLWR_LOG_LEVEL", "FLWR_TELEMETRY_ENABLED", "FLWR_DISABLE_UPDATE_CHECK",
+                            "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"})
+"""The only ``FLWR_*`` variables our environment passes on to Flower's processes. Flower reads others that open
+ports or change security (``FLWR_INTERNAL_GRPC_CONTROL_API=1`` starts the SuperLink's gRPC Control API outside the
+proxy, ``FLWR_INTERNAL_GRPC_FLEET_API``, ``FLWR_OIDC_ENABLED``, ``FLWR_DATABASE``, ``FLWR_TRACING_ENABLED`` ...);
+those are dropped, whatever the shell or unit that started us sets. ``extra`` still sets any name."""
+
+
 def child_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     """Environment for Flower's processes: our interpreter's bin/ first on PATH (Flower starts
-    ``flower-superexec`` and the app processes by name), unbuffered output, Ray kept on loopback."""
-    env = dict(os.environ)
+    ``flower-superexec`` and the app processes by name), unbuffered output, Ray kept on loopback, and of the
+    inherited ``FLWR_*`` variables only :data:`FLWR_INHERITED`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLWR_") or k in FLWR_INHERITED}
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     env["PYTHONUNBUFFERED"] = "1"
     env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"

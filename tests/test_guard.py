@@ -15,6 +15,7 @@ from PIL import Image
 from clients import cli as client_cli
 from clients.device_data import device_task_data
 from fedpetah.tasks.folder import MAX_NAME_BYTES, UnsafeNameError
+from flower_glue.launch import child_env
 from server import certificates
 from server.certificates import default_ca_dir, make_node_key, make_tls, server_files
 
@@ -83,6 +84,22 @@ def test_device_reads_no_image_file_that_leads_out_of_its_data_dir_or_is_not_a_f
     # Assert: class a is its own image only (no 77 from outside), class b its image twice
     assert data is not None and data.labels.tolist() == [0, 1, 1]
     assert data.images[0].unique().tolist() == [10] and data.images[1:].unique().tolist() == [200]
+
+
+def test_flower_processes_inherit_no_flwr_variable_that_opens_a_port(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Arrange: a shell or unit that sets Flower's internal switches (the first starts the SuperLink's gRPC
+    # Control API outside the proxy), beside ones we keep
+    for name in ("FLWR_INTERNAL_GRPC_CONTROL_API", "FLWR_INTERNAL_GRPC_FLEET_API", "FLWR_OIDC_ENABLED"):
+        monkeypatch.setenv(name, "1")
+    monkeypatch.setenv("FLWR_HOME", "/var/lib/fedpetah/flwr")
+    monkeypatch.setenv("FLWR_LOG_LEVEL", "DEBUG")
+
+    # Act
+    env = child_env({"FLWR_DISABLE_UPDATE_CHECK": "1"})
+
+    # Assert
+    assert {k: v for k, v in env.items() if k.startswith("FLWR_")} == {
+        "FLWR_HOME": "/var/lib/fedpetah/flwr", "FLWR_LOG_LEVEL": "DEBUG", "FLWR_DISABLE_UPDATE_CHECK": "1"}
 
 
 def test_client_refuses_insecure_for_a_remote_server(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
