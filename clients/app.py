@@ -48,12 +48,14 @@ def _runtime(context: Context) -> ClientRuntime:
     """One runtime per cache dir and partition in this process (it survives across messages in a Ray worker)."""
     from fedpetah.backbone.build import default_cache_dir
     from fedpetah.client import ClientRuntime
-    from fedpetah.local import BackboneCache
+    from fedpetah.local import CACHE_KEEP, CACHE_MAX_BYTES, BackboneCache
 
-    root = str(context.node_config.get("cache-dir", "") or default_cache_dir() / "backbones")
+    config = context.node_config
+    root = str(config.get("cache-dir", "") or default_cache_dir() / "backbones")
     key = (root, _partition(context))
     if key not in _RUNTIMES:
-        _RUNTIMES[key] = ClientRuntime(BackboneCache(Path(root)), key[1])
+        keep, max_mb = int(config.get("cache-keep", CACHE_KEEP)), int(config.get("cache-max-mb", CACHE_MAX_BYTES >> 20))
+        _RUNTIMES[key] = ClientRuntime(BackboneCache(Path(root), keep, max_mb * 2**20), key[1])
     return _RUNTIMES[key]
 
 

@@ -54,6 +54,7 @@ class ClientError(Exception):
 
 REFUSED = ("[code: 2004]", "Failed to activate SuperNode")  # Flower: this key is not registered (yet)
 KEY_RETRIES = 3  # a device may connect while the server is still registering keys at its start
+CACHE_KEEP, CACHE_MAX_MB = 4, 1024  # fedpetah.local's defaults (a test keeps them equal; no torch import here)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -66,6 +67,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--root-certificates", type=Path, help="the server's CA (ca.pem); default: system CAs")
     parser.add_argument("--auth-key", type=Path, help="this device's private key (its .pub is registered)")
     parser.add_argument("--cache", type=Path, default=cache, help=f"backbone cache (default {cache})")
+    parser.add_argument("--cache-keep", type=int, default=CACHE_KEEP,
+                        help=f"backbones the cache keeps, least recently used evicted first (default {CACHE_KEEP})")
+    parser.add_argument("--cache-max-mb", type=int, default=CACHE_MAX_MB,
+                        help=f"disk the cached backbones may take (default {CACHE_MAX_MB}; the one in use is kept)")
     parser.add_argument("--insecure", action="store_true", help="no TLS: only for a loopback demo server "
                         "(refused for any other host)")
     parser.add_argument("--runtime-port", type=int, default=9094, help="local port of the SuperNode's app API")
@@ -171,7 +176,7 @@ def supernode_command(args: argparse.Namespace, address: str, worker: Path | Non
     data, cache = args.data.expanduser().resolve(), args.cache.expanduser().resolve()
     if "'" in f"{data}{cache}":
         raise ClientError(EXIT_USAGE, "paths for --data and --cache must not contain a single quote")
-    node_config = f"data-dir='{data}' cache-dir='{cache}'"
+    node_config = f"data-dir='{data}' cache-dir='{cache}' cache-keep={args.cache_keep} cache-max-mb={args.cache_max_mb}"
     if worker is not None:
         node_config += f" worker-socket='{worker}' worker-timeout-s={float(args.worker_timeout)}"
     command = [executable("flower-supernode"), "--superlink", address, "--port", str(args.runtime_port),
@@ -247,7 +252,8 @@ WORKER_READY_S = 600.0  # the worker imports torch before it listens: minutes on
 def worker_command(args: argparse.Namespace, socket_path: Path) -> list[str]:
     return [sys.executable, "-m", "clients.worker", "--socket", str(socket_path),
             "--data", str(args.data.expanduser().resolve()), "--cache", str(args.cache.expanduser().resolve()),
-            "--threads", str(args.threads)]
+            "--threads", str(args.threads), "--cache-keep", str(args.cache_keep),
+            "--cache-max-mb", str(args.cache_max_mb)]
 
 
 class Supervisor:
@@ -362,8 +368,9 @@ def check_and_join(args: argparse.Namespace) -> int:
         host, port = split_address(args.server)
     except ValueError as err:
         raise ClientError(EXIT_USAGE, f"--server: {err}") from None
-    if min(args.retries, args.key_retries) < 0 or args.backoff < 0:
-        raise ClientError(EXIT_USAGE, "--retries, --key-retries and --backoff must not be negative")
+    if min(args.retries, args.key_retries, args.cache_max_mb) < 0 or args.backoff < 0 or args.cache_keep < 1:
+        raise ClientError(EXIT_USAGE, "--retries, --key-retries, --backoff and --cache-max-mb must not be negative, "
+                                      "--cache-keep must be at least 1")
     if args.insecure:
         if host not in LOOPBACK_HOSTS:
             loopback = ", ".join(sorted(LOOPBACK_HOSTS))

@@ -199,6 +199,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", type=Path, required=True, help="image folder DIR/<task>/<class>/*.png|jpg")
     parser.add_argument("--cache", type=Path, required=True, help="backbone cache dir")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--cache-keep", type=int, help="backbones the cache keeps, least recently used evicted")
+    parser.add_argument("--cache-max-mb", type=int, help="disk the cached backbones may take")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="fedpetah-worker %(levelname)s: %(message)s")
     signal.signal(signal.SIGTERM, _stop)
@@ -207,12 +209,13 @@ def main(argv: list[str] | None = None) -> int:
 
     from clients.device_data import data_dir
     from fedpetah.client import ClientRuntime
-    from fedpetah.local import BackboneCache
+    from fedpetah.local import CACHE_KEEP, CACHE_MAX_BYTES, BackboneCache
 
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     root = data_dir(str(args.data))
-    runtime = ClientRuntime(BackboneCache(args.cache.expanduser()))
+    max_bytes = CACHE_MAX_BYTES if args.cache_max_mb is None else args.cache_max_mb * 2**20
+    runtime = ClientRuntime(BackboneCache(args.cache.expanduser(), args.cache_keep or CACHE_KEEP, max_bytes))
     try:
         listener = listen(args.socket)
     except (OSError, ValueError) as error:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -25,17 +26,27 @@ from fedpetah.train import train_adapter
 log = logging.getLogger(__name__)
 
 WEIGHTS_FILE, MANIFEST_FILE = "weights.safetensors", "manifest.json"
+CACHE_KEEP = 4
+"""Backbones a device keeps by default: a server changes it once per experiment, not per round."""
+CACHE_MAX_BYTES = 1024 * 2**20
+"""Disk the cached backbones may take by default (the one in use is kept even if it alone is larger)."""
+STALE_STAGING_S = 3600.0  # an install directory this old was left by a killed process
 
 
 class BackboneCache:
     """Backbone artifacts on disk under their digest, plus the last one loaded kept in memory.
 
     Everything received is verified (SHA-256 of weights and manifest) before it is kept; a cache
-    entry that fails verification later is discarded, never used.
+    entry that fails verification later is discarded, never used. The cache is bounded: after each install the
+    least recently used entries go until at most ``keep`` backbones of at most ``max_bytes`` together are left,
+    never the one just installed (a server that sends a new digest per message cannot fill the disk).
     """
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, keep: int = CACHE_KEEP, max_bytes: int = CACHE_MAX_BYTES) -> None:
+        if keep < 1 or max_bytes < 0:
+            raise ValueError(f"a backbone cache keeps at least 1 backbone in max_bytes >= 0, not {keep}, {max_bytes}")
         self.root = Path(root)
+        self.keep, self.max_bytes = keep, max_bytes
         self._loaded: dict[str, Backbone] = {}
         self._stamps: dict[str, tuple[tuple[int, int], ...]] = {}  # the files as they were when verified
         self.last_load_seconds = 0.0
@@ -84,14 +95,54 @@ class BackboneCache:
             shutil.rmtree(staging, ignore_errors=True)
             raise
         self._loaded, self._stamps = {digest: backbone}, {digest: self._stamp(digest)}
+        self.evict(keep=digest)
         return len(weights) + len(manifest)
+
+    def entries(self) -> list[tuple[str, int, int]]:
+        """(digest, bytes, last use in ns) of every cached backbone, most recently used first."""
+        found = []
+        for path in self.root.iterdir() if self.root.is_dir() else ():
+            if path.is_symlink() or not path.is_dir() or not all(c in "0123456789abcdef" for c in path.name):
+                continue
+            try:
+                size = sum(f.lstat().st_size for f in path.iterdir())
+                found.append((path.name, size, path.stat().st_mtime_ns))
+            except OSError:  # removed meanwhile by another process sharing the cache
+                continue
+        return sorted(found, key=lambda entry: entry[2], reverse=True)
+
+    def evict(self, keep: str) -> list[str]:
+        """Remove the least recently used backbones beyond the bounds, never ``keep``; the digests removed."""
+        entries = self.entries()
+        removed, full = [], False
+        count, total = 1, sum(size for digest, size, _ in entries if digest == keep)
+        for digest, size, _ in entries:
+            if digest == keep:
+                continue
+            full = full or count >= self.keep or total + size > self.max_bytes  # then every older one goes too
+            if not full:
+                count, total = count + 1, total + size
+                continue
+            shutil.rmtree(self.root / digest, ignore_errors=True)
+            self._loaded.pop(digest, None)
+            removed.append(digest)
+        now = time.time()
+        for staging in self.root.glob(".install-*"):
+            with contextlib.suppress(OSError):
+                if now - staging.lstat().st_mtime > STALE_STAGING_S:
+                    shutil.rmtree(staging, ignore_errors=True)
+        if removed:
+            log.info("backbone cache %s: evicted %d least recently used backbone(s)", self.root, len(removed))
+        return removed
 
     def get(self, digest: str) -> Backbone:
         """The verified backbone ``digest`` (memory first, then disk)."""
+        path = self.path(digest)
+        with contextlib.suppress(OSError):
+            os.utime(path)  # its last use, for eviction (the directory's time: the files' stamps stay)
         if digest in self._loaded and self._stamps.get(digest) == self._stamp(digest):
             self.last_load_seconds = 0.0
             return self._loaded[digest]
-        path = self.path(digest)
         if not self.has(digest):
             raise ArtifactError(f"backbone {digest[:12]} is not installed in {self.root}")
         start = time.perf_counter()

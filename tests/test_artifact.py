@@ -232,6 +232,39 @@ def test_oversized_or_deeply_nested_manifests_are_refused_unparsed(packed: Path,
     assert not (tmp_path / "device-cache").exists()  # refused before anything was written
 
 
+def _renamed(packed: Path, note: int) -> tuple[str, bytes, bytes]:
+    """The same weights under a manifest whose free-form ``pretraining`` differs: a new, valid digest."""
+    raw = json.loads((packed / MANIFEST).read_text())
+    raw["pretraining"] = {**raw["pretraining"], "note": note}
+    raw["manifest_sha256"] = manifest_digest(raw)
+    return raw["manifest_sha256"], (packed / WEIGHTS).read_bytes(), json.dumps(raw).encode()
+
+
+def test_device_cache_evicts_the_least_recently_used_backbones(packed: Path, tmp_path: Path) -> None:
+    # Arrange: a server that sends the same weights under a new digest each time, to a cache that keeps 3
+    artifacts = [_renamed(packed, note) for note in range(6)]
+    size = len(artifacts[0][1]) + len(artifacts[0][2])
+    cache = BackboneCache(tmp_path / "cache", keep=3, max_bytes=100 * size)
+
+    # Act: install 0, 1, 2; use 0 again; install 3, 4
+    for digest, weights, manifest in artifacts[:3]:
+        cache.install(digest, weights, manifest)
+    cache.get(artifacts[0][0])
+    for digest, weights, manifest in artifacts[3:5]:
+        cache.install(digest, weights, manifest)
+
+    # Assert: the newest three by use are left (0 was used after 1 and 2), and each one kept still verifies
+    digests = [a[0] for a in artifacts]
+    assert {d for d, _, _ in cache.entries()} == {digests[0], digests[3], digests[4]}
+    assert not any(cache.has(d) for d in digests[1:3])
+    assert cache.get(digests[0]).num_params() > 0
+
+    # Act and Assert: a byte bound below two backbones keeps only the one just installed, never evicts it
+    small = BackboneCache(tmp_path / "cache", keep=3, max_bytes=size // 2)
+    small.install(*artifacts[5])
+    assert [d for d, _, _ in small.entries()] == [digests[5]] and small.get(digests[5]).num_params() > 0
+
+
 def test_real_manifest_is_well_inside_the_bounds(packed: Path) -> None:
     manifest = read_manifest(packed)
     assert MIN_IMG_SIZE <= manifest.img_size <= MAX_IMG_SIZE

@@ -181,6 +181,14 @@ def test_client_image_suffixes_match_the_folder_reader() -> None:
     assert client_cli.IMAGE_SUFFIXES == IMAGE_SUFFIXES
 
 
+def test_client_cache_bounds_are_the_library_defaults() -> None:
+    from fedpetah.local import CACHE_KEEP, CACHE_MAX_BYTES
+
+    assert (client_cli.CACHE_KEEP, client_cli.CACHE_MAX_MB * 2**20) == (CACHE_KEEP, CACHE_MAX_BYTES)
+    args = client_cli.parse_args(["--server", "h:1", "--data", "d"])
+    assert (args.cache_keep, args.cache_max_mb) == (CACHE_KEEP, CACHE_MAX_BYTES >> 20)
+
+
 def test_certificates_chain_and_node_keys(tmp_path: Path) -> None:
     make_tls(tmp_path / "certs", ["fl.lab.example", "10.0.0.5"])
     files = server_files(tmp_path / "certs")
