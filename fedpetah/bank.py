@@ -17,7 +17,7 @@ import dataclasses
 import hashlib
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -179,7 +179,10 @@ class AdapterBank:
                 )
 
     def set_stats(self, task: int, stats: Mapping[str, torch.Tensor]) -> TaskEntry:
-        """Replace task ``task``'s router statistics (validated by the caller, :mod:`fedpetah.routing`)."""
+        """Replace task ``task``'s router statistics (validated by the caller, :mod:`fedpetah.routing`);
+        non-finite ones are a ValueError, never stored."""
+        if not all(bool(torch.isfinite(v).all()) for v in stats.values()):
+            raise ValueError(f"task {task}: router statistics with NaN or infinite values are not stored")
         entry = dataclasses.replace(self[task], stats=_copy(stats))
         self._entries[task] = entry
         return entry
@@ -211,8 +214,10 @@ class AdapterBank:
         return root / BANK_FILE
 
     @classmethod
-    def load(cls, directory: str | os.PathLike[str]) -> AdapterBank:
-        """Read a bank written by :meth:`save`, verifying every file's SHA-256."""
+    def load(cls, directory: str | os.PathLike[str], drop_stats: Collection[int] = ()) -> AdapterBank:
+        """Read a bank written by :meth:`save`, verifying every file's SHA-256; a task's router statistics with
+        NaN or infinite values are a BankError that names the recovery: load with ``drop_stats`` = those tasks
+        (their statistics are left out; ``fedpetah-server --resume --drop-stats TASK``)."""
         root = Path(directory)
         manifest = _read_manifest(root / BANK_FILE, BANK_FORMAT)
         records = manifest.get("tasks")
@@ -226,7 +231,17 @@ class AdapterBank:
             stats = {k[len("stats/") :]: v for k, v in tensors.items() if k.startswith("stats/")}
             if len(state) + len(opt) + len(stats) != len(tensors):
                 raise BankError(f"{record['file']}: tensors outside the state/, opt/ and stats/ namespaces")
-            entry = dataclasses.replace(_entry(record, state, opt), stats=stats)
+            entry = _entry(record, state, opt)
+            if entry.task in drop_stats:
+                stats = {}
+            elif not all(bool(torch.isfinite(v).all()) for v in stats.values() if v.is_floating_point()):
+                raise BankError(
+                    f"{root / BANK_FILE}: task {entry.task}'s router statistics hold NaN or infinite values "
+                    f"(a device's statistics overflowed them); drop them and continue the run with "
+                    f"`fedpetah-server --resume --drop-stats {entry.task}` (a simulation: "
+                    f"fedpetah.collect.drop_stats('{root}', [{entry.task}]))"
+                )
+            entry = dataclasses.replace(entry, stats=stats)
             if entry.task in bank._entries:
                 raise BankError(f"{root / BANK_FILE}: task {entry.task} listed twice")
             bank._entries[entry.task] = entry

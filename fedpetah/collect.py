@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+import os
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import asdict
 from typing import Any
 
@@ -11,7 +12,7 @@ import torch
 
 from fedpetah.adapters import AdapterConfig
 from fedpetah.backbone import Backbone
-from fedpetah.bank import AdapterBank
+from fedpetah.bank import AdapterBank, BankError
 from fedpetah.predict import build_predictor, evaluate_task_free
 from fedpetah.protocol import ArraySpec, stats_specs
 from fedpetah.routing import FeatureStats, RouterConfig, StatsError, aggregate_stats, feature_width
@@ -38,6 +39,19 @@ class StatsCollector:
         bank.metadata[ROUTER_KEY] = asdict(self.config)
         bank.metadata.setdefault(CLIENTS_KEY, {})
         self.width = self.config.width(feature_width(backbone, self.config.grid))
+        for task in bank.tasks():  # a resumed bank: statistics that would fail every later collect or evaluate
+            try:
+                self._stored(task)
+            except StatsError as error:
+                raise BankError(f"task {task}'s router statistics in the bank are invalid ({error}); drop them "
+                                f"and continue with `fedpetah-server --resume --drop-stats {task}`") from None
+
+    def _stored(self, task: int) -> FeatureStats | None:
+        """Task ``task``'s statistics in the bank, validated (None when it has none)."""
+        entry = self.bank[task]
+        if not entry.stats:
+            return None
+        return FeatureStats.from_tensors(entry.stats, entry.num_classes, self.width, legacy_ok=True)
 
     def counted(self, task: int) -> list[int]:
         return list(self.bank.metadata[CLIENTS_KEY].get(str(task), []))
@@ -76,10 +90,15 @@ class StatsCollector:
         entry = self.bank[task]
         valid, rejected = self._validated(task, replies)
         if valid:
-            parts = [s for _, s in valid]
-            if entry.stats:  # what earlier rounds collected comes first
-                parts.insert(0, FeatureStats.from_tensors(entry.stats, entry.num_classes, self.width, legacy_ok=True))
-            self.bank.set_stats(task, aggregate_stats(parts).tensors())
+            stored = self._stored(task)
+            parts = [s for _, s in valid] if stored is None else [stored, *(s for _, s in valid)]  # earlier first
+            summed = aggregate_stats(parts).tensors()
+            try:  # the sum, as the bank would store it, must be valid statistics itself
+                FeatureStats.from_tensors(summed, entry.num_classes, self.width)
+            except StatsError as error:
+                reason = f"the sum with this round's statistics is invalid: {error}"
+                return {**rejected, **{c: reason for c, _ in valid}}
+            self.bank.set_stats(task, summed)
             self.bank.metadata[CLIENTS_KEY][str(task)] = sorted({*self.counted(task), *(c for c, _ in valid)})
         return rejected
 
@@ -92,11 +111,29 @@ class StatsCollector:
         if missing:
             log.warning("no task-free evaluation after task %d: tasks %s have no router statistics", upto, missing)
             return {}
-        stats = {t: FeatureStats.from_tensors(self.bank[t].stats, self.bank[t].num_classes, self.width,
-                                            legacy_ok=True)
-                 for t in learned}
-        predictor = build_predictor(self.backbone, adapter, self.bank, stats, learned, self.config)
+        try:
+            stats = {t: FeatureStats.from_tensors(self.bank[t].stats, self.bank[t].num_classes, self.width,
+                                                legacy_ok=True)
+                     for t in learned}
+            predictor = build_predictor(self.backbone, adapter, self.bank, stats, learned, self.config)
+        except StatsError as error:  # the run goes on; the task-free row stays empty
+            log.error("no task-free evaluation after task %d: %s", upto, error)
+            return {}
         result = evaluate_task_free(predictor, tasks[: upto + 1])
         out: dict[str, Any] = {f"task_free_{j}": a for j, a in enumerate(result.per_task)}
         return {**out, "task_free_all": result.accuracy, "task_free_routing": result.routing_accuracy,
                 "task_free_s_per_image": result.seconds_per_image}
+
+
+def drop_stats(directory: str | os.PathLike[str], tasks: Collection[int]) -> list[int]:
+    """Remove ``tasks``' router statistics (and who contributed them) from the bank in ``directory``, which then
+    loads again (:meth:`AdapterBank.load` refuses non-finite statistics): its clients are asked again in the
+    task's later rounds, if any; until every learned task has statistics, the task-free evaluation is skipped.
+    Returns the tasks dropped."""
+    bank = AdapterBank.load(directory, drop_stats=tasks)
+    for task in tasks:
+        if task not in bank:
+            raise BankError(f"task {task} is not in the bank in {directory}; tasks: {bank.tasks()}")
+        bank.metadata.get(CLIENTS_KEY, {}).pop(str(task), None)
+    bank.save(directory)
+    return sorted(tasks)
