@@ -213,7 +213,7 @@ def _flower_env(state: Path, address: str, certs: TlsFiles | None) -> dict[str, 
     return env
 
 
-def _proxy(args: argparse.Namespace, state: Path, certs: TlsFiles | None) -> FleetProxy | None:
+def _proxy(args: argparse.Namespace, state: Path, certs: TlsFiles | None, keys: list[Path]) -> FleetProxy | None:
     """The Fleet-only proxy to start in front of the SuperLink (None without one); a missing nginx fails here,
     before anything starts."""
     if args.expose_control_api:
@@ -228,7 +228,7 @@ def _proxy(args: argparse.Namespace, state: Path, certs: TlsFiles | None) -> Fle
     except ProxyMissing as err:
         raise ServerError(EXIT_NO_PROXY, str(err)) from None
     return FleetProxy(nginx, (args.host, args.port), _superlink_address(args)[1], certs, state / "proxy",
-                      state / "logs" / "proxy.log")
+                      state / "logs" / "proxy.log", tuple(keys))
 
 
 def _start_proxy(proxy: FleetProxy, timeout: float) -> subprocess.Popen[bytes]:
@@ -287,7 +287,7 @@ def serve(args: argparse.Namespace) -> int:
     state = args.state_dir.expanduser().resolve()
     run_dir = (args.run_dir or state / "run").expanduser().resolve()
     certs, keys = _security(args, state)
-    proxy = _proxy(args, state, certs)
+    proxy = _proxy(args, state, certs, keys)
     config = _experiment(args, run_dir, len(keys))
     _check_run_dir(run_dir, config_json(config), args.resume)
     ports = [(args.host, args.port, "--port")]

@@ -6,29 +6,65 @@ uvicorn port. fedpetah-server binds that port to 127.0.0.1 and puts nginx on the
 ``POST /v1/fleet/<name>`` is forwarded over TLS to the SuperLink, every other request is answered 403 by nginx.
 
     python -m server.proxy --listen 0.0.0.0:443 --superlink-port 8000 --certificates STATE/certs \\
-        --cert /etc/letsencrypt/live/fl.example.org/fullchain.pem --key .../privkey.pem
+        --nodes STATE/nodes --cert /etc/letsencrypt/live/fl.example.org/fullchain.pem --key .../privkey.pem
 
-prints the ``upstream`` and ``server`` blocks fedpetah-server generates, for an nginx you run yourself.
+prints the blocks fedpetah-server generates (the registered-key ``map``, the limit zones, ``upstream`` and
+``server``), for the ``http {}`` block of an nginx you run yourself.
+
+What reaches the SuperLink is bounded before Flower reads a byte of the body: a Fleet request must name a
+registered node key (except ``register-node`` / ``activate-node``, where Flower refuses an unknown key itself), its
+body is capped per route at what a SuperNode sends (``BODY_CAPS``), and each client address is limited in requests
+per second and concurrent requests (``RATE``, ``BURST``, ``CONNECTIONS``). The workers run as ``nobody`` under
+root.
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
 import http.client
 import os
+import re
 import shutil
 import ssl
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from cryptography.hazmat.primitives import serialization
+
 from flower_glue.launch import split_address, start, stop_tree, wait_for_port
-from server.certificates import TlsFiles
+from server.certificates import TlsFiles, node_keys
 
 FLEET_PATHS = r"^/v1/fleet/[a-z-]+$"  # every Fleet API route of Flower 1.42 (all POST, no query string)
 REFUSAL = "fedpetah proxy: only Flower's Fleet API (POST /v1/fleet/...) is served on this address"
+UNREGISTERED = "fedpetah proxy: this SuperNode key is not registered on this server"
+KEY_HEADER = "flwr-public-key"  # flwr.supercore.constant.FLEET_HTTP_PUBLIC_KEY_HEADER: base64 of the key's PEM
+KEYLESS_ROUTES = ("register-node", "activate-node")  # Flower answers an unregistered key here in its own words
+# Request body caps, from what a Flower 1.42 SuperNode sends (flwr/supernode/fleet_http_connection.py):
+# - push-object: one inflatable object per request; arrays travel as ArrayChunks of at most
+#   FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE = 5,242,880 B (flwr/common/constant.py, flwr/app/message/array.py
+#   slice_array) plus a header of ~30 B and ~120 B of protobuf (node, run id, 64-hex object id); the other objects
+#   (Message, RecordDict, ArrayRecord, Array, Config/MetricRecord) are metadata: names and 65 B per child id. Our
+#   devices put every large value in arrays (adapter state, router statistics), so 6 MiB leaves 1 MiB for metadata.
+# - push-messages: one Message without content plus its object tree (~70 B per object): 1 MiB is ~15,000 objects.
+# - every other route (pull-messages, pull-object, heartbeat, get-run, get-fab, confirm, register/activate...) is
+#   a node id, a run id, an object id or a PEM public key: under 1 KB.
+# Large bodies only ever flow to devices (pull-object answers, get-fab's bundle of at most FAB_MAX_SIZE = 10 MB,
+# flwr/common/constant.py); nginx does not limit response sizes. A device with a larger
+# FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE in its environment gets 413 and stops: leave it unset.
+BODY_CAPS = {"push-object": "6m", "push-messages": "1m"}
+SMALL_BODY = "64k"
+# Per client address (devices behind one NAT share one): an honest SuperNode polls pull-messages every 3 s and sends
+# a heartbeat every 30 s (flwr/supernode/start_client_internal.py, HEARTBEAT_DEFAULT_INTERVAL); it pushes and pulls
+# objects 2 at a time (FLWR_PRIVATE_MAX_CONCURRENT_OBJ_PUSHES / _PULLS), in bursts of one request per object (a
+# reply's arrays, the backbone's 5 MiB chunks). Beyond the burst a request is answered 503, which Flower's SuperNode
+# retries with backoff (flwr/supercore/retry/http_retry.py); 429 would make it give up.
+RATE, BURST, CONNECTIONS = "20r/s", 400, 64
+WORKER_USER = "nobody"  # nginx's workers when the server runs as root
 INSTALL = "apt-get install nginx-light (Debian/Ubuntu; `nginx` elsewhere) or brew install nginx (macOS)"
 SEARCH_DIRS = ("/usr/sbin", "/usr/local/sbin", "/usr/local/bin", "/opt/homebrew/bin")  # sbin is off users' PATH
 TEMP_KINDS = ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
@@ -71,33 +107,29 @@ def _listen(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def server_block(listen: tuple[str, int], superlink_port: int, ca: Path, cert: Path, key: Path,
-                 max_body_mb: int = 64) -> str:
-    """nginx ``upstream`` + ``server`` blocks: TLS on ``listen`` with ``cert``/``key``, Fleet API forwarded to the
-    SuperLink on 127.0.0.1:``superlink_port`` (its certificate verified against ``ca`` for ``localhost``)."""
+def flower_key_header(public_key: Path) -> str:
+    """The ``flwr-public-key`` header a SuperNode with this OpenSSH EC public key sends: base64 of the key's PEM
+    (flwr/supernode/node_auth_http_interceptor.py, flwr/supercore/primitives/asymmetric.py public_key_to_bytes)."""
+    key = serialization.load_ssh_public_key(public_key.read_bytes())
+    pem = key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return base64.b64encode(pem).decode("ascii")
+
+
+def _fleet_location(route: str | None, ca: Path) -> str:
+    """One ``location`` for Fleet ``route`` (None: every other route) with its body cap, the raw-path check, the
+    registered-key check (except the keyless routes) and the forwarding to the SuperLink."""
+    keyed = route not in KEYLESS_ROUTES
+    where = "/v1/fleet/" if route is None else f"= /v1/fleet/{route}"
+    cap = BODY_CAPS.get(route or "", SMALL_BODY)
+    unregistered = (f"        if ($fedpetah_registered = 0) {{\n            return 401 \"{UNREGISTERED}\\n\";\n"
+                    f"        }}\n") if keyed else ""
     return f"""\
-upstream fedpetah_superlink {{
-    server 127.0.0.1:{superlink_port};
-    keepalive 32;
-    keepalive_timeout 4s;  # below uvicorn's 5 s, so nginx never reuses a connection the SuperLink is closing
-}}
-
-server {{
-    listen {_listen(*listen)} ssl;
-    ssl_certificate {_quoted(cert)};
-    ssl_certificate_key {_quoted(key)};
-    ssl_protocols TLSv1.2 TLSv1.3;
-    server_tokens off;
-    default_type text/plain;
-    client_max_body_size {max_body_mb}m;  # Flower sends arrays in 5 MiB chunks and app bundles up to 10 MB
-
-    # Only the Fleet API. Locations match the normalised path, but nginx forwards the request line as sent, so the
-    # raw request URI must be a plain Fleet route too (no "..", "%", "//" or query string to confuse the upstream).
-    location /v1/fleet/ {{
+    location {where} {{
+        client_max_body_size {cap};
         if ($request_uri !~ "{FLEET_PATHS}") {{
             return 403 "{REFUSAL}\\n";
         }}
-        limit_except POST {{
+{unregistered}        limit_except POST {{
             deny all;
         }}
         proxy_pass https://fedpetah_superlink;
@@ -114,7 +146,59 @@ server {{
         proxy_read_timeout 300s;
         proxy_send_timeout 300s;
     }}
+"""
 
+
+def server_block(listen: tuple[str, int], superlink_port: int, ca: Path, cert: Path, key: Path,
+                 keys: Sequence[str]) -> str:
+    """nginx ``map``, limit zones, ``upstream`` and ``server`` blocks (all valid in ``http {}``): TLS on ``listen``
+    with ``cert``/``key``, the Fleet API forwarded to the SuperLink on 127.0.0.1:``superlink_port`` (its certificate
+    verified against ``ca`` for ``localhost``) for requests that carry one of ``keys`` (``flwr-public-key`` header
+    values, :func:`flower_key_header`), bodies capped per route, requests and connections limited per address."""
+    for value in keys:
+        if not re.fullmatch(r"[A-Za-z0-9+/]+={0,2}", value):
+            raise ProxyError(f"not a base64 public key header: {value[:80]!r}")
+    registered = "".join(f'    "{value}" 1;\n' for value in sorted(set(keys)))
+    routes = [*BODY_CAPS, *KEYLESS_ROUTES, None]
+    return f"""\
+# Flower checks a node's signature only after reading and parsing the whole body (and the parsed body of a refused
+# request stays in the SuperLink's memory until a full garbage collection): requests that do not even name a
+# registered node key are refused here, before any body is read. Only the keyless routes pass without one.
+map_hash_bucket_size 512;  # a P-384 key's header value is ~290 characters
+map $http_{KEY_HEADER.replace("-", "_")} $fedpetah_registered {{
+    default 0;
+{registered}}}
+limit_req_zone $binary_remote_addr zone=fedpetah_requests:10m rate={RATE};
+limit_conn_zone $binary_remote_addr zone=fedpetah_connections:10m;
+
+upstream fedpetah_superlink {{
+    server 127.0.0.1:{superlink_port};
+    keepalive 32;
+    keepalive_timeout 4s;  # below uvicorn's 5 s, so nginx never reuses a connection the SuperLink is closing
+}}
+
+server {{
+    listen {_listen(*listen)} ssl;
+    ssl_certificate {_quoted(cert)};
+    ssl_certificate_key {_quoted(key)};
+    ssl_protocols TLSv1.2 TLSv1.3;
+    server_tokens off;
+    default_type text/plain;
+    client_max_body_size {SMALL_BODY};  # per Fleet route below (BODY_CAPS in server/proxy.py says why)
+    limit_req zone=fedpetah_requests burst={BURST} nodelay;
+    limit_conn fedpetah_connections {CONNECTIONS};
+    limit_req_status 503;  # Flower's SuperNode retries 502/503/504 with backoff
+    limit_conn_status 503;
+    # Slow clients hold a connection only briefly (nginx's defaults: 60 s per header or body read, 75 s idle).
+    client_header_timeout 10s;
+    client_body_timeout 30s;
+    send_timeout 60s;
+    keepalive_timeout 30s;
+    reset_timedout_connection on;
+
+    # Only the Fleet API. Locations match the normalised path, but nginx forwards the request line as sent, so the
+    # raw request URI must be a plain Fleet route too (no "..", "%", "//" or query string to confuse the upstream).
+{"".join(_fleet_location(route, ca) for route in routes)}
     # The Control API (runs = code execution on this server and on every device), the Runtime API, /docs, /health.
     location / {{
         return 403 "{REFUSAL}\\n";
@@ -124,13 +208,19 @@ server {{
 
 
 def _user_line() -> str:
-    """As root, nginx would switch its workers to ``nobody``; keep them as the invoking user instead."""
+    """As root, the workers (which parse every request) run as ``nobody``: the master reads the certificate and key
+    and opens the logs as root before it forks them; nothing of the server's is theirs to read or write."""
     if os.geteuid() != 0:
         return ""
     import grp
     import pwd
 
-    return f"user {pwd.getpwuid(os.geteuid()).pw_name} {grp.getgrgid(os.getegid()).gr_name};\n"
+    try:
+        nobody = pwd.getpwnam(WORKER_USER)
+    except KeyError:
+        raise ProxyError(f"as root nginx's workers must run as an unprivileged user, and there is no "
+                         f"{WORKER_USER!r} user here; run fedpetah-server as a normal user") from None
+    return f"user {nobody.pw_name} {grp.getgrgid(nobody.pw_gid).gr_name};\n"
 
 
 @dataclass(frozen=True)
@@ -143,6 +233,7 @@ class FleetProxy:
     tls: TlsFiles
     prefix: Path
     log: Path
+    keys: tuple[Path, ...]  # the registered devices' OpenSSH public keys: other keys are refused before Flower
 
     @property
     def conf(self) -> Path:
@@ -151,14 +242,15 @@ class FleetProxy:
     def render(self) -> str:
         """The whole nginx.conf: in the foreground (our process supervises it), every path inside ``prefix``."""
         temp = "".join(f"    {kind}_temp_path {_quoted(self.prefix / 'tmp' / kind)};\n" for kind in TEMP_KINDS)
-        block = server_block(self.listen, self.superlink_port, self.tls.ca, self.tls.cert, self.tls.key)
+        block = server_block(self.listen, self.superlink_port, self.tls.ca, self.tls.cert, self.tls.key,
+                             [flower_key_header(key) for key in self.keys])
         return (f"# Written by fedpetah-server (server/proxy.py) at every start; edits are overwritten.\n"
                 f"daemon off;\nmaster_process on;\nworker_processes 1;\n{_user_line()}"
                 f"pid {_quoted(self.prefix / 'nginx.pid')};\nerror_log stderr warn;\n\n"
-                f"events {{\n    worker_connections 4096;\n}}\n\nhttp {{\n{temp}"
-                f"    map $status $refused {{\n        ~^[23] 0;\n        default 1;\n    }}\n"
-                f"    access_log {_quoted(self.log.with_name('proxy-refused.log'))} combined if=$refused;\n\n"
-                + "".join(f"    {line}\n" if line else "\n" for line in block.splitlines()) + "}\n")
+                f"events {{\n    worker_connections 4096;\n}}\n\nhttp {{\n{temp}\n"
+                + "".join(f"    {line}\n" if line else "\n" for line in block.splitlines())
+                + f"\n    map $status $refused {{\n        ~^[23] 0;\n        default 1;\n    }}\n"
+                f"    access_log {_quoted(self.log.with_name('proxy-refused.log'))} combined if=$refused;\n}}\n")
 
     def write(self) -> Path:
         """nginx.conf and its temp folders in ``prefix``, and the log folder."""
@@ -197,7 +289,7 @@ class FleetProxy:
                              f"not the proxy's 403; is another server on that port? ({body[:200]!r})")
         deadline = time.monotonic() + timeout
         while True:
-            fleet, body = probe(host, port, self.tls.ca, "/v1/fleet/get-run")
+            fleet, body = probe(host, port, self.tls.ca, "/v1/fleet/activate-node")  # keyless: reaches Flower
             if fleet not in (403, 502, 503, 504):
                 return control, fleet
             if time.monotonic() > deadline:
@@ -242,11 +334,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--certificates", type=Path, required=True, help="the SuperLink's dir with ca.pem")
     parser.add_argument("--cert", type=Path, help="certificate devices see (default CERTIFICATES/server.pem)")
     parser.add_argument("--key", type=Path, help="its key (default CERTIFICATES/server.key)")
+    parser.add_argument("--nodes", type=Path, required=True,
+                        help="the registered devices' *.pub keys (STATE/nodes); print again after adding one")
     args = parser.parse_args(argv)
     certs = args.certificates.resolve()
+    try:
+        keys = [flower_key_header(key) for key in node_keys(args.nodes)]
+    except ValueError as err:
+        parser.error(str(err))
     print(server_block(split_address(args.listen), args.superlink_port, certs / "ca.pem",
-                       (args.cert or certs / "server.pem").resolve(), (args.key or certs / "server.key").resolve()),
-          end="")
+                       (args.cert or certs / "server.pem").resolve(), (args.key or certs / "server.key").resolve(),
+                       keys), end="")
     return 0
 
 

@@ -3,18 +3,37 @@
 from __future__ import annotations
 
 import http.client
+import os
 import ssl
 import subprocess
+import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import psutil
 import pytest
+from flwr.proto.message_pb2 import PushObjectRequest
+from flwr.proto.node_pb2 import Node
 
 from flower_glue.launch import child_env, executable, free_port, start, stop_tree, wait_for_port
-from server.certificates import TlsFiles, make_tls, server_files
-from server.proxy import REFUSAL, FleetProxy, ProxyCertificate, ProxyError, ProxyMissing, find_nginx, server_block
+from server.certificates import TlsFiles, make_node_key, make_tls, server_files
+from server.proxy import (
+    BURST,
+    REFUSAL,
+    UNREGISTERED,
+    FleetProxy,
+    ProxyCertificate,
+    ProxyError,
+    ProxyMissing,
+    find_nginx,
+    flower_key_header,
+    server_block,
+)
 
 DEVICES = "127.0.0.2"
+STRANGER = "127.0.0.3"  # the address a stranger's requests come from (devices' requests come from 127.0.0.1)
+CHUNK = 5 * 2**20  # Flower's FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE: the largest array piece a SuperNode pushes
 
 
 def require_nginx() -> str:
@@ -44,32 +63,53 @@ def superlink(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[TlsFil
         stop_tree(link)
 
 
-def _proxy(tmp_path: Path, certs: TlsFiles, superlink_port: int, host: str = DEVICES) -> FleetProxy:
+def push_object(content: int) -> bytes:
+    """A PushObjectRequest body carrying ``content`` bytes of object, as a SuperNode sends for one array chunk."""
+    return PushObjectRequest(node=Node(node_id=1), run_id=1, object_id="0" * 64,
+                             object_content=b"\x01" * content).SerializeToString()
+
+
+@pytest.fixture(scope="module")
+def node_key(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A registered device's public key (the proxy lets requests that name it reach Flower)."""
+    return make_node_key(tmp_path_factory.mktemp("node") / "node")[1]
+
+
+def _proxy(tmp_path: Path, certs: TlsFiles, superlink_port: int, host: str = DEVICES,
+           keys: tuple[Path, ...] = ()) -> FleetProxy:
     return FleetProxy(require_nginx(), (host, free_port(host)), superlink_port, certs, tmp_path / "proxy",
-                      tmp_path / "logs" / "proxy.log")
+                      tmp_path / "logs" / "proxy.log", keys)
 
 
-def _request(host: str, port: int, ca: Path, method: str, path: str) -> tuple[int, str]:
-    """One HTTPS request whose request line carries ``path`` exactly as written (no client-side normalisation)."""
+def _request(host: str, port: int, ca: Path, method: str, path: str, body: bytes = b"", key: Path | None = None,
+             source: str = STRANGER) -> tuple[int, str]:
+    """One HTTPS request from ``source`` whose request line carries ``path`` exactly as written (no client-side
+    normalisation); ``key``: it names that node key (as a SuperNode does) but carries no valid signature."""
     connection = http.client.HTTPSConnection(host, port, context=ssl.create_default_context(cafile=str(ca)),
-                                             timeout=10)
+                                             timeout=30, source_address=(source, 0))
+    headers = {"Content-Type": "application/protobuf"}
+    if key is not None:
+        headers["flwr-public-key"] = flower_key_header(key)
     try:
-        connection.request(method, path, body=b"", headers={"Content-Type": "application/protobuf"})
+        connection.request(method, path, body=body, headers=headers)
         response = connection.getresponse()
         return response.status, response.read().decode(errors="replace")
     finally:
         connection.close()
 
 
-def test_only_the_fleet_api_reaches_the_superlink(tmp_path: Path, superlink: tuple[TlsFiles, int]) -> None:
+def test_only_the_fleet_api_reaches_the_superlink(tmp_path: Path, superlink: tuple[TlsFiles, int],
+                                                  node_key: Path) -> None:
     # Prepare
     certs, superlink_port = superlink
-    proxy = _proxy(tmp_path, certs, superlink_port)
+    proxy = _proxy(tmp_path, certs, superlink_port, keys=(node_key,))
 
     # Execute: requests a stranger could send to the devices' address, and the Control API on loopback
     process = proxy.start(timeout=30.0)
     try:
         inside = _request("127.0.0.1", superlink_port, certs.ca, "POST", "/v1/control/list-runs")
+        named = _request(DEVICES, proxy.listen[1], certs.ca, "POST", "/v1/fleet/get-run", key=node_key)
+        keyless = _request(DEVICES, proxy.listen[1], certs.ca, "POST", "/v1/fleet/activate-node")
         answers = {(method, path): _request(DEVICES, proxy.listen[1], certs.ca, method, path) for method, path in [
             ("POST", "/v1/fleet/get-run"), ("GET", "/v1/fleet/get-run"), ("POST", "/v1/control/list-runs"),
             ("POST", "/v1/control/start-run"), ("POST", "/v1/control/register-node"),
@@ -80,11 +120,12 @@ def test_only_the_fleet_api_reaches_the_superlink(tmp_path: Path, superlink: tup
     finally:
         stop_tree(process)
 
-    # Assert: Flower answers the Control API on loopback; through the proxy only the Fleet API reaches Flower
-    # (its node authentication refuses this unsigned request), everything else is the proxy's own 403
+    # Assert: Flower answers the Control API on loopback; through the proxy only Fleet requests that name a
+    # registered key (or the keyless activate-node) reach Flower, whose node authentication refuses these unsigned
+    # ones; a Fleet request without a registered key is the proxy's 401, everything else the proxy's own 403
     assert inside[0] == 200
-    fleet = answers.pop(("POST", "/v1/fleet/get-run"))
-    assert fleet == (401, '{"detail":"Invalid SuperNode authentication"}'), fleet
+    assert named == keyless == (401, '{"detail":"Invalid SuperNode authentication"}'), (named, keyless)
+    assert answers.pop(("POST", "/v1/fleet/get-run")) == (401, UNREGISTERED + "\n")
     assert answers.pop(("GET", "/v1/fleet/get-run"))[0] == 403  # the Fleet API is POST only
     assert {request: answer for request, answer in answers.items() if answer != (403, REFUSAL + "\n")} == {}
     assert "/v1/control/list-runs" in (tmp_path / "logs" / "proxy-refused.log").read_text()
@@ -116,7 +157,7 @@ def test_missing_nginx_names_the_install_command(tmp_path: Path) -> None:
 def test_rendered_config_is_valid_and_keeps_its_files_in_the_prefix(tmp_path: Path) -> None:
     make_tls(tmp_path / "certs", [DEVICES])
     proxy = FleetProxy(require_nginx(), (DEVICES, 8443), 8001, server_files(tmp_path / "certs"), tmp_path / "proxy",
-                       tmp_path / "logs" / "proxy.log")
+                       tmp_path / "logs" / "proxy.log", (make_node_key(tmp_path / "node")[1],))
     proxy.write()
     checked = subprocess.run([proxy.nginx, "-t", "-e", "stderr", "-p", str(proxy.prefix), "-c", str(proxy.conf)],
                              capture_output=True, text=True, check=False)
@@ -125,4 +166,99 @@ def test_rendered_config_is_valid_and_keeps_its_files_in_the_prefix(tmp_path: Pa
     paths = [word.strip('";') for word in directives.split() if word.startswith('"/')]
     assert paths and all(Path(p).is_relative_to(tmp_path) for p in paths), paths
     with pytest.raises(ProxyError, match="cannot safely name"):
-        server_block((DEVICES, 8443), 8001, tmp_path / "a$b" / "ca.pem", tmp_path / "c.pem", tmp_path / "k.pem")
+        server_block((DEVICES, 8443), 8001, tmp_path / "a$b" / "ca.pem", tmp_path / "c.pem", tmp_path / "k.pem", [])
+    with pytest.raises(ProxyError, match="not a base64 public key"):
+        server_block((DEVICES, 8443), 8001, tmp_path / "ca.pem", tmp_path / "c.pem", tmp_path / "k.pem", ['a" 1;'])
+
+
+def test_bodies_larger_than_flower_sends_are_refused_by_nginx(tmp_path: Path, superlink: tuple[TlsFiles, int],
+                                                              node_key: Path) -> None:
+    # Prepare: bodies above each route's cap, and a whole array chunk, naming a registered key (so only the size
+    # decides)
+    certs, superlink_port = superlink
+    proxy = _proxy(tmp_path, certs, superlink_port, keys=(node_key,))
+    chunk = push_object(CHUNK + 64)
+    sizes = {("push-object", len(chunk)): 401, ("push-object", 6 * 2**20 + 1): 413,
+             ("push-messages", 2**20 + 1): 413, ("pull-messages", 64 * 2**10 + 1): 413,
+             ("send-node-heartbeat", 2**20): 413, ("activate-node", 64 * 2**10 + 1): 413}
+
+    # Execute
+    process = proxy.start(timeout=30.0)
+    try:
+        answers = {(route, size): _request(DEVICES, proxy.listen[1], certs.ca, "POST", f"/v1/fleet/{route}",
+                                           body=chunk if size == len(chunk) else b"\x00" * size, key=node_key)
+                   for route, size in sizes}
+    finally:
+        stop_tree(process)
+
+    # Assert: a 5 MiB array chunk still reaches Flower (401: no signature); larger bodies are nginx's 413
+    assert {request: status for request, (status, _) in answers.items()} == sizes, answers
+    assert all("Request Entity Too Large" in body for (status, body) in answers.values() if status == 413)
+
+
+def test_a_burst_beyond_the_limit_from_one_address_is_refused_with_503(
+    tmp_path: Path, superlink: tuple[TlsFiles, int], node_key: Path
+) -> None:
+    # Prepare: one keep-alive connection per thread from the stranger's address, empty bodies naming a registered
+    # key (Flower refuses each: no signature); a device's address polls at an honest rate meanwhile
+    certs, superlink_port = superlink
+    proxy = _proxy(tmp_path, certs, superlink_port, keys=(node_key,))
+    context = ssl.create_default_context(cafile=str(certs.ca))
+    headers = {"Content-Type": "application/protobuf", "flwr-public-key": flower_key_header(node_key)}
+
+    def burst(count: int, source: str, pause: float) -> list[int]:
+        connection = http.client.HTTPSConnection(DEVICES, proxy.listen[1], context=context, timeout=30,
+                                                 source_address=(source, 0))
+        statuses = []
+        try:
+            for _ in range(count):
+                connection.request("POST", "/v1/fleet/pull-messages", body=b"", headers=headers)
+                response = connection.getresponse()
+                response.read()
+                statuses.append(response.status)
+                time.sleep(pause)
+        finally:
+            connection.close()
+        return statuses
+
+    # Execute
+    process = proxy.start(timeout=30.0)
+    try:
+        started = time.monotonic()
+        with ThreadPoolExecutor(5) as pool:
+            floods = [pool.submit(burst, BURST // 2, STRANGER, 0.0) for _ in range(4)]
+            honest = pool.submit(burst, 10, "127.0.0.4", 0.3)
+            flood = [status for future in floods for status in future.result()]
+            polls = honest.result()
+        elapsed = time.monotonic() - started
+    finally:
+        stop_tree(process)
+
+    # Assert: the stranger's requests beyond the burst (plus 20 per second of refill) are nginx's 503 (which a
+    # SuperNode retries); every other one reached Flower; the honest address was never refused
+    assert set(flood) <= {401, 503}, set(flood)
+    assert BURST <= flood.count(401) <= BURST + 20 * elapsed + 4, (flood.count(401), elapsed)
+    assert flood.count(503) > 0 and polls == [401] * 10, (flood.count(503), polls)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root can run nginx's workers as another user")
+def test_as_root_the_workers_do_not_run_as_root(tmp_path: Path, superlink: tuple[TlsFiles, int],
+                                                node_key: Path) -> None:
+    # Prepare: the proxy's files in an owner-only (0700) dir, as a state dir under /root would be
+    certs, superlink_port = superlink
+    tmp_path.chmod(0o700)
+    proxy = _proxy(tmp_path, certs, superlink_port, keys=(node_key,))
+
+    # Execute: the workers forward a whole array chunk (nothing of the prefix is theirs to read or write)
+    process = proxy.start(timeout=30.0)
+    try:
+        workers = [child for child in psutil.Process(process.pid).children() if "worker" in " ".join(child.cmdline())]
+        uids = {worker.uids().effective for worker in workers}
+        pushed = _request(DEVICES, proxy.listen[1], certs.ca, "POST", "/v1/fleet/push-object",
+                          body=push_object(CHUNK + 64), key=node_key)
+    finally:
+        stop_tree(process)
+
+    # Assert
+    assert workers and 0 not in uids, uids
+    assert pushed == (401, '{"detail":"Invalid SuperNode authentication"}'), pushed
