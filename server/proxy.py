@@ -64,6 +64,9 @@ SMALL_BODY = "64k"
 # reply's arrays, the backbone's 5 MiB chunks). Beyond the burst a request is answered 503, which Flower's SuperNode
 # retries with backoff (flwr/supercore/retry/http_retry.py); 429 would make it give up.
 RATE, BURST, CONNECTIONS = "20r/s", 400, 64
+# register-node / activate-node pass without a registered key, and each refusal is an ERROR line of ~400 B in the
+# SuperLink's log (and one in proxy-refused.log): an honest device activates once per start or reconnection.
+KEYLESS_RATE, KEYLESS_BURST = "6r/m", 10
 WORKER_USER = "nobody"  # nginx's workers when the server runs as root
 INSTALL = "apt-get install nginx-light (Debian/Ubuntu; `nginx` elsewhere) or brew install nginx (macOS)"
 SEARCH_DIRS = ("/usr/sbin", "/usr/local/sbin", "/usr/local/bin", "/opt/homebrew/bin")  # sbin is off users' PATH
@@ -121,12 +124,14 @@ def _fleet_location(route: str | None, ca: Path) -> str:
     keyed = route not in KEYLESS_ROUTES
     where = "/v1/fleet/" if route is None else f"= /v1/fleet/{route}"
     cap = BODY_CAPS.get(route or "", SMALL_BODY)
+    limits = "" if keyed else (f"        limit_req zone=fedpetah_requests burst={BURST} nodelay;  # (not inherited)\n"
+                               f"        limit_req zone=fedpetah_keyless burst={KEYLESS_BURST} nodelay;\n")
     unregistered = (f"        if ($fedpetah_registered = 0) {{\n            return 401 \"{UNREGISTERED}\\n\";\n"
                     f"        }}\n") if keyed else ""
     return f"""\
     location {where} {{
         client_max_body_size {cap};
-        if ($request_uri !~ "{FLEET_PATHS}") {{
+{limits}        if ($request_uri !~ "{FLEET_PATHS}") {{
             return 403 "{REFUSAL}\\n";
         }}
 {unregistered}        limit_except POST {{
@@ -169,6 +174,7 @@ map $http_{KEY_HEADER.replace("-", "_")} $fedpetah_registered {{
     default 0;
 {registered}}}
 limit_req_zone $binary_remote_addr zone=fedpetah_requests:10m rate={RATE};
+limit_req_zone $binary_remote_addr zone=fedpetah_keyless:10m rate={KEYLESS_RATE};
 limit_conn_zone $binary_remote_addr zone=fedpetah_connections:10m;
 
 upstream fedpetah_superlink {{

@@ -20,6 +20,7 @@ from flower_glue.launch import child_env, executable, free_port, start, stop_tre
 from server.certificates import TlsFiles, make_node_key, make_tls, server_files
 from server.proxy import (
     BURST,
+    KEYLESS_BURST,
     REFUSAL,
     UNREGISTERED,
     FleetProxy,
@@ -239,6 +240,26 @@ def test_a_burst_beyond_the_limit_from_one_address_is_refused_with_503(
     assert set(flood) <= {401, 503}, set(flood)
     assert BURST <= flood.count(401) <= BURST + 20 * elapsed + 4, (flood.count(401), elapsed)
     assert flood.count(503) > 0 and polls == [401] * 10, (flood.count(503), polls)
+
+
+def test_activations_without_a_registered_key_are_limited_harder(tmp_path: Path,
+                                                                 superlink: tuple[TlsFiles, int]) -> None:
+    # Prepare: activate-node passes without a registered key (Flower refuses an unknown one, and logs it)
+    certs, superlink_port = superlink
+    proxy = _proxy(tmp_path, certs, superlink_port)
+
+    # Execute
+    process = proxy.start(timeout=30.0)  # its start-up check activates once from 127.0.0.1
+    try:
+        statuses = [_request(DEVICES, proxy.listen[1], certs.ca, "POST", "/v1/fleet/activate-node")[0]
+                    for _ in range(KEYLESS_BURST + 5)]
+        device = _request(DEVICES, proxy.listen[1], certs.ca, "POST", "/v1/fleet/activate-node", source="127.0.0.4")
+    finally:
+        stop_tree(process)
+
+    # Assert: the burst (plus at most one refill) reaches Flower, the rest is nginx's 503; other addresses pass
+    assert set(statuses) == {401, 503} and KEYLESS_BURST <= statuses.count(401) <= KEYLESS_BURST + 2, statuses
+    assert device[0] == 401, device
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="only root can run nginx's workers as another user")
