@@ -15,7 +15,7 @@ from fedpetah.backbone import Backbone
 from fedpetah.bank import AdapterBank, BankError
 from fedpetah.predict import build_predictor, evaluate_task_free
 from fedpetah.protocol import ArraySpec, stats_specs
-from fedpetah.routing import FeatureStats, RouterConfig, StatsError, aggregate_stats, feature_width
+from fedpetah.routing import FeatureStats, RouterConfig, StatsError, aggregate_stats, check_size, feature_width
 from fedpetah.tasks import Task
 
 log = logging.getLogger(__name__)
@@ -38,7 +38,9 @@ class StatsCollector:
         self.config = RouterConfig.from_record(recorded) if isinstance(recorded, dict) else (config or RouterConfig())
         bank.metadata[ROUTER_KEY] = asdict(self.config)
         bank.metadata.setdefault(CLIENTS_KEY, {})
-        self.width = self.config.width(feature_width(backbone, self.config.grid))
+        features = feature_width(backbone, self.config.grid)
+        check_size(features, self.config)  # what every client would be asked to build
+        self.width = self.config.width(features)
         for task in bank.tasks():  # a resumed bank: statistics that would fail every later collect or evaluate
             try:
                 self._stored(task)

@@ -41,6 +41,11 @@ MAX_NAME_CHARS = 128
 MAX_ARTIFACT_BYTES = 512 * 2**20
 MAX_STATS_DIM = 4096
 MAX_STATS_GRID = 16
+MAX_STATS_DIM_CELLS = 16 * MAX_STATS_DIM
+"""Bound on ``dim * max(grid, 1)**2`` of a statistics request (the default 512 * 4**2 is an eighth of it): a
+projection is (router features) x dim, and the router features grow with grid**2 (e.g. dim 4096 at grid 16
+asks a mobilevitv2_200 device for a 16 GB matrix). The exact bound on the matrix a device builds is
+``fedpetah.routing.MAX_PROJECTION_BYTES``."""
 STATS_REQUEST = "router_stats"
 """Header section of a train request that asks for router statistics (renamed from ``stats`` when ``grid``
 was added, so a client that would ignore ``grid`` sends none and its reply is rejected instead of misread)."""
@@ -282,14 +287,17 @@ class TrainRequest:
         stats = nested.get(STATS_REQUEST)
         if stats is not None and not isinstance(stats, dict):
             raise ProtocolError("malformed", f"the {STATS_REQUEST} section must hold dim, seed and grid")
+        router = None if stats is None else (_int(stats, "dim", 0, MAX_STATS_DIM), _int(stats, "seed", 0, 2**31),
+                                             _int(stats, "grid", 0, MAX_STATS_GRID))
+        if router is not None and router[0] * max(router[2], 1) ** 2 > MAX_STATS_DIM_CELLS:
+            raise ProtocolError("size", f"{STATS_REQUEST} dim={router[0]} at grid={router[2]}: dim * grid**2 "
+                                        f"exceeds {MAX_STATS_DIM_CELLS}")
         return cls(
             digest=_digest(config), round=_int(nested, "round", 1, 2**31), seed=_int(nested, "seed", -2**62, 2**62),
             clients=_int(nested, "clients", 1, 2**31),
             task=TaskInfo(_int(task, "index", 0, 2**31), _str(task, "name"), tuple(classes)),
             sections=sections,  # type: ignore[arg-type]
-            state=dict(state), artifact=artifact,
-            stats=None if stats is None else (_int(stats, "dim", 0, MAX_STATS_DIM), _int(stats, "seed", 0, 2**31),
-                                              _int(stats, "grid", 0, MAX_STATS_GRID)))
+            state=dict(state), artifact=artifact, stats=router)
 
 
 METRICS = ("train-loss", "train-accuracy", "step-time-ms", "train-seconds", "peak-memory-mb",

@@ -25,11 +25,14 @@ import torch.nn.functional as F
 
 from fedpetah.backbone import Backbone
 from fedpetah.model import TaskModel
-from fedpetah.protocol import MAX_STATS_GRID, STATS_KEYS
+from fedpetah.protocol import MAX_STATS_DIM, MAX_STATS_GRID, STATS_KEYS
 from fedpetah.tasks import ImageSet, batches
 
 MAX_STATS_COUNT = 10_000_000
 """Default bound on one class's example count in a client's statistics (a larger one is rejected)."""
+MAX_PROJECTION_BYTES = 64 * 2**20
+"""Bound on the float64 (router features x dim) projection a client or the server builds (the default router on
+efficientvit_b0: 2,304 x 512, 9 MB; mobilevit_xxs 15 MB); statistics are at most :data:`MAX_STATS_DIM` wide."""
 MAX_FEATURE_NORM = 1e6
 """Default bound on the length of one example's router features, which statistics are checked against: class
 sums at most ``count * MAX_FEATURE_NORM`` long, entries of the within-class scatter and the trace of the raw
@@ -279,8 +282,10 @@ def class_stats(features: torch.Tensor, labels: torch.Tensor, num_classes: int) 
 
 def data_stats(backbone: Backbone, data: ImageSet, num_classes: int, config: RouterConfig | None = None
                ) -> FeatureStats:
-    """What one client computes for one task: the statistics of its local images' projected frozen features."""
+    """What one client computes for one task: the statistics of its local images' projected frozen features
+    (a ValueError before any image is read when ``config`` is too large for this backbone, :func:`check_size`)."""
     config = config or RouterConfig()
+    check_size(feature_width(backbone, config.grid), config)
     return class_stats(project(frozen_features(backbone, data, grid=config.grid), config), data.labels, num_classes)
 
 
@@ -331,24 +336,45 @@ class RouterConfig:
         return features if self.dim == 0 or self.dim >= features else self.dim
 
 
+def check_size(features: int, config: RouterConfig) -> None:
+    """ValueError when router features of width ``features`` under ``config`` need statistics wider than
+    :data:`MAX_STATS_DIM` or a projection larger than :data:`MAX_PROJECTION_BYTES` (whoever asks for them)."""
+    width = config.width(features)
+    if width > MAX_STATS_DIM:
+        raise ValueError(f"router statistics of width {width} (grid {config.grid}, dim {config.dim}) exceed "
+                         f"{MAX_STATS_DIM}: set router.dim")
+    if width != features and features * width * 8 > MAX_PROJECTION_BYTES:
+        raise ValueError(f"a router projection of {features} x {width} ({features * width * 8 / 2**20:.0f} MiB, "
+                         f"grid {config.grid}, dim {config.dim}) exceeds {MAX_PROJECTION_BYTES // 2**20} MiB: "
+                         "lower router.grid or router.dim")
+
+
 def projection(features: int, config: RouterConfig) -> torch.Tensor | None:
-    """(D, dim) float64 random signs / sqrt(dim), or None when no projection applies.
+    """(D, dim) float64 random signs / sqrt(dim), or None when no projection applies; at most
+    :data:`MAX_PROJECTION_BYTES` (:func:`check_size`), built a few MB of rows at a time.
 
     The signs come from splitmix64 of (seed, index): integer arithmetic, so a client and the server build
     the same matrix on any platform and library version.
     """
+    check_size(features, config)
     width = config.width(features)
     if width == features:
         return None
     mask = np.uint64(0xFFFFFFFFFFFFFFFF)
-    with np.errstate(over="ignore"):
-        z = np.arange(features * width, dtype=np.uint64) + np.uint64(config.seed) * np.uint64(0x9E3779B97F4A7C15)
-        z = (z + np.uint64(0x9E3779B97F4A7C15)) & mask
-        z = ((z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)) & mask
-        z = ((z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)) & mask
-        z = z ^ (z >> np.uint64(31))
-    signs = np.where((z >> np.uint64(63)) == 1, 1.0, -1.0).reshape(features, width)
-    return torch.from_numpy(signs / np.sqrt(width))
+    signs = np.empty((features, width), dtype=np.float64)
+    rows = max(1, 2**19 // width)  # 4 MB of uint64 per block
+    for start in range(0, features, rows):
+        stop = min(features, start + rows)
+        with np.errstate(over="ignore"):
+            z = np.arange(start * width, stop * width, dtype=np.uint64)
+            z = z + np.uint64(config.seed) * np.uint64(0x9E3779B97F4A7C15)
+            z = (z + np.uint64(0x9E3779B97F4A7C15)) & mask
+            z = ((z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)) & mask
+            z = ((z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)) & mask
+            z = z ^ (z >> np.uint64(31))
+        signs[start:stop] = np.where((z >> np.uint64(63)) == 1, 1.0, -1.0).reshape(stop - start, width)
+    signs /= np.sqrt(width)
+    return torch.from_numpy(signs)
 
 
 def project(features: torch.Tensor, config: RouterConfig) -> torch.Tensor:

@@ -253,7 +253,7 @@ def _bank(backbone: Backbone, tasks: list[Task], name: str) -> AdapterBank:
     for task in tasks:
         initial = build_adapter(config, backbone, task.num_classes).state()
         state, _ = train_task(backbone, config, task.num_classes, initial, task.train,
-                              TrainConfig(epochs=3, lr=0.01, batch_size=32))
+                              TrainConfig(epochs=3, lr=0.01, batch_size=32, loss="cross_entropy"))
         bank.add_task(task.index, name, task.num_classes, state, task.classes, {"task_name": task.name})
     return bank
 
@@ -333,6 +333,30 @@ def test_statistics_travel_with_the_train_reply_and_are_decoded_defensively() ->
         with pytest.raises(ProtocolError) as error:
             TrainReply.decode(records, expected, wanted)
         assert error.value.reason == "stats", name
+
+
+def test_a_statistics_request_is_bounded_by_the_memory_it_costs_a_device(
+        tiny_backbone: Callable[..., Backbone]) -> None:
+    def request(dim: int, grid: int) -> Records:
+        return TrainRequest("a" * 64, 1, 0, 2, TaskInfo(0, "t", ("0", "1")),
+                            {s: {} for s in ("adapter", "train", "tasks", "partition")}, {},
+                            stats=(dim, 7, grid)).encode()
+
+    with pytest.raises(ProtocolError, match=r"dim=4096 at grid=16") as error:  # GBs of projection on a device
+        TrainRequest.decode(request(4096, 16))
+    assert error.value.reason == "size"
+    assert TrainRequest.decode(request(4096, 4)).stats == (4096, 7, 4)  # at the bound
+    assert TrainRequest.decode(request(256, 16)).stats == (256, 7, 16)
+    # the matrix itself, whoever builds it: 9,000 router features x 1,024 is 70 MiB, refused before it is built
+    with pytest.raises(ValueError, match="exceeds 64 MiB"):
+        projection(9000, RouterConfig(dim=1024))
+    assert projection(8000, RouterConfig(dim=1024)).shape == (8000, 1024)  # 62.5 MiB
+    # statistics no wider than the protocol allows, checked before a device reads an image
+    backbone = tiny_backbone("efficientvit_b0", 64)  # 7,680 router features at grid 16
+    with pytest.raises(ValueError, match="width 5000"):
+        data_stats(backbone, _digits(1)[0].train, 2, RouterConfig(dim=5000, grid=16))
+    with pytest.raises(ValueError, match="width 7680"):
+        StatsCollector(AdapterBank(), backbone, RouterConfig(dim=0, grid=16))
 
 
 def test_collector_sums_each_clients_statistics_once_into_the_bank(
