@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import secrets
 import shutil
 import socket
 import ssl
@@ -36,6 +37,7 @@ from flower_glue.launch import (
     split_address,
     start,
     stop_tree,
+    wait_for_port,
     warn_insecure,
 )
 
@@ -172,15 +174,17 @@ def check_server(host: str, port: int, args: argparse.Namespace) -> None:
                                             "with --insecure (then this device needs --insecure too)?") from None
 
 
-def supernode_command(args: argparse.Namespace, address: str, worker: Path | None = None) -> list[str]:
+def supernode_command(args: argparse.Namespace, address: str, secret: Path, worker: Path | None = None) -> list[str]:
     data, cache = args.data.expanduser().resolve(), args.cache.expanduser().resolve()
     if "'" in f"{data}{cache}":
         raise ClientError(EXIT_USAGE, "paths for --data and --cache must not contain a single quote")
     node_config = f"data-dir='{data}' cache-dir='{cache}' cache-keep={args.cache_keep} cache-max-mb={args.cache_max_mb}"
     if worker is not None:
         node_config += f" worker-socket='{worker}' worker-timeout-s={float(args.worker_timeout)}"
+    # Isolation "process": we start the SuperExec ourselves, because only then does Flower 1.42 check the secret
+    # (with "subprocess", the default, it ignores it), and without it any local user could take this device's tasks
     command = [executable("flower-supernode"), "--superlink", address, "--port", str(args.runtime_port),
-               "--node-config", node_config]
+               "--node-config", node_config, "--isolation", "process", "--superexec-auth-secret-file", str(secret)]
     if args.insecure:
         command.append("--insecure")
     elif args.root_certificates is not None:
@@ -220,27 +224,61 @@ def _pump(node: subprocess.Popen[bytes], tail: deque[str]) -> None:
 
 
 SUPEREXEC_POLL_S = "0.1"  # Flower's SuperExec looks for a new message every second by default
+SECRET_FILE = "superexec.secret"
+RUNTIME_API_S = 60.0  # how long the SuperNode may take to open its local app API
 
 
-def supernode(args: argparse.Namespace, address: str, worker: Path | None) -> tuple[int, str] | None:
-    """Run Flower's SuperNode until it exits (its code and last output) or we are stopped (None)."""
+def write_secret(directory: Path) -> Path:
+    """A fresh random SuperExec secret in ``directory`` (ours, 0700), readable by us only (0600).
+
+    The SuperNode's local app API (``--runtime-port`` on 127.0.0.1) hands out this device's tasks only to a caller
+    that signs with it: our SuperExec. Any other local user is refused (HTTP 401), so cannot pull the server's
+    message or push a reply as this device."""
+    path = directory / SECRET_FILE
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(descriptor, "wb") as file:
+        file.write(secrets.token_hex(32).encode())
+    return path
+
+
+def superexec_command(args: argparse.Namespace, secret: Path, parent: int) -> list[str]:
+    """Flower's SuperExec for our SuperNode (:mod:`clients.superexec`: task tokens in files of the secret's owner-only
+    dir, not on command lines): it takes tasks from the app API (signed with ``secret``) and starts a ClientApp
+    process for each; it stops when the SuperNode (``parent``) does."""
+    return [sys.executable, "-m", "clients.superexec", "--token-dir", str(secret.parent),
+            "--runtime-api-address", f"127.0.0.1:{args.runtime_port}", "--insecure",
+            "--superexec-auth-secret-file", str(secret), "--parent-pid", str(parent)]
+
+
+def supernode(args: argparse.Namespace, address: str, secret: Path, worker: Path | None) -> tuple[int, str] | None:
+    """Run Flower's SuperNode and its SuperExec until the SuperNode exits (its code and last output) or we are
+    stopped (None)."""
     extra = {"FLWR_DISABLE_UPDATE_CHECK": "1", "FLWR_TELEMETRY_ENABLED": os.environ.get("FLWR_TELEMETRY_ENABLED", "0"),
              "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": os.environ.get("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", SUPEREXEC_POLL_S)}
     if args.threads > 0:
         extra["FEDPETAH_TORCH_THREADS"] = str(args.threads)
-    node = start(supernode_command(args, address, worker), child_env(extra))
+    env = child_env(extra)
+    node = start(supernode_command(args, address, secret, worker), env)
     tail: deque[str] = deque(maxlen=200)
-    # Read in a thread and reap the SuperNode as soon as it exits: Flower's detached SuperExec holds our pipe
+    # Read in a thread and reap the SuperNode as soon as it exits: a process it started could hold our pipe
     # open until it sees its parent gone, which it cannot while the parent is an unreaped zombie.
     pump = threading.Thread(target=_pump, args=(node, tail), daemon=True)
     pump.start()
+    runner: subprocess.Popen[bytes] | None = None
     try:
+        if wait_for_port("127.0.0.1", args.runtime_port, node, RUNTIME_API_S):
+            runner = subprocess.Popen(superexec_command(args, secret, node.pid), env=env, start_new_session=True)
+        elif node.poll() is None:
+            raise ClientError(EXIT_SUPERNODE, f"the SuperNode did not open its app API on 127.0.0.1:"
+                                              f"{args.runtime_port} within {RUNTIME_API_S:g} s")
         returncode = node.wait()
     except KeyboardInterrupt:
         print("fedpetah-client: stopping", file=sys.stderr)
         return None
     finally:
         with signals_ignored():
+            if runner is not None:
+                stop_tree(runner)
             stop_tree(node)
         pump.join(timeout=15.0)
     return returncode, "".join(tail)
@@ -330,23 +368,25 @@ def join(args: argparse.Namespace, address: str) -> int:
     if not port_is_free("127.0.0.1", args.runtime_port):
         raise ClientError(EXIT_SUPERNODE, f"local port {args.runtime_port} is in use (another fedpetah-client?): "
                                           "pass --runtime-port")
-    if args.no_worker:
-        return _join(args, address, None)
-    directory = Path(tempfile.mkdtemp(prefix="fedpetah-"))  # 0700: the worker's socket is ours alone
-    worker = Supervisor(worker_command(args, directory / "worker.sock"), directory / "worker.sock")
+    directory = Path(tempfile.mkdtemp(prefix="fedpetah-"))  # 0700: the secret and the worker's socket are ours
+    worker = None if args.no_worker else Supervisor(worker_command(args, directory / "worker.sock"),
+                                                    directory / "worker.sock")
     try:
-        worker.start()
-        return _join(args, address, worker.socket)
+        secret = write_secret(directory)
+        if worker is not None:
+            worker.start()
+        return _join(args, address, secret, None if worker is None else worker.socket)
     finally:
         with signals_ignored():
-            worker.stop()
+            if worker is not None:
+                worker.stop()
             shutil.rmtree(directory, ignore_errors=True)
 
 
-def _join(args: argparse.Namespace, address: str, worker: Path | None) -> int:
+def _join(args: argparse.Namespace, address: str, secret: Path, worker: Path | None) -> int:
     attempt = 0
     while True:
-        outcome = supernode(args, address, worker)
+        outcome = supernode(args, address, secret, worker)
         if outcome is None:
             return 0
         returncode, output = outcome

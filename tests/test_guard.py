@@ -2,21 +2,29 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import socket
 import stat
+import sys
+import threading
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 from PIL import Image
 
 from clients import cli as client_cli
 from clients.device_data import device_task_data
 from fedpetah.tasks.folder import MAX_NAME_BYTES, UnsafeNameError
-from flower_glue.launch import child_env
+from flower_glue.launch import child_env, free_port, port_is_free, start, stop_tree, wait_for_port
 from server import certificates
+from server.bundle import REPO
 from server.certificates import default_ca_dir, make_node_key, make_tls, server_files
 
 
@@ -102,6 +110,100 @@ def test_flower_processes_inherit_no_flwr_variable_that_opens_a_port(monkeypatch
         "FLWR_HOME": "/var/lib/fedpetah/flwr", "FLWR_LOG_LEVEL": "DEBUG", "FLWR_DISABLE_UPDATE_CHECK": "1"}
 
 
+def _acquire_as(uid: int | None, url: str) -> int:
+    """The HTTP status of an empty AcquireTask request to ``url`` from a forked process running as ``uid``."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: drop to uid, ask, report the status, exit without running pytest's cleanup
+        status = -1
+        try:
+            if uid is not None:
+                os.setgroups([])
+                os.setgid(uid)
+                os.setuid(uid)
+            request = urllib.request.Request(url + "/v1/runtime/acquire-task", data=b"", method="POST",
+                                             headers={"content-type": "application/protobuf"})
+            try:
+                status = urllib.request.urlopen(request, timeout=20).status
+            except urllib.error.HTTPError as error:
+                status = error.code
+        finally:
+            os.write(write, str(status).encode())
+            os._exit(0)
+    os.close(write)
+    with os.fdopen(read) as answer:
+        status = int(answer.read() or "-1")
+    os.waitpid(pid, 0)
+    return status
+
+
+def test_another_local_user_cannot_take_the_devices_tasks(device: Path, tmp_path: Path) -> None:
+    # Arrange: fedpetah-client (no worker: the app API does not depend on it) for a "server" that accepts TCP and
+    # closes, so the SuperNode keeps retrying while its local app API is up
+    listener = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+
+    def refuse() -> None:
+        listener.settimeout(0.2)
+        while not stop.is_set():
+            with contextlib.suppress(OSError):
+                listener.accept()[0].close()
+
+    threading.Thread(target=refuse, daemon=True).start()
+    port = free_port()
+    client = start([sys.executable, "-m", "clients.cli", "--server", f"127.0.0.1:{listener.getsockname()[1]}",
+                    "--insecure", "--data", str(device), "--cache", str(tmp_path / "cache"), "--no-worker",
+                    "--runtime-port", str(port), "--retries", "0"], child_env({"PYTHONPATH": str(REPO),
+                    "FLWR_HOME": str(tmp_path / "flwr")}), tmp_path / "client.log")
+    try:
+        assert wait_for_port("127.0.0.1", port, client, 120.0), (tmp_path / "client.log").read_text()[-3000:]
+
+        # Act: ask for the device's next task as uid 65534 (as ourselves where we cannot change uid)
+        asked = _acquire_as(65534 if os.getuid() == 0 else None, f"http://127.0.0.1:{port}")
+        runners = [p.cmdline() for p in psutil.Process(client.pid).children(recursive=True)
+                   if "clients.superexec" in " ".join(p.cmdline())]
+    finally:
+        stop_tree(client)
+        stop.set()
+        listener.close()
+
+    # Assert: refused (401, no signature with the secret); our own SuperExec runs, with the secret file
+    assert asked == 401
+    assert len(runners) == 1 and "--superexec-auth-secret-file" in runners[0]
+    assert port_is_free("127.0.0.1", port)
+
+
+def test_a_client_app_gets_its_task_token_in_an_owner_only_file_not_on_its_command_line(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from flwr.supercore.constant import TaskType
+    from flwr.supercore.superexec.executor import ExecutionSpec
+
+    from clients.superexec import TokenFileExecutor
+
+    # Arrange: a task for a ClientApp whose app API is closed (it keeps retrying, so it stays to be looked at)
+    token = "5e" * 32
+    spec = ExecutionSpec(task_type=TaskType.CLIENT_APP, runtime_api_address=f"127.0.0.1:{free_port()}", token=token,
+                         insecure=True, root_certificates_path=None, runtime_dependency_install=False,
+                         parent_pid=os.getpid(), suppress_output=True, task_id=1)
+    directory = tmp_path / "runtime"
+    directory.mkdir(mode=0o700)
+    monkeypatch.setenv("PATH", child_env()["PATH"])  # Flower starts flwr-clientapp by name, as our SuperExec does
+
+    # Act
+    TokenFileExecutor(directory).launch(spec)
+    apps = [p for p in psutil.Process().children() if "flwr-clientapp" in " ".join(p.cmdline())]
+    commands = [p.cmdline() for p in apps]
+    for app in apps:
+        app.kill()
+    psutil.wait_procs(apps, timeout=10)
+
+    # Assert: the token is in no command line, only in a 0600 file the app was pointed at
+    [command] = commands
+    [file] = directory.glob("token-*")
+    assert not any(token in part for part in command) and command[command.index("--token-file") + 1] == str(file)
+    assert file.read_text() == token and stat.S_IMODE(file.stat().st_mode) == 0o600
+
+
 def test_client_refuses_insecure_for_a_remote_server(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     _png(tmp_path / "data" / "task" / "a" / "0.png", 1)
     for server in ("192.168.1.10:8000", "fl.lab.example:8000", "[2001:db8::1]:8000"):
@@ -174,7 +276,8 @@ def _experiment(output: Path, resume: bool, img_size: int = 32):  # type: ignore
         clients=2, rounds_per_task=2, output_dir=str(output), resume=resume, evaluate_every_round=False,
         backbone=BackboneConfig(name="efficientvit_b0", img_size=img_size, weights="random"),
         pruning=PruningConfig(ratio=0.0), adapter=adapter_config("lora", rank=2),
-        tasks=TaskStreamConfig(name="split_mnist", num_tasks=1), train=TrainConfig(epochs=1, max_steps=1),
+        tasks=TaskStreamConfig(name="split_mnist", num_tasks=1),
+        train=TrainConfig(epochs=1, batch_size=32, max_steps=1, loss="cross_entropy"),
     )
 
 
