@@ -49,7 +49,7 @@ def main() -> None:
         # a fresh WarmupConfig: the data set's own epochs and lr (replace() would keep the default's)
         backbone_cfg = replace(backbone_cfg, warmup=WarmupConfig(dataset=args.warmup_dataset))
     prepared = []
-    train_cfg = TrainConfig(epochs=args.epochs, lr=5e-3, batch_size=32)
+    train_cfg = TrainConfig(epochs=args.epochs, lr=5e-3, batch_size=32, loss="cross_entropy")
     rows = []
     for ratio in args.ratios:
         experiment = ExperimentConfig(backbone=backbone_cfg, pruning=PruningConfig(ratio=ratio))
@@ -68,7 +68,7 @@ def main() -> None:
             lr = 1e-3 if name == "full" else train_cfg.lr
             for task in tasks[:1] if name in args.first_task_only else tasks:
                 adapter = build_adapter(adapter_config(name), pruned, task.num_classes)
-                cfg = TrainConfig(epochs=args.epochs, lr=lr, batch_size=32, seed=task.index)
+                cfg = TrainConfig(epochs=args.epochs, lr=lr, batch_size=32, loss="cross_entropy", seed=task.index)
                 train_adapter(adapter, task.train, cfg)
                 result = evaluate(adapter.model, task.test, pruned.img_size, pruned.in_chans)
                 accuracies.append(result.accuracy)

@@ -55,7 +55,8 @@ def main() -> None:
     bank, stats, unmerged = AdapterBank(), {}, []
     for task in tasks:
         adapter = build_adapter(config, backbone, task.num_classes)
-        train_adapter(adapter, task.train, TrainConfig(epochs=1, max_steps=args.steps, batch_size=32))
+        train_adapter(adapter, task.train,
+                      TrainConfig(epochs=1, max_steps=args.steps, batch_size=32, loss="cross_entropy"))
         bank.add_task(task.index, args.adapter, task.num_classes, adapter.state(), task.classes,
                       {"task_name": task.name})
         stats[task.index] = data_stats(backbone, task.train, task.num_classes, router)

@@ -101,8 +101,9 @@ def centralized(config: Any) -> dict[str, Any]:
     accuracies = []
     for task in load_stream(config.tasks):
         adapter = build_adapter(config.adapter, backbone, task.num_classes)
-        train_adapter(adapter, task.train, TrainConfig(epochs=CENTRAL_EPOCHS, lr=CENTRAL_LR, batch_size=CENTRAL_BATCH,
-                                                seed=task.index))
+        recipe = TrainConfig(epochs=CENTRAL_EPOCHS, lr=CENTRAL_LR, batch_size=CENTRAL_BATCH, loss="cross_entropy",
+                             seed=task.index)
+        train_adapter(adapter, task.train, recipe)
         accuracies.append(evaluate(adapter.model, task.test, backbone.img_size, backbone.in_chans).accuracy)
     return {"task_accuracy": accuracies, "average_accuracy": sum(accuracies) / len(accuracies)}
 

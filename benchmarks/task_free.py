@@ -81,7 +81,8 @@ def run_stream(stream: str, args: argparse.Namespace) -> dict[str, Any]:
     aware = []
     for task in tasks:
         trained = build_adapter(adapter, backbone, task.num_classes)
-        train_adapter(trained, task.train, TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=32, seed=task.index))
+        recipe = TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=32, loss="cross_entropy", seed=task.index)
+        train_adapter(trained, task.train, recipe)
         aware.append(evaluate(trained.model, task.test, backbone.img_size, backbone.in_chans).accuracy)
         bank.add_task(task.index, args.adapter, task.num_classes, trained.state(), task.classes,
                       {"task_name": task.name})

@@ -69,7 +69,8 @@ def main() -> None:
     lora = []
     for t in (1, 3):
         adapter = build_adapter(adapter_config("lora"), backbone, tasks[t].num_classes)
-        train_adapter(adapter, tasks[t].train, TrainConfig(epochs=1, lr=5e-3, batch_size=32, seed=t))
+        recipe = TrainConfig(epochs=1, lr=5e-3, batch_size=32, loss="cross_entropy", seed=t)
+        train_adapter(adapter, tasks[t].train, recipe)
         lora.append(round(evaluate(adapter.model, tasks[t].test, 64, backbone.in_chans).accuracy, 4))
     row.update(lora_tasks_1_3=lora, lora_cpu_seconds=round(time.process_time() - start, 1),
                load_average=[round(v, 2) for v in os.getloadavg()])

@@ -1,18 +1,27 @@
-"""The whole experiment's typed config (Hydra's schema) and its conversion from composed YAML."""
+"""The whole experiment's typed config (Hydra's schema) and its conversion from composed YAML.
+
+``ExperimentConfig()`` is the default experiment: configs/ composes to it and states only what an option changes,
+and pyproject.toml's ``[tool.flwr.app.config]`` is its flat form (``python -m fedpetah.experiment --pyproject``
+rewrites that table; tests/test_configs.py checks both).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import argparse
+import json
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any, TypeVar
 
 from omegaconf import DictConfig, OmegaConf
 
-from fedpetah.adapters import ADAPTERS, AdapterConfig
-from fedpetah.aggregation import AGGREGATORS, AggregatorConfig, BoundsConfig
+from fedpetah.adapters import ADAPTERS, AdapterConfig, adapter_config
+from fedpetah.aggregation import AGGREGATORS, AggregatorConfig, BoundsConfig, aggregator_config
 from fedpetah.attacks import AttackConfig
 from fedpetah.config import BackboneConfig, PruningConfig, TrainConfig
-from fedpetah.flatconfig import build_dataclass
+from fedpetah.flatconfig import Scalar, build_dataclass, flatten
+from fedpetah.registry import Registry
 from fedpetah.routing import RouterConfig
 from fedpetah.tasks import PartitionConfig, TaskStreamConfig
 
@@ -28,7 +37,7 @@ class StrategyConfig:
     norm bounds applied to every round before the aggregator runs (``fedpetah.aggregation.bounds``).
     """
 
-    aggregator: AggregatorConfig = field(default_factory=AggregatorConfig)
+    aggregator: AggregatorConfig = field(default_factory=lambda: aggregator_config("fedavg"))
     bounds: BoundsConfig = field(default_factory=BoundsConfig)
     fraction: float = 0.2
     min_clients: int = 2
@@ -73,6 +82,8 @@ class ExperimentConfig:
 
     ``stop_after``: end this invocation once that many rounds (counted over the whole run) are complete;
     the bank stays resumable, and ``resume=true`` with the same ``output_dir`` continues from there.
+
+    ``output_dir``: relative to Hydra's run dir (``simulations/run.py``); fedpetah-server sets an absolute one.
     """
 
     clients: int = 50
@@ -85,7 +96,7 @@ class ExperimentConfig:
     reply_timeout_s: float = 600.0
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     pruning: PruningConfig = field(default_factory=PruningConfig)
-    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    adapter: AdapterConfig = field(default_factory=lambda: adapter_config("lora"))
     tasks: TaskStreamConfig = field(default_factory=TaskStreamConfig)
     partition: PartitionConfig = field(default_factory=PartitionConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -111,7 +122,9 @@ def register_configs() -> None:
     from hydra.core.config_store import ConfigStore
 
     store = ConfigStore.instance()
-    store.store(name="experiment_schema", node=ExperimentConfig)
+    schema = OmegaConf.structured(ExperimentConfig)
+    schema.adapter = OmegaConf.structured(AdapterConfig)  # any adapter's schema merges in (a subclass of this)
+    store.store(name="experiment_schema", node=schema)
     for name in ADAPTERS.names():
         store.store(group="adapter", name=f"{name}_schema", node=ADAPTERS.get(name).config_class(name=name))
     for name in AGGREGATORS.names():
@@ -123,21 +136,25 @@ def to_experiment(cfg: DictConfig | Mapping[str, Any]) -> ExperimentConfig:
     raw = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
     assert isinstance(raw, dict)
     raw = {str(k): v for k, v in raw.items() if k != "hydra"}
-    adapter = dict(raw.pop("adapter", None) or {"name": "head"})
+    adapter = raw.pop("adapter", None)
     strategy = dict(raw.pop("strategy", None) or {})
-    aggregator = dict(strategy.pop("aggregator", None) or {"name": "fedavg"})
+    aggregator = strategy.pop("aggregator", None)
     config = build_dataclass(ExperimentConfig, raw)
-    adapter_class = ADAPTERS.get(str(adapter.get("name", "head"))).config_class
-    aggregator_class = _aggregator_class(str(aggregator.get("name", "fedavg")))
-    strategy_config = replace(build_dataclass(StrategyConfig, strategy),
-                              aggregator=_build(aggregator_class, aggregator, "strategy.aggregator"))
-    return replace(config, adapter=build_dataclass(adapter_class, adapter), strategy=strategy_config)
+    strategy_config = build_dataclass(StrategyConfig, strategy)
+    if aggregator is not None:
+        strategy_config = replace(strategy_config, aggregator=_named(
+            AGGREGATORS, aggregator, strategy_config.aggregator.name, "strategy.aggregator"))
+    if adapter is not None:
+        config = replace(config, adapter=_named(ADAPTERS, adapter, config.adapter.name, "adapter"))
+    return replace(config, strategy=strategy_config)
 
 
-def _aggregator_class(name: str) -> type[AggregatorConfig]:
-    if name not in AGGREGATORS:
-        raise ValueError(f"strategy.aggregator.name: unknown aggregator {name!r}; valid: {', '.join(AGGREGATORS)}")
-    return AGGREGATORS.get(name).config_class
+def _named(registry: Registry[Any], data: Mapping[str, Any], default: str, path: str) -> Any:
+    """The typed config of the registered ``data["name"]`` (``default`` when unset: the dataclass default's)."""
+    name = str(data.get("name", default))
+    if name not in registry:
+        raise ValueError(f"{path}.name: unknown {registry.kind} {name!r}; valid: {', '.join(registry)}")
+    return _build(registry.get(name).config_class, {**data, "name": name}, path)
 
 
 def _build(cls: type[T], data: Mapping[str, Any], path: str) -> T:
@@ -146,3 +163,46 @@ def _build(cls: type[T], data: Mapping[str, Any], path: str) -> T:
         return build_dataclass(cls, data)
     except TypeError as error:
         raise TypeError(f"{path}: {error}") from None
+
+
+APP_CONFIG = "[tool.flwr.app.config]"
+PYPROJECT = Path(__file__).resolve().parent.parent / "pyproject.toml"
+
+
+def app_config() -> dict[str, Scalar]:
+    """pyproject.toml's Flower run config (``flwr run .``): the default experiment, flattened, writing its
+    outputs to ``outputs/flwr-run`` (fedpetah-server ships its own composed config with an absolute run dir)."""
+    return flatten(replace(ExperimentConfig(), output_dir="outputs/flwr-run"))
+
+
+def with_app_config(pyproject: str) -> str:
+    """``pyproject`` with the body of its ``[tool.flwr.app.config]`` table rewritten from :func:`app_config`."""
+    lines = pyproject.splitlines(keepends=True)
+    start = lines.index(APP_CONFIG + "\n") + 1
+    end = next((i for i in range(start, len(lines)) if lines[i].startswith("[")), len(lines))
+    body = [f"{key} = {_toml(value)}\n" for key, value in app_config().items()]
+    return "".join([*lines[:start], *body, *(["\n"] if end < len(lines) else []), *lines[end:]])
+
+
+def _toml(value: Scalar) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return json.dumps(value) if isinstance(value, str) else repr(value)  # a JSON string is a TOML basic string
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fedpetah.experiment", description=__doc__.splitlines()[0])
+    parser.add_argument("--pyproject", nargs="?", const=str(PYPROJECT), metavar="PATH",
+                        help=f"rewrite the {APP_CONFIG} table of PATH (default: this checkout's pyproject.toml)")
+    args = parser.parse_args(argv)
+    if args.pyproject is None:
+        parser.print_help()
+        return 2
+    path = Path(args.pyproject)
+    path.write_text(with_app_config(path.read_text()))
+    print(f"{path}: {APP_CONFIG} rewritten from ExperimentConfig()")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

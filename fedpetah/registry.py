@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import typing
 from collections.abc import Callable, Iterator
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
 
@@ -16,10 +17,17 @@ class Registry(Generic[T]):
         self._items: dict[str, T] = {}
 
     def register(self, name: str) -> Callable[[T], T]:
-        """Decorator form: ``@REGISTRY.register("name")``."""
+        """Decorator form: ``@REGISTRY.register("name")``. A registered class gets the name as ``cls.name``
+        (written only here: a class that sets its own ``name`` is refused)."""
 
         def add(item: T) -> T:
-            self.add(name, item)
+            if isinstance(item, type):
+                if "name" in vars(item):
+                    raise ValueError(f"{item.__name__} sets its own name; {self.kind} names come from register()")
+                self.add(name, item)
+                setattr(item, "name", name)  # noqa: B010 (the class declares name: ClassVar[str])
+            else:
+                self.add(name, item)
             return item
 
         return add
@@ -47,3 +55,15 @@ class Registry(Generic[T]):
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.names())
+
+
+def type_argument(cls: type, bound: type[Any]) -> type[Any] | None:
+    """The class that ``cls`` passes to a generic base for a parameter bounded by ``bound``: ``C`` in
+    ``class X(Base[C])``, or the bound of the type variable in ``class X(Base[V])``; None when ``cls`` names none.
+    """
+    for base in vars(cls).get("__orig_bases__", ()):
+        for arg in typing.get_args(base):
+            arg = getattr(arg, "__bound__", None) if isinstance(arg, TypeVar) else arg
+            if isinstance(arg, type) and issubclass(arg, bound):
+                return arg
+    return None

@@ -206,12 +206,12 @@ def test_config_validation() -> None:
             adapter_config("lora", **bad)
     with pytest.raises(ValueError, match="conv_rank"):
         adapter_config("petah", conv_rank=0)
-    with pytest.raises(ValueError, match="name must be 'lora'"):
+    with pytest.raises(ValueError, match="adapter 'dora' takes DoraConfig, not LoraConfig"):
         LoraConfig(name="dora")
     with pytest.raises(TypeError):
         adapter_config("lora", rnk=3)
     with pytest.raises(TypeError, match="PetahConfig"):
-        ADAPTERS.get("petah")(backbone("efficientvit_b0"), NUM_CLASSES, LoraConfig())
+        ADAPTERS.get("petah")(backbone("efficientvit_b0"), NUM_CLASSES, LoraConfig(name="lora"))
     listed = adapter_config("lora", targets=["attention", "conv"])
     assert isinstance(listed, LoraConfig) and listed.targets == ("attention", "conv")
 

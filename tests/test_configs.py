@@ -2,16 +2,31 @@
 
 from __future__ import annotations
 
+import tomllib
+from dataclasses import asdict, replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError
 
-from fedpetah.adapters import ADAPTERS
-from fedpetah.aggregation import AGGREGATORS, BoundsConfig
-from fedpetah.experiment import ExperimentConfig, register_configs, to_experiment
+from fedpetah.adapters import ADAPTERS, Adapter, AdapterConfig, adapter_config
+from fedpetah.adapters.lora import LoraConfig
+from fedpetah.aggregation import AGGREGATORS, BoundsConfig, aggregator_config
+from fedpetah.aggregation.fedopt import FedAdamConfig
+from fedpetah.experiment import (
+    PYPROJECT,
+    ExperimentConfig,
+    app_config,
+    register_configs,
+    to_experiment,
+    with_app_config,
+)
+from fedpetah.flatconfig import flatten
+from fedpetah.registry import Registry
 from fedpetah.routing import RouterConfig
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
@@ -21,6 +36,96 @@ register_configs()
 def _compose(*overrides: str) -> ExperimentConfig:
     with initialize_config_dir(config_dir=str(CONFIGS), version_base=None):
         return to_experiment(compose(config_name="config", overrides=list(overrides)))
+
+
+def test_the_default_composition_is_experiment_config() -> None:
+    # the dataclasses hold the defaults: configs/config.yaml composes to ExperimentConfig() exactly
+    assert _compose() == ExperimentConfig()
+    assert to_experiment({}) == ExperimentConfig()
+
+
+def _defaults_of(path: Path, raw: dict[str, Any]) -> dict[str, Any]:
+    """What ``path``'s keys would be without it: the dataclass defaults of its group (of the schema it names)."""
+    selected = {k: v for entry in raw.get("defaults", []) if isinstance(entry, dict) for k, v in entry.items()}
+    schemas = [e.removesuffix("_schema") for e in raw.get("defaults", []) if str(e).endswith("_schema")]
+    group = path.parent.name
+    if path == CONFIGS / "config.yaml":
+        return asdict(ExperimentConfig())
+    if group == "adapter":
+        return asdict(adapter_config(schemas[0]))
+    if group == "strategy":
+        return asdict(replace(ExperimentConfig().strategy, aggregator=aggregator_config(selected["aggregator"])))
+    return dict(asdict(ExperimentConfig())[group])
+
+
+def _leaves(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        out.update(_leaves(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+    return out
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.rglob("*.yaml")), ids=lambda p: str(p.relative_to(CONFIGS)))
+def test_every_yaml_states_only_what_differs_from_the_dataclasses(path: Path) -> None:
+    raw = OmegaConf.to_container(OmegaConf.load(path))
+    assert isinstance(raw, dict)
+    stated = _leaves({k: v for k, v in raw.items() if k not in ("defaults", "hydra")})
+    defaults = _leaves(_defaults_of(path, raw))
+    restated = {key: value for key, value in stated.items() if key in defaults and defaults[key] == value}
+    assert not restated, f"{path.name} restates dataclass defaults {restated}: remove them"
+    assert set(stated) <= set(defaults)
+
+
+def _dotted(table: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """TOML's dotted keys as parsed (nested tables) back to dotted keys; values as written."""
+    out: dict[str, Any] = {}
+    for key, value in table.items():
+        out.update(_dotted(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+    return out
+
+
+def test_pyproject_app_config_is_generated_from_experiment_config() -> None:
+    text = PYPROJECT.read_text()
+    assert with_app_config(text) == text, "run `python -m fedpetah.experiment --pyproject`"
+    table = _dotted(tomllib.loads(text)["tool"]["flwr"]["app"]["config"])
+    assert table == app_config() == {**flatten(ExperimentConfig()), "output_dir": "outputs/flwr-run"}
+    assert list(table) == list(flatten(ExperimentConfig()))
+
+
+def test_with_app_config_rewrites_only_that_table() -> None:
+    stale = "[project]\nname = 'x'\n\n[tool.flwr.app.config]\nclients = 3\nold = 1\n\n[tool.ruff]\nline-length = 1\n"
+    fresh = with_app_config(stale)
+    assert fresh.startswith("[project]\nname = 'x'\n\n[tool.flwr.app.config]\nclients = 50\n")
+    assert fresh.endswith("\n\n[tool.ruff]\nline-length = 1\n") and "old" not in fresh
+    assert _dotted(tomllib.loads(fresh)["tool"]["flwr"]["app"]["config"]) == app_config()
+    assert with_app_config(fresh) == fresh
+
+
+def test_registered_names_are_written_once_by_the_decorator() -> None:
+    assert all(ADAPTERS.get(name).name == name for name in ADAPTERS)
+    assert all(AGGREGATORS.get(name).name == name for name in AGGREGATORS)
+    registry: Registry[type[Adapter[AdapterConfig]]] = Registry("adapter")
+
+    class Named(Adapter[AdapterConfig]):
+        name = "named"
+
+        def attach(self) -> None:
+            self.model.head.requires_grad_(True)
+
+    with pytest.raises(ValueError, match="sets its own name"):
+        registry.register("named")(Named)
+    assert "named" not in registry
+
+
+def test_a_config_must_be_its_registered_adapters_or_aggregators() -> None:
+    assert type(adapter_config("dora")).__name__ == "DoraConfig" and ADAPTERS.get("petah").config_class.__name__ == (
+        "PetahConfig")
+    with pytest.raises(ValueError, match="adapter 'dora' takes DoraConfig, not LoraConfig"):
+        LoraConfig(name="dora")
+    with pytest.raises(ValueError, match="adapter 'lora' takes LoraConfig, not AdapterConfig"):
+        AdapterConfig(name="lora")
+    with pytest.raises(ValueError, match="aggregator 'fedyogi' takes FedYogiConfig, not FedAdamConfig"):
+        FedAdamConfig(name="fedyogi")
 
 
 def test_default_config_is_the_documented_offline_default() -> None:

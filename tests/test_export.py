@@ -17,7 +17,7 @@ from fedpetah.artifact import artifact_digest, pack_artifact
 from fedpetah.backbone import Backbone
 from fedpetah.bank import AdapterBank
 from fedpetah.collect import ROUTER_KEY, feature_width
-from fedpetah.config import BackboneConfig
+from fedpetah.config import BackboneConfig, PruningConfig
 from fedpetah.experiment import ExperimentConfig
 from fedpetah.export import ExportError, load_export, main, write_export
 from fedpetah.predict import build_predictor
@@ -114,7 +114,7 @@ def _run_dir(root: Path, backbone: Backbone) -> Path:
     run = root / "run"
     pack_artifact(backbone, run / "backbone")
     config = ExperimentConfig(backbone=BackboneConfig(name="efficientvit_b0", img_size=32, weights="random"),
-                              adapter=adapter_config("head"))
+                              pruning=PruningConfig(ratio=0.0), adapter=adapter_config("head"))
     (run / "config.json").write_text(json.dumps(asdict(config), default=str))
     _bank(backbone, "head", artifact_digest(run / "backbone")).save(run / "bank")
     return run

@@ -100,7 +100,7 @@ def _config(clients: int, rounds: int) -> ExperimentConfig:
         backbone=BackboneConfig(name="efficientvit_b0", img_size=32, warmup=WarmupConfig(epochs=2)),
         pruning=PruningConfig(ratio=0.0), adapter=adapter_config("lora", rank=2),
         tasks=TaskStreamConfig(name="split_mnist", num_tasks=1), partition=PartitionConfig(name="iid"),
-        train=TrainConfig(epochs=1, batch_size=16, max_steps=2),
+        train=TrainConfig(epochs=1, batch_size=16, max_steps=2, loss="cross_entropy"),
         strategy=StrategyConfig(fraction=1.0, min_clients=1))
 
 

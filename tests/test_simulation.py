@@ -26,7 +26,7 @@ def _config(**overrides: object) -> ExperimentConfig:
         adapter=adapter_config("lora", rank=2),
         tasks=TaskStreamConfig(name="split_mnist", num_tasks=1),
         partition=PartitionConfig(name="iid"),
-        train=TrainConfig(epochs=1, batch_size=32, max_steps=6),
+        train=TrainConfig(epochs=1, batch_size=32, max_steps=6, loss="cross_entropy"),
         strategy=StrategyConfig(fraction=1.0, min_clients=2),
         simulation=SimulationConfig(cpus_per_client=1.0),
     )

@@ -54,7 +54,7 @@ def images(n: int = 4) -> torch.Tensor:
 )
 def test_config_rejects_bad_values(fields: dict[str, object]) -> None:
     with pytest.raises(ValueError):
-        SynQTConfig(**fields)  # type: ignore[arg-type]
+        SynQTConfig(name="synqt", **fields)  # type: ignore[arg-type]
 
 
 def test_config_accepts_tuples_and_rejects_unknown_fields() -> None:

@@ -27,7 +27,7 @@ def _trained(backbone: Backbone, seed: int, adapter: str, global_seed: int) -> d
                           else adapter_config(adapter), backbone, 2)
     torch.manual_seed(global_seed)
     torch.rand(100)
-    train_adapter(model, _data(), TrainConfig(epochs=1, batch_size=8, lr=1e-2, seed=seed))
+    train_adapter(model, _data(), TrainConfig(epochs=1, batch_size=8, lr=1e-2, loss="cross_entropy", seed=seed))
     return model.state()
 
 
@@ -49,7 +49,7 @@ def test_training_leaves_the_callers_rng_state_alone(tiny_backbone: Callable[...
     model = build_adapter(adapter_config("lora", rank=2, dropout=0.1), backbone, 2)
     torch.manual_seed(5)
     before = torch.get_rng_state()
-    train_adapter(model, _data(), TrainConfig(epochs=1, batch_size=8, seed=9))
+    train_adapter(model, _data(), TrainConfig(epochs=1, batch_size=8, loss="cross_entropy", seed=9))
     assert torch.equal(torch.get_rng_state(), before)
 
 

@@ -155,7 +155,8 @@ def setup(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> dict[str
         clients=2, rounds_per_task=1, backbone=BackboneConfig(name="efficientvit_b0", img_size=32, weights="random"),
         pruning=PruningConfig(ratio=0.0), adapter=adapter_config("lora", rank=2),
         tasks=TaskStreamConfig(name="split_mnist", num_tasks=1), partition=PartitionConfig(name="iid"),
-        train=TrainConfig(epochs=1, batch_size=8, max_steps=3), strategy=StrategyConfig(fraction=1.0, min_clients=1))
+        train=TrainConfig(epochs=1, batch_size=8, max_steps=3, loss="cross_entropy"),
+        strategy=StrategyConfig(fraction=1.0, min_clients=1))
     server = ContinualServer(config, root / "run", cache_dir)
     plan = next(server.schedule())
     request = server.train_request(plan, 12345, server.global_state(plan.task), with_artifact=True)

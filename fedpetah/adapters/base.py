@@ -5,33 +5,55 @@ from __future__ import annotations
 import copy
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar, Generic, TypeVar
 
 import torch
 import torch.nn as nn
 
+from fedpetah.adapters.registry import ADAPTERS
 from fedpetah.backbone import Backbone
 from fedpetah.model import TaskModel
+from fedpetah.registry import type_argument
 
 
 @dataclass
 class AdapterConfig:
-    """Base of every adapter's typed config; ``name`` selects the adapter in the registry."""
+    """Base of every adapter's typed config; ``name`` selects the adapter in the registry.
 
-    name: str = "head"
+    A registered ``name`` must be an adapter whose config class is exactly this one (build it with
+    :func:`~fedpetah.adapters.adapter_config`).
+    """
+
+    name: str
+
+    def __post_init__(self) -> None:
+        expected = ADAPTERS.get(self.name).config_class if self.name in ADAPTERS else AdapterConfig
+        if type(self) is not expected:
+            raise ValueError(f"adapter {self.name!r} takes {expected.__name__}, not {type(self).__name__}")
 
 
-class Adapter(ABC):
+C = TypeVar("C", bound=AdapterConfig)
+
+
+class Adapter(ABC, Generic[C]):
     """One task's trainable part on a private copy of a frozen backbone.
 
     ``model`` is the :class:`TaskModel` to train and evaluate; only the tensors returned by
     :meth:`trainable` require gradients, and exactly those travel in :meth:`state`.
+
+    A subclass names its config type once, as the type argument (``class SynQTAdapter(Adapter[SynQTConfig])``):
+    that sets ``config_class`` and types ``self.config``; ``@ADAPTERS.register(name)`` sets ``name``.
     """
 
     name: ClassVar[str]
     config_class: ClassVar[type[AdapterConfig]] = AdapterConfig
+    config: C
 
-    def __init__(self, backbone: Backbone, num_classes: int, config: AdapterConfig) -> None:
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.config_class = type_argument(cls, AdapterConfig) or cls.config_class
+
+    def __init__(self, backbone: Backbone, num_classes: int, config: C) -> None:
         if not isinstance(config, self.config_class):
             raise TypeError(f"{type(self).__name__} needs {self.config_class.__name__}")
         self.config = config

@@ -21,7 +21,7 @@ import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, ClassVar, TypeVar
 
 import torch
 import torch.nn as nn
@@ -45,9 +45,6 @@ PEFT_ADAPTER = "default"
 class LoraConfig(AdapterConfig):
     """Low-rank adaptation: ``W + (alpha / rank) * B @ A`` on the selected layers, plus the head."""
 
-    adapter_name: ClassVar[str] = "lora"
-
-    name: str = "lora"
     rank: int = 4
     alpha: float = 8.0
     dropout: float = 0.0
@@ -57,8 +54,7 @@ class LoraConfig(AdapterConfig):
     init_seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.name != self.adapter_name:
-            raise ValueError(f"{type(self).__name__}.name must be {self.adapter_name!r}, got {self.name!r}")
+        super().__post_init__()
         if self.rank < 1:
             raise ValueError(f"{self.name}.rank must be >= 1, got {self.rank}")
         if self.alpha <= 0:
@@ -82,10 +78,6 @@ class LoraConfig(AdapterConfig):
 @dataclass
 class DoraConfig(LoraConfig):
     """DoRA (Liu et al., ICML 2024): LoRA on the direction plus a trainable per-output magnitude."""
-
-    adapter_name: ClassVar[str] = "dora"
-
-    name: str = "dora"
 
 
 def select_layers(
@@ -171,31 +163,33 @@ def merge_lora(module: nn.Module) -> None:
             del sub.peft_config
 
 
-@ADAPTERS.register("lora")
-class LoraAdapter(Adapter):
-    """LoRA through peft on the layers that ``targets`` or ``target_regex`` select, plus the head."""
+L = TypeVar("L", bound=LoraConfig)
 
-    name = "lora"
-    config_class: ClassVar[type[AdapterConfig]] = LoraConfig
+
+@ADAPTERS.register("lora")
+class LoraAdapter(Adapter[L]):
+    """LoRA through peft on the layers that ``targets`` or ``target_regex`` select, plus the head.
+
+    Its config is exactly ``LoraConfig``; a variant names its own (``class DoraAdapter(LoraAdapter[DoraConfig])``).
+    """
+
     use_dora: ClassVar[bool] = False
 
-    def __init__(self, backbone: Backbone, num_classes: int, config: AdapterConfig) -> None:
+    def __init__(self, backbone: Backbone, num_classes: int, config: L) -> None:
         if type(config) is not self.config_class:
             raise TypeError(
                 f"{type(self).__name__} needs {self.config_class.__name__}, got {type(config).__name__}"
             )
-        assert isinstance(config, LoraConfig)
-        self.lora_config = config
         self.targets: dict[str, str] = {}
         with seeded(config.init_seed):  # the head and the adapter tensors
             super().__init__(backbone, num_classes, config)
 
     def rank_of(self, kind: str) -> int:
         """The LoRA rank of a layer of this kind."""
-        return self.lora_config.rank
+        return self.config.rank
 
     def attach(self) -> None:
-        config, module = self.lora_config, self.model.backbone
+        config, module = self.config, self.model.backbone
         self.targets = select_layers(module, self.backbone.family, config.targets, config.target_regex)
         ranks = {name: self.rank_of(kind) for name, kind in self.targets.items()}
         inject_lora(module, ranks, config.alpha / config.rank, config.dropout, self.use_dora)
@@ -211,9 +205,7 @@ class LoraAdapter(Adapter):
 
 
 @ADAPTERS.register("dora")
-class DoraAdapter(LoraAdapter):
+class DoraAdapter(LoraAdapter[DoraConfig]):
     """DoRA through peft (``use_dora=True``): LoRA plus a trainable magnitude per output channel."""
 
-    name = "dora"
-    config_class: ClassVar[type[AdapterConfig]] = DoraConfig
     use_dora: ClassVar[bool] = True

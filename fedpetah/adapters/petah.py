@@ -28,12 +28,10 @@ Where we differ, and why:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
 
 import torch.nn as nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from fedpetah.adapters.base import AdapterConfig
 from fedpetah.adapters.lora import LoraAdapter, LoraConfig
 from fedpetah.adapters.registry import ADAPTERS
 
@@ -48,9 +46,6 @@ ATTENTION_KINDS = ("attention", "mlp")
 class PetahConfig(LoraConfig):
     """PETAH: LoRA rank ``rank`` on attention and MLP layers, ``conv_rank`` on convolutions; norms; head."""
 
-    adapter_name: ClassVar[str] = "petah"
-
-    name: str = "petah"
     rank: int = 4
     alpha: float = 8.0
     conv_rank: int = 2
@@ -74,19 +69,14 @@ def norm_parameters(module: nn.Module) -> dict[str, nn.Parameter]:
 
 
 @ADAPTERS.register("petah")
-class PetahAdapter(LoraAdapter):
+class PetahAdapter(LoraAdapter[PetahConfig]):
     """PETAH: attention and convolution layers adapted together (see the module docstring)."""
 
-    name = "petah"
-    config_class: ClassVar[type[AdapterConfig]] = PetahConfig
-
     def rank_of(self, kind: str) -> int:
-        assert isinstance(self.lora_config, PetahConfig)
-        return self.lora_config.rank if kind in ATTENTION_KINDS else self.lora_config.conv_rank
+        return self.config.rank if kind in ATTENTION_KINDS else self.config.conv_rank
 
     def attach(self) -> None:
         super().attach()
-        assert isinstance(self.lora_config, PetahConfig)
-        if self.lora_config.train_norms:
+        if self.config.train_norms:
             for param in norm_parameters(self.model.backbone).values():
                 param.requires_grad_(True)

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from fedpetah.registry import Registry
 
 if TYPE_CHECKING:
     from fedpetah.adapters.base import Adapter
 
-ADAPTERS: Registry[type[Adapter]] = Registry("adapter")
+ADAPTERS: Registry[type[Adapter[Any]]] = Registry("adapter")

@@ -7,20 +7,16 @@ from fedpetah.adapters.registry import ADAPTERS
 
 
 @ADAPTERS.register("head")
-class HeadAdapter(Adapter):
+class HeadAdapter(Adapter[AdapterConfig]):
     """Linear probe: only the task head trains."""
-
-    name = "head"
 
     def attach(self) -> None:
         self.model.head.requires_grad_(True)
 
 
 @ADAPTERS.register("bias")
-class BiasAdapter(Adapter):
+class BiasAdapter(Adapter[AdapterConfig]):
     """BitFit: every bias of the backbone (convolution, linear and norm layers) plus the head."""
-
-    name = "bias"
 
     def attach(self) -> None:
         self.model.head.requires_grad_(True)
@@ -34,11 +30,8 @@ class BiasAdapter(Adapter):
 
 
 @ADAPTERS.register("full")
-class FullAdapter(Adapter):
+class FullAdapter(Adapter[AdapterConfig]):
     """Full fine-tuning, the baseline: every backbone parameter plus the head."""
-
-    name = "full"
-    config_class = AdapterConfig
 
     def attach(self) -> None:
         self.model.requires_grad_(True)

@@ -35,7 +35,6 @@ class SynQTConfig(AdapterConfig):
     chunks of 8 were also faster than whole batches of 32; raise it on GPUs).
     """
 
-    name: str = "synqt"
     stages: list[int] = field(default_factory=lambda: [-3, -2, -1])
     num_queries: int = 4
     query_dim: int = 64
@@ -45,8 +44,7 @@ class SynQTConfig(AdapterConfig):
     frozen_batch: int = 8
 
     def __post_init__(self) -> None:
-        if self.name != "synqt":
-            raise ValueError(f"SynQTConfig.name must be 'synqt', got {self.name!r}")
+        super().__post_init__()
         self.stages = list(self.stages)
         if not self.stages or any(type(s) is not int for s in self.stages):
             raise ValueError(f"synqt.stages must be a non-empty list of ints, got {self.stages!r}")
@@ -175,12 +173,9 @@ class SynQTModel(TaskModel):
 
 
 @ADAPTERS.register("synqt")
-class SynQTAdapter(Adapter):
+class SynQTAdapter(Adapter[SynQTConfig]):
     """Query tuning (SynQT, arXiv 2407.06964) on a frozen hybrid: queries, readers and head train."""
 
-    name = "synqt"
-    config_class = SynQTConfig
-    config: SynQTConfig
     model: SynQTModel
 
     def attach(self) -> None:

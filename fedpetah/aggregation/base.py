@@ -6,27 +6,35 @@ import math
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar, Generic, TypeVar
 
 import torch
 
 from fedpetah.aggregation.validate import StateDict, update_norm, validate_update
-from fedpetah.registry import Registry
+from fedpetah.registry import Registry, type_argument
 
 
 @dataclass
 class AggregatorConfig:
     """Base of every aggregator's config (YAML ``strategy.aggregator``); subclasses add the options.
 
-    Bounds on counts and update norms are not the aggregator's: see :class:`~fedpetah.aggregation.bounds.BoundsConfig`.
+    ``name`` is a registered aggregator whose config class is exactly this one (build it with
+    :func:`~fedpetah.aggregation.aggregator_config`). Bounds on counts and update norms are not the
+    aggregator's: see :class:`~fedpetah.aggregation.bounds.BoundsConfig`.
     """
 
-    name: str = "fedavg"
+    name: str
 
     def __post_init__(self) -> None:
         if self.name not in AGGREGATORS:
             raise ValueError(f"strategy.aggregator.name: unknown aggregator {self.name!r}; valid: "
                              f"{', '.join(AGGREGATORS.names())}")
+        expected = AGGREGATORS.get(self.name).config_class
+        if type(self) is not expected:
+            raise ValueError(f"aggregator {self.name!r} takes {expected.__name__}, not {type(self).__name__}")
+
+
+C = TypeVar("C", bound=AggregatorConfig)
 
 
 @dataclass(frozen=True)
@@ -38,19 +46,27 @@ class Aggregate:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
-class Aggregator(ABC):
+class Aggregator(ABC, Generic[C]):
     """A pure function object: ``aggregator(current, updates, weights, opt_state) -> Aggregate``.
 
     ``current`` is the global adapter state the clients started from, ``updates`` their full adapter
     states after local training, ``weights`` their example counts. Inputs are never mutated; the new state
     has ``current``'s keys, shapes and dtypes. Updates must have been validated
     (:func:`~fedpetah.aggregation.validate.filter_updates`); an invalid one raises ``InvalidUpdate`` here.
+
+    A subclass names its config type once, as the type argument (``class FedAdam(FedOpt[FedAdamConfig])``):
+    that sets ``config_class`` and types ``self.config``; ``@AGGREGATORS.register(name)`` sets ``name``.
     """
 
     name: ClassVar[str]
     config_class: ClassVar[type[AggregatorConfig]] = AggregatorConfig
+    config: C
 
-    def __init__(self, config: AggregatorConfig) -> None:
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.config_class = type_argument(cls, AggregatorConfig) or cls.config_class
+
+    def __init__(self, config: C) -> None:
         if not isinstance(config, self.config_class):
             raise TypeError(f"{type(self).__name__} needs {self.config_class.__name__}")
         self.config = config
@@ -89,7 +105,7 @@ class Aggregator(ABC):
         """The algorithm proper: ``weights`` are normalized to sum to one; must not mutate its inputs."""
 
 
-AGGREGATORS: Registry[type[Aggregator]] = Registry("aggregator")
+AGGREGATORS: Registry[type[Aggregator[Any]]] = Registry("aggregator")
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:

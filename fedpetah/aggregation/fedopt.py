@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from abc import abstractmethod
 from dataclasses import dataclass
-from typing import ClassVar, cast
+from typing import TypeVar
 
 import torch
 
@@ -31,7 +31,6 @@ from fedpetah.aggregation.base import (
 class FedAdagradConfig(AggregatorConfig):
     """Server learning rate ``eta``, first-moment decay ``beta1``, adaptivity ``tau``."""
 
-    name: str = "fedadagrad"
     eta: float = 1e-2
     beta1: float = 0.0
     tau: float = 1e-3
@@ -50,7 +49,6 @@ class FedAdagradConfig(AggregatorConfig):
 class FedAdamConfig(FedAdagradConfig):
     """Adds the second-moment decay ``beta2``."""
 
-    name: str = "fedadam"
     beta1: float = 0.9
     beta2: float = 0.99
 
@@ -62,13 +60,14 @@ class FedAdamConfig(FedAdagradConfig):
 
 @dataclass
 class FedYogiConfig(FedAdamConfig):
-    name: str = "fedyogi"
+    """FedYogi's options are FedAdam's."""
 
 
-class FedOpt(Aggregator):
+F = TypeVar("F", bound=FedAdagradConfig)
+
+
+class FedOpt(Aggregator[F]):
     """Shared FedOpt step; subclasses define the second-moment update."""
-
-    config_class: ClassVar[type[AggregatorConfig]] = FedAdagradConfig
 
     @abstractmethod
     def second_moment(self, v: torch.Tensor, d2: torch.Tensor) -> torch.Tensor:
@@ -77,7 +76,7 @@ class FedOpt(Aggregator):
     def aggregate(
         self, current: StateDict, updates: list[StateDict], weights: list[float], opt_state: StateDict
     ) -> Aggregate:
-        config = cast(FedAdagradConfig, self.config)
+        config = self.config
         expected = {f"{kind}/{key}" for key in current for kind in ("m", "v")} | {"step"}
         if opt_state and set(opt_state) != expected:
             raise ValueError(
@@ -107,35 +106,26 @@ class FedOpt(Aggregator):
 
 
 @AGGREGATORS.register("fedadagrad")
-class FedAdagrad(FedOpt):
+class FedAdagrad(FedOpt[FedAdagradConfig]):
     """``v = v + d**2``."""
-
-    name = "fedadagrad"
-    config_class = FedAdagradConfig
 
     def second_moment(self, v: torch.Tensor, d2: torch.Tensor) -> torch.Tensor:
         return v + d2
 
 
 @AGGREGATORS.register("fedadam")
-class FedAdam(FedOpt):
+class FedAdam(FedOpt[FedAdamConfig]):
     """``v = beta2 v + (1 - beta2) d**2``."""
 
-    name = "fedadam"
-    config_class = FedAdamConfig
-
     def second_moment(self, v: torch.Tensor, d2: torch.Tensor) -> torch.Tensor:
-        beta2 = cast(FedAdamConfig, self.config).beta2
+        beta2 = self.config.beta2
         return beta2 * v + (1.0 - beta2) * d2
 
 
 @AGGREGATORS.register("fedyogi")
-class FedYogi(FedOpt):
+class FedYogi(FedOpt[FedYogiConfig]):
     """``v = v - (1 - beta2) d**2 sign(v - d**2)``: like Adam, but ``v`` grows or shrinks additively."""
 
-    name = "fedyogi"
-    config_class = FedYogiConfig
-
     def second_moment(self, v: torch.Tensor, d2: torch.Tensor) -> torch.Tensor:
-        beta2 = cast(FedAdamConfig, self.config).beta2
+        beta2 = self.config.beta2
         return v - (1.0 - beta2) * d2 * torch.sign(v - d2)

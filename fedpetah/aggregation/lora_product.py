@@ -23,7 +23,6 @@ import math
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import cast
 
 import torch
 
@@ -44,7 +43,6 @@ _LORA_B = re.compile(r"^(?P<module>.+)\.lora_B\.(?P<adapter>[^.]+)\.weight$")
 class LoraProductConfig(AggregatorConfig):
     """``dead_rtol``: singular values at most ``dead_rtol`` times the largest count as zero."""
 
-    name: str = "lora_product"
     dead_rtol: float = 1e-6
 
     def __post_init__(self) -> None:
@@ -122,11 +120,8 @@ def _stacked_factors(
 
 
 @AGGREGATORS.register("lora_product")
-class LoraProduct(Aggregator):
+class LoraProduct(Aggregator[LoraProductConfig]):
     """Product-exact LoRA aggregation with rank-r SVD re-factorisation; see the module docstring."""
-
-    name = "lora_product"
-    config_class = LoraProductConfig
 
     def aggregate(
         self, current: StateDict, updates: list[StateDict], weights: list[float], opt_state: StateDict
@@ -137,7 +132,7 @@ class LoraProduct(Aggregator):
         factor_keys = {k for pair in pairs for k in pair}
         others = {k: v for k, v in current.items() if k not in factor_keys}
         state = weighted_mean(updates, weights, like=others)
-        dead_rtol = cast(LoraProductConfig, self.config).dead_rtol
+        dead_rtol = self.config.dead_rtol
         residuals: list[float] = []
         dead = 0
         for key_a, key_b in pairs:

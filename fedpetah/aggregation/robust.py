@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import cast
 
 import torch
 
@@ -52,11 +51,8 @@ def trimmed_mean(updates: list[StateDict], like: StateDict, trim: int) -> StateD
 
 
 @AGGREGATORS.register("median")
-class CoordinateMedian(Aggregator):
+class CoordinateMedian(Aggregator[AggregatorConfig]):
     """Coordinate-wise median: tolerates fewer than half of the clients being arbitrary."""
-
-    name = "median"
-    config_class = AggregatorConfig
 
     def aggregate(
         self, current: StateDict, updates: list[StateDict], weights: list[float], opt_state: StateDict
@@ -68,7 +64,6 @@ class CoordinateMedian(Aggregator):
 class TrimmedMeanConfig(AggregatorConfig):
     """``trim_ratio``: the fraction of clients cut from each end, rounded down (Flower's ``beta``)."""
 
-    name: str = "trimmed_mean"
     trim_ratio: float = 0.1
 
     def __post_init__(self) -> None:
@@ -78,15 +73,12 @@ class TrimmedMeanConfig(AggregatorConfig):
 
 
 @AGGREGATORS.register("trimmed_mean")
-class TrimmedMean(Aggregator):
+class TrimmedMean(Aggregator[TrimmedMeanConfig]):
     """Coordinate-wise trimmed mean: ``floor(trim_ratio * n)`` values cut from each end."""
-
-    name = "trimmed_mean"
-    config_class = TrimmedMeanConfig
 
     def aggregate(
         self, current: StateDict, updates: list[StateDict], weights: list[float], opt_state: StateDict
     ) -> Aggregate:
-        trim = math.floor(cast(TrimmedMeanConfig, self.config).trim_ratio * len(updates))
+        trim = math.floor(self.config.trim_ratio * len(updates))
         state = trimmed_mean(updates, like=current, trim=trim)
         return Aggregate(state, dict(opt_state), {"trimmed_per_side": float(trim)})
