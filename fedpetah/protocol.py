@@ -12,6 +12,7 @@ error reply; nothing is unpickled or executed.
 
 from __future__ import annotations
 
+import io
 import math
 import re
 from collections.abc import Mapping
@@ -32,7 +33,7 @@ NO_PARTITION = -1
 ATTACK_ENV = "FEDPETAH_ATTACK"
 """Environment variable that carries ``simulation.attack`` to simulated clients (JSON; unset on every device)."""
 
-REASONS = ("malformed", "status", "count", "metrics", "keys", "shape", "dtype", "size", "stats")
+REASONS = ("malformed", "status", "count", "metrics", "keys", "shape", "dtype", "size", "stats", "unexpected")
 MAX_REASON_CHARS = 500
 MAX_METRICS = 32
 MAX_EXAMPLES = 10_000_000  # a claim above this is not a client's local data set
@@ -155,6 +156,76 @@ def _arrays(records: Records, name: str, expected: Mapping[str, ArraySpec]) -> d
     return out
 
 
+NPY_HEADER_BYTES = 4096
+"""The longest ``.npy`` header an array may carry (NumPy writes 128 bytes for every array we send)."""
+MAX_RECORDS_EXTRA_BYTES = 2**20
+"""Bytes a message may carry besides its arrays' expected data and headers (strings and bytes of its configs)."""
+
+
+@dataclass(frozen=True)
+class Layout:
+    """What a received message may hold: array records with the (shape, dtype) of every array, the names of its
+    config and metric records, and a bound on its total bytes (array data, config strings and bytes). The
+    transport glue checks a message against it before NumPy reads an array (:func:`check_npy`): any other record
+    is reason ``unexpected``; a key, shape, dtype or size that differs is ``keys``, ``shape``, ``dtype``, ``size``."""
+
+    arrays: Mapping[str, Mapping[str, ArraySpec]] = field(default_factory=dict)
+    configs: frozenset[str] = frozenset()
+    metrics: frozenset[str] = frozenset()
+    max_bytes: int | None = None  # None: the expected arrays' bytes plus MAX_RECORDS_EXTRA_BYTES
+    reasons: Mapping[str, str] = field(default_factory=dict)  # record name -> the reason of any error in it
+
+    @property
+    def total_bytes(self) -> int:
+        if self.max_bytes is not None:
+            return self.max_bytes
+        data = sum(_spec_bytes(spec) + NPY_HEADER_BYTES for specs in self.arrays.values() for spec in specs.values())
+        return data + MAX_RECORDS_EXTRA_BYTES
+
+    def check_names(self, arrays: Mapping[str, object], configs: Mapping[str, object],
+                    metrics: Mapping[str, object]) -> None:
+        """ProtocolError ``unexpected`` for a record this layout does not hold (by kind)."""
+        for kind, names, allowed in (("array", arrays, self.arrays), ("config", configs, self.configs),
+                                     ("metric", metrics, self.metrics)):
+            unexpected = sorted(set(names) - set(allowed))
+            if unexpected:
+                raise ProtocolError(self.reasons.get(unexpected[0], "unexpected"),
+                                    f"{kind} records {unexpected[:3]!r:.120} were not asked for")
+
+    def relabel(self, name: str, error: ProtocolError) -> ProtocolError:
+        """``error`` in record ``name`` with that record's own reason, if it has one."""
+        reason = self.reasons.get(name)
+        return error if reason is None else ProtocolError(reason, error.detail)
+
+
+def _spec_bytes(spec: ArraySpec) -> int:
+    return math.prod(spec[0]) * np.dtype(spec[1]).itemsize
+
+
+def check_npy(where: str, data: bytes, spec: ArraySpec | None = None) -> None:
+    """ProtocolError unless ``data`` is one ``.npy`` array (header at most :data:`NPY_HEADER_BYTES`, no objects)
+    whose header declares exactly as many bytes as follow it, and, given ``spec``, that (shape, dtype): read
+    from the header alone, before NumPy allocates what a header claims."""
+    stream = io.BytesIO(data[:NPY_HEADER_BYTES])
+    try:
+        version = np.lib.format.read_magic(stream)
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, _, dtype = read(stream, max_header_size=NPY_HEADER_BYTES)
+    except (ValueError, SyntaxError, TypeError, EOFError) as error:
+        raise ProtocolError("malformed", f"{where} is not a .npy array: {error}"[:MAX_REASON_CHARS]) from None
+    if dtype.hasobject:
+        raise ProtocolError("dtype", f"{where} holds Python objects")
+    declared = (tuple(shape), dtype.str)
+    if spec is not None:
+        if declared[0] != tuple(spec[0]):
+            raise ProtocolError("shape", f"{where}: {declared[0]} != {tuple(spec[0])}")
+        if declared[1] != np.dtype(spec[1]).str:
+            raise ProtocolError("dtype", f"{where}: {dtype}, expected {np.dtype(spec[1])}")
+    expected = stream.tell() + _spec_bytes(declared)
+    if len(data) != expected:
+        raise ProtocolError("size", f"{where} holds {len(data)} B, its header declares {expected} B")
+
+
 def specs(state: Mapping[str, np.ndarray]) -> dict[str, ArraySpec]:
     """The (shape, dtype) of every array of ``state``: what a reply to it must match."""
     return {k: (tuple(v.shape), v.dtype.str) for k, v in state.items()}
@@ -187,8 +258,13 @@ class HelloReply:
     def encode(self) -> Records:
         return Records(configs={"config": {"partition-id": self.partition, "has-backbone": self.has_backbone}})
 
+    @staticmethod
+    def layout() -> Layout:
+        return Layout(configs=frozenset({"config"}), max_bytes=64 * 2**10)
+
     @classmethod
     def decode(cls, records: Records) -> HelloReply:
+        HelloReply.layout().check_names(records.arrays, records.configs, records.metrics)
         config = _record(records, "configs", "config")
         has = config.get("has-backbone")
         if not isinstance(has, bool):
@@ -326,13 +402,24 @@ class TrainReply:
             records.arrays["stats"] = dict(self.stats)
         return records
 
+    @staticmethod
+    def layout(expected: Mapping[str, ArraySpec], expected_stats: Mapping[str, ArraySpec] | None = None,
+               max_bytes: int | None = None) -> Layout:
+        """What a reply to a request whose adapter state had ``expected`` specs (and that asked for statistics
+        of ``expected_stats`` specs) may hold; ``max_bytes`` lowers its total bound."""
+        arrays = {"adapter": expected, **({} if expected_stats is None else {"stats": expected_stats})}
+        return Layout(arrays, frozenset({"status"}), frozenset({"metrics"}), max_bytes, {"stats": "stats"})
+
     @classmethod
     def decode(cls, records: Records, expected: Mapping[str, ArraySpec],
                expected_stats: Mapping[str, ArraySpec] | None = None) -> TrainReply:
         """Decode and bound a reply to a request whose adapter state had ``expected`` specs.
 
         Statistics must come exactly when ``expected_stats`` is given, match it, be finite, and count
-        exactly the reply's ``num-examples`` (reason ``stats`` otherwise)."""
+        exactly the reply's ``num-examples`` (reason ``stats`` otherwise). Any record besides ``status``,
+        ``metrics``, ``adapter`` and ``stats`` is reason ``unexpected``."""
+        layout = TrainReply.layout(expected, {} if "stats" in records.arrays else None)  # stats: judged by _stats
+        layout.check_names(records.arrays, records.configs, records.metrics)
         status_record = _record(records, "configs", "status")
         try:
             status = Status(str(status_record.get("status")))

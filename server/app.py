@@ -119,7 +119,7 @@ def _hello(exchange: Exchange, server: ContinualServer, nodes: list[int]) -> dic
     clients: dict[int, int] = {}
     for node, message in sorted(replies.items()):
         try:
-            hello = HelloReply.decode(records_of(message))
+            hello = HelloReply.decode(records_of(message, HelloReply.layout()))
         except ProtocolError as error:
             log.warning("node %s: bad hello reply (%s); it takes no part in this run", node, error)
             continue
@@ -155,9 +155,10 @@ def _round(exchange: Exchange, server: ContinualServer, plan: RoundPlan, clients
         if node not in answers:
             replies.append(ClientReply(client, None, 0, status="rejected", reason="timeout"))
             continue
+        stats_specs = expected_stats if node in asked else None
         try:
-            records = records_of(answers[node])
-            answer = TrainReply.decode(records, expected, expected_stats if node in asked else None)
+            records = records_of(answers[node], TrainReply.layout(expected, stats_specs))
+            answer = TrainReply.decode(records, expected, stats_specs)
         except ProtocolError as error:
             replies.append(ClientReply(client, None, 0, status="rejected", reason=error.reason, detail=error.detail))
             continue

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import math
+import tracemalloc
 from collections.abc import Callable
 
 import numpy as np
 import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
 from fedpetah.protocol import (
     NO_PARTITION,
@@ -62,6 +65,71 @@ def test_requests_and_replies_survive_flower_records() -> None:
     assert (hello.partition, hello.has_backbone) == (NO_PARTITION, True)
 
 
+def _npy_claiming(shape: tuple[int, ...]) -> bytes:
+    """A ``.npy`` header that claims ``shape`` float32, followed by 8 bytes of data."""
+    stream = io.BytesIO()
+    np.lib.format.write_array_header_1_0(stream, {"descr": "<f4", "fortran_order": False, "shape": shape})
+    return stream.getvalue() + bytes(8)
+
+
+def test_a_reply_is_checked_against_what_was_asked_before_numpy_reads_an_array(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    reads: list[int] = []
+    numpy = Array.numpy
+    monkeypatch.setattr(Array, "numpy", lambda self: reads.append(len(self.data)) or numpy(self))  # Flower's
+    layout = TrainReply.layout(specs(STATE))
+
+    def content(**junk: ArrayRecord | ConfigRecord) -> RecordDict:
+        records = to_recorddict(TrainReply(Status.OK, "", dict(STATE), 16).encode())
+        for name, record in junk.items():
+            records[name] = record
+        return records
+
+    assert TrainReply.decode(from_recorddict(content(), layout), specs(STATE)).num_examples == 16
+    assert len(reads) == 2
+    reads.clear()
+    big = ArrayRecord({"x": Array(np.zeros(2**19, np.float32))})  # 2 MiB (the review sent two of 600 MiB)
+    hostile = {
+        "unexpected": content(junk=big),
+        "keys": content(adapter=ArrayRecord({**{k: Array(v) for k, v in STATE.items()}, "x": Array(np.zeros(1))})),
+        "size": content(status=ConfigRecord({"status": "ok", "reason": "x" * 2**21})),  # > 1 MiB besides arrays
+    }
+    for reason, records in hostile.items():
+        with pytest.raises(ProtocolError) as error:
+            from_recorddict(records, layout)
+        assert error.value.reason == reason
+    # the expected records, over a lowered total bound
+    wide = {"w": np.zeros(2**19, np.float32)}
+    wide_reply = to_recorddict(TrainReply(Status.OK, "", wide, 16).encode())
+    with pytest.raises(ProtocolError, match="limit 1048576") as error:
+        from_recorddict(wide_reply, TrainReply.layout(specs(wide), max_bytes=2**20))
+    assert error.value.reason == "size" and reads == []
+    assert from_recorddict(wide_reply, TrainReply.layout(specs(wide))).arrays["adapter"]["w"].shape == (2**19,)
+    reads.clear()
+    # a header that claims 1 GiB behind 8 bytes: refused by its header, NumPy allocates nothing
+    lying = content()
+    lying["adapter"]["head.bias"] = Array(dtype="float32", shape=(2,), stype="numpy.ndarray",
+                                          data=_npy_claiming((2**28,)))
+    tracemalloc.start()
+    try:
+        for expected, with_layout in (("shape", layout), ("size", None)):
+            with pytest.raises(ProtocolError) as error:
+                from_recorddict(lying, with_layout)
+            assert error.value.reason == expected
+        assert tracemalloc.get_traced_memory()[1] < 2**20
+    finally:
+        tracemalloc.stop()
+    assert all(n < 2**10 for n in reads)  # only the honest head.weight was read
+    # statistics keep their own reason
+    stats_layout = TrainReply.layout(specs(STATE), {"count": ((2,), "<i8")})
+    with pytest.raises(ProtocolError) as error:
+        from_recorddict(content(stats=ArrayRecord({"count": Array(np.zeros(3, np.int64))})), stats_layout)
+    assert error.value.reason == "stats"
+    with pytest.raises(ProtocolError) as error:
+        from_recorddict(content(stats=ArrayRecord({"count": Array(np.zeros(2, np.int64))})), layout)
+    assert error.value.reason == "stats"  # not asked for
+
+
 def test_client_seeds_differ_per_client_and_round_and_fit_flower_integers() -> None:
     node_ids = [0, 1, 2, 2**64 - 1, 2**63 + 5]  # Flower node ids are uint64
     seeds = {client_seed(0, r, c) for r in (1, 2) for c in node_ids}
@@ -76,7 +144,7 @@ def _ok_reply() -> Records:
 
 EXPECTED_REASON = {
     "no-status": "malformed", "status-unknown": "status", "status-number": "status", "no-metrics": "malformed",
-    "metrics-as-config": "malformed", "count=nan": "count", "count=inf": "count", "count=neg": "count",
+    "metrics-as-config": "unexpected", "count=nan": "count", "count=inf": "count", "count=neg": "count",
     "count=zero": "count", "count=bool": "count", "count=float": "count", "count=huge": "count",
     "count=list": "count", "loss-nan": "metrics", "loss-list": "metrics", "too-many-metrics": "metrics",
     "no-adapter": "malformed", "missing-key": "keys", "extra-key": "keys", "shape": "shape", "dtype": "dtype",
@@ -151,4 +219,4 @@ def test_random_fuzz_only_ever_decodes_or_raises_protocol_error() -> None:
         outcomes["ok"] += 1  # a mutation that missed what the decoder reads: what it returns is still sound
         assert reply.state is not None and specs(reply.state) == specs(STATE)
         assert 1 <= reply.num_examples <= 10_000_000 and all(math.isfinite(v) for v in reply.metrics.values())
-    assert outcomes["rejected"] > 100 and outcomes["ok"] > 50
+    assert outcomes["rejected"] > 100 and outcomes["ok"] > 20  # a record in the wrong kind is unexpected
