@@ -24,6 +24,8 @@ from typing import Any
 import tomli_w
 
 from fedpetah.atomic import atomic_write_text
+from fedpetah.bank import BankError
+from fedpetah.collect import drop_stats
 from fedpetah.experiment import ExperimentConfig
 from flower_glue.launch import (
     LOOPBACK_HOSTS,
@@ -76,6 +78,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--certificates", type=Path, help="dir with ca.pem, server.pem, server.key (STATE/certs)")
     parser.add_argument("--nodes", type=Path, help="dir whose *.pub device keys are registered (STATE/nodes)")
     parser.add_argument("--resume", action="store_true", help="continue the run in the run dir from its bank")
+    parser.add_argument("--drop-stats", type=int, action="append", default=[], metavar="TASK",
+                        help="with --resume: first drop task TASK's router statistics from the bank (repeatable), "
+                             "e.g. when the bank refuses to load them; its devices are asked again in the task's "
+                             "remaining rounds")
     parser.add_argument("--insecure", action="store_true", help="no TLS, no node authentication: loopback demo only")
     parser.add_argument("--config-dir", type=Path, default=REPO / "configs")
     parser.add_argument("--config-name", default="config")
@@ -114,6 +120,19 @@ def _check_run_dir(run_dir: Path, config_text: str, resume: bool) -> None:
               file=sys.stderr)
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(saved, config_text)
+
+
+def _drop_stats(args: argparse.Namespace, run_dir: Path) -> None:
+    """``--drop-stats``: remove those tasks' router statistics from the bank before the run resumes."""
+    if not args.drop_stats:
+        return
+    if not args.resume or not (run_dir / "bank" / "bank.json").is_file():
+        raise ServerError(EXIT_RUN_DIR, f"--drop-stats needs --resume and a bank in {run_dir / 'bank'}")
+    try:
+        dropped = drop_stats(run_dir / "bank", args.drop_stats)
+    except BankError as err:
+        raise ServerError(EXIT_RUN_DIR, str(err)) from None
+    print(f"fedpetah-server: dropped the router statistics of tasks {dropped}", file=sys.stderr)
 
 
 def _proxied(args: argparse.Namespace) -> bool:
@@ -290,6 +309,7 @@ def serve(args: argparse.Namespace) -> int:
     proxy = _proxy(args, state, certs, keys)
     config = _experiment(args, run_dir, len(keys))
     _check_run_dir(run_dir, config_json(config), args.resume)
+    _drop_stats(args, run_dir)
     ports = [(args.host, args.port, "--port")]
     if _proxied(args):
         ports.append((*_superlink_address(args), "--superlink-port"))
