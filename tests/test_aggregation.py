@@ -391,6 +391,21 @@ def test_bounded_round_with_fixed_bounds_and_a_robust_aggregator() -> None:
     assert torch.allclose(result.aggregate.state["w"], torch.tensor([1.35, 3.8]))
 
 
+@pytest.mark.parametrize("name", ["fedavg", "fedadam", "fedyogi", "fedadagrad"])
+def test_a_non_finite_aggregate_of_finite_updates_is_never_installed(name: str) -> None:
+    """Two of three clients send float32 values near the largest (finite, so validation passes them): the
+    aggregate or the FedOpt second moment (their squares) must not overflow into what the bank stores."""
+    current = {"w": torch.zeros(4)}
+    updates: list[StateDict | None] = [{"w": torch.full((4,), 0.1)}, *[{"w": torch.full((4,), 3e38)}] * 2]
+    result = BoundedAggregation(build_aggregator(aggregator_config(name)), BoundsConfig())(
+        current, updates, [10, 10, 10])
+    if result.aggregate is not None:  # fedavg: the mean of finite values is finite (poisoned: 2 of 3 lie)
+        assert name == "fedavg"
+        assert all(bool(torch.isfinite(v).all()) for v in result.aggregate.state.values())
+    else:
+        assert result.metrics["non_finite_aggregate"] == 1.0
+
+
 def test_a_round_with_nothing_valid_has_no_aggregate() -> None:
     current = {"w": torch.zeros(2)}
     result = BoundedAggregation(build_aggregator(aggregator_config("fedavg")), BoundsConfig())(

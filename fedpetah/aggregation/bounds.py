@@ -149,6 +149,10 @@ class BoundedAggregation:
             cap = min(cap, float(task_size))
         weights = [min(float(count), cap) for _, _, count, _ in kept]
         result = self.aggregator(current, batch, weights, opt_state)
+        if not all(bool(torch.isfinite(v).all()) for v in (*result.state.values(), *result.opt_state.values())):
+            # finite inputs, non-finite sums (e.g. squares of float32 deltas near 3e38 in a FedOpt second
+            # moment): installing it would freeze or break the task's adapter for good, so the round keeps none
+            return RoundResult(None, rejected, metrics | {"non_finite_aggregate": 1.0})
         metrics |= result.metrics | {
             "num_clipped": float(clipped),
             "clip_bound": clip,
