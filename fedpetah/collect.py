@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import asdict
@@ -86,17 +87,26 @@ class StatsCollector:
                 rejected[client] = str(error)
         return valid, rejected
 
-    def collect(self, task: int, replies: Sequence[tuple[int, Mapping[str, torch.Tensor]]]) -> dict[int, str]:
+    def collect(self, task: int, replies: Sequence[tuple[int, Mapping[str, torch.Tensor]]],
+                cap: float = math.inf) -> dict[int, str]:
         """Add the valid ``(client, statistics)`` (in the given, fixed order) to the task's statistics in the
-        bank; returns ``{client: reason}`` for the rejected ones (see :meth:`check`)."""
+        bank; returns ``{client: reason}`` for the rejected ones (see :meth:`check`).
+
+        ``cap``: the round's count cap (``weight_cap`` of :class:`~fedpetah.aggregation.BoundedAggregation`),
+        so statistics count no more than the client's update does: statistics of ``n > cap`` examples are
+        summed with weight ``cap / n`` per example (:meth:`FeatureStats.scaled`; the bank's counts turn
+        float64), others exactly as they came."""
+        if not cap > 0:
+            raise ValueError(f"a statistics count cap must be positive, got {cap}")
         entry = self.bank[task]
         valid, rejected = self._validated(task, replies)
         if valid:
             stored = self._stored(task)
-            parts = [s for _, s in valid] if stored is None else [stored, *(s for _, s in valid)]  # earlier first
+            weighted = [_capped(s, cap) for _, s in valid]
+            parts = weighted if stored is None else [stored, *weighted]  # earlier first
             summed = aggregate_stats(parts).tensors()
             try:  # the sum, as the bank would store it, must be valid statistics itself
-                FeatureStats.from_tensors(summed, entry.num_classes, self.width)
+                FeatureStats.from_tensors(summed, entry.num_classes, self.width, legacy_ok=True)
             except StatsError as error:
                 reason = f"the sum with this round's statistics is invalid: {error}"
                 return {**rejected, **{c: reason for c, _ in valid}}
@@ -125,6 +135,12 @@ class StatsCollector:
         out: dict[str, Any] = {f"task_free_{j}": a for j, a in enumerate(result.per_task)}
         return {**out, "task_free_all": result.accuracy, "task_free_routing": result.routing_accuracy,
                 "task_free_s_per_image": result.seconds_per_image}
+
+
+def _capped(stats: FeatureStats, cap: float) -> FeatureStats:
+    """``stats`` weighted ``cap / n`` per example when they count ``n > cap`` examples; else ``stats`` itself."""
+    count = float(stats.count.sum())
+    return stats.scaled(cap / count) if count > cap else stats
 
 
 def drop_stats(directory: str | os.PathLike[str], tasks: Collection[int]) -> list[int]:

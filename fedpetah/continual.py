@@ -168,8 +168,11 @@ class ContinualServer:
         bounded = self.aggregate(current, [r.state for r in trained], [r.num_examples for r in trained],
                                  self.bank[plan.task].opt_state, task_size=len(self.tasks[plan.task].train))
         refused = {trained[r.index].client for r in bounded.rejected}  # a rejected update's statistics go too
-        bad_stats.update(self.router.collect(plan.task, [(c, s) for c, s in with_stats
-                                                         if c not in bad_stats and c not in refused]))
+        if bounded.aggregate is not None:  # none kept (e.g. a non-finite aggregate): asked again next round
+            # weighted like the updates: a client counts at most the round's cap, in the adapter and the router
+            bad_stats.update(self.router.collect(plan.task, [(c, s) for c, s in with_stats
+                                                             if c not in bad_stats and c not in refused],
+                                                 cap=bounded.metrics["weight_cap"]))
         rejected = [{"client": trained[r.index].client, "reason": r.reason, "detail": r.detail}
                     for r in bounded.rejected]
         rejected += [{"client": r.client, "reason": r.reason, "detail": r.detail} for r in replies

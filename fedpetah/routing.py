@@ -72,7 +72,8 @@ class FeatureStats:
     """Sufficient statistics of one task's frozen features.
 
     ``count`` (C,) int64 examples per class, ``sum`` (C, D) float64 sum of features per class,
-    ``scatter`` (D, D) float64 sum of ``x x^T`` over every example of the task. Their tensor form (:meth:`tensors`,
+    ``scatter`` (D, D) float64 sum of ``x x^T`` over every example of the task. ``count`` is float64 in a
+    bank's statistics that hold a down-weighted contribution (:meth:`scaled`). Their tensor form (:meth:`tensors`,
     what a client sends and the bank stores) replaces ``scatter`` by ``within``, the within-class scatter
     ``scatter - sum_c s_c s_c^T / n_c`` as a float32 packed upper triangle: a quarter of the bytes, and rounding
     relative to the spread around the class means (what the router uses) rather than to the raw second moment.
@@ -104,6 +105,16 @@ class FeatureStats:
                              f"{(other.num_classes, other.dim)}")
         return FeatureStats(self.count + other.count, self.sum + other.sum, self.scatter + other.scatter)
 
+    def scaled(self, weight: float) -> FeatureStats:
+        """These statistics counted with ``weight`` in (0, 1] per example: counts (float64), sums and the raw
+        scatter times ``weight``. Exactly a weighted contribution: class means unchanged, and the within-class
+        scatter :meth:`tensors` derives, ``weight * scatter - between(weight * count, weight * sum)``, is
+        ``weight`` times this one's (the between-class scatter ``sum_c s_c s_c^T / n_c`` scales by
+        ``weight**2 / weight``)."""
+        if not 0.0 < weight <= 1.0:
+            raise StatsError(f"a statistics weight must be in (0, 1], got {weight}")
+        return FeatureStats(self.count.to(torch.float64) * weight, self.sum * weight, self.scatter * weight)
+
     def tensors(self) -> dict[str, torch.Tensor]:
         """``{"count", "sum", "within"}`` (:data:`STATS_KEYS`), CPU and contiguous: what a client sends."""
         within = self.scatter - _between(self.count, self.sum)
@@ -126,7 +137,8 @@ class FeatureStats:
         ``0..max_count``, a within-class scatter with a non-negative diagonal, and magnitudes that features no
         longer than ``max_norm`` can give (see :data:`MAX_FEATURE_NORM`; the bounds add up, so a sum of valid
         statistics is valid). Raises :class:`StatsError`. With ``legacy_ok`` (a bank's statistics, never a
-        client's) the legacy form is read as well (:data:`LEGACY_STATS_KEYS`, the raw float64 scatter)."""
+        client's) the legacy form is read as well (:data:`LEGACY_STATS_KEYS`, the raw float64 scatter), and
+        float64 counts (a sum holding a down-weighted contribution, :meth:`scaled`)."""
         legacy = legacy_ok and set(tensors) == set(LEGACY_STATS_KEYS)
         if set(tensors) != set(STATS_KEYS) and not legacy:
             raise StatsError(f"statistics need exactly the keys {list(STATS_KEYS)}, got {sorted(tensors)[:8]}")
@@ -138,11 +150,12 @@ class FeatureStats:
         }
         for key, (shape, dtype) in expected.items():
             value = tensors[key]
-            if not isinstance(value, torch.Tensor) or tuple(value.shape) != shape or value.dtype != dtype:
+            dtypes = (dtype, torch.float64) if key == "count" and legacy_ok else (dtype,)
+            if not isinstance(value, torch.Tensor) or tuple(value.shape) != shape or value.dtype not in dtypes:
                 got = (tuple(value.shape), value.dtype) if isinstance(value, torch.Tensor) else type(value)
                 raise StatsError(f"statistics {key!r}: expected {dtype} {shape}, got {got}")
         count, total = tensors["count"], tensors["sum"]
-        if int(count.min()) < 0 or int(count.max()) > max_count:
+        if not bool(torch.isfinite(count).all()) or float(count.min()) < 0 or float(count.max()) > max_count:
             raise StatsError(f"statistics counts must be in 0..{max_count}, got {count.tolist()[:10]}")
         second = tensors["scatter" if legacy else "within"]
         if not bool(torch.isfinite(total).all()) or not bool(torch.isfinite(second).all()):

@@ -1,5 +1,6 @@
 """Hostile router statistics: huge but finite values are counted rejections, a poisoned bank refuses to load and
-names its recovery, and the recovery (dropping a task's statistics) lets the run go on."""
+names its recovery, and the recovery (dropping a task's statistics) lets the run go on; a client's statistics
+weigh no more than the round's count cap lets its update weigh."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import dataclasses
 import json
 import math
 import socket
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -15,12 +17,23 @@ import pytest
 import torch
 
 from fedpetah.adapters import adapter_config, build_adapter
+from fedpetah.aggregation import BoundedAggregation, BoundsConfig, aggregator_config, build_aggregator
 from fedpetah.backbone import Backbone
 from fedpetah.bank import AdapterBank, BankError
 from fedpetah.collect import CLIENTS_KEY, StatsCollector, drop_stats
-from fedpetah.continual import ClientReply
+from fedpetah.config import BackboneConfig, PruningConfig, TrainConfig
+from fedpetah.continual import ClientReply, ContinualServer
+from fedpetah.experiment import ExperimentConfig, StrategyConfig
 from fedpetah.protocol import Status, TrainReply
-from fedpetah.routing import MAX_FEATURE_NORM, FeatureStats, RouterConfig, StatsError, data_stats, fit_router
+from fedpetah.routing import (
+    MAX_FEATURE_NORM,
+    FeatureStats,
+    RouterConfig,
+    StatsError,
+    class_stats,
+    data_stats,
+    fit_router,
+)
 from fedpetah.tasks import Task, TaskStreamConfig, build_stream
 from flower_glue.records import from_recorddict, to_recorddict
 from server import cli as server_cli
@@ -163,3 +176,169 @@ def test_fedpetah_server_resume_drops_a_tasks_statistics_before_it_starts_anythi
             server_cli.EXIT_SUPERLINK
     assert AdapterBank.load(run_dir / "bank")[0].stats == {}
     assert json.loads((run_dir / "bank" / "bank.json").read_text())["metadata"]["run"] == {"completed_rounds": 1}
+
+
+# a client's statistics count no more than its update: the round's weight cap --------------------------------
+
+LIAR = 9
+CLIENTS = {1: (5, (0.0, 0.0)), 2: (10, (1.0, 1.0)), LIAR: (10_000, (100.0, 100.0))}
+"""client: (examples per class, class 0's centre); class 1 is 4 to the right. The liar claims 1000x client 2's
+count (20,000 against 10 and 20) with features far from the honest ones."""
+
+
+def _client_features(client: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, 2) float64 features and (N,) labels of ``client``: small integer offsets around its class centres."""
+    per_class, (x, y) = CLIENTS[client]
+    offsets = torch.tensor([[1.0, 0.0], [-1.0, 0.0], [0.0, 2.0], [0.0, -2.0], [3.0, 1.0]], dtype=torch.float64)
+    rows = torch.arange(per_class) % len(offsets)
+    features = torch.cat([torch.tensor([x, y], dtype=torch.float64) + offsets[rows],
+                          torch.tensor([x + 4, y], dtype=torch.float64) + offsets[rows]])
+    return features, torch.arange(2).repeat_interleave(per_class)
+
+
+def _client_stats(client: int) -> dict[str, torch.Tensor]:
+    return class_stats(*_client_features(client), num_classes=2).tensors()
+
+
+def _weighted(weights: dict[int, float]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Class counts, class means and packed within-class scatter of every client's features, each example of
+    ``client`` counted ``weights[client]`` times: what the statistics should hold, from the features."""
+    parts = [(*_client_features(c), w) for c, w in weights.items()]
+    x = torch.cat([f for f, _, _ in parts])
+    y = torch.cat([labels for _, labels, _ in parts])
+    w = torch.cat([torch.full((len(labels),), w, dtype=torch.float64) for _, labels, w in parts])
+    counts = torch.stack([w[y == c].sum() for c in range(2)])
+    means = torch.stack([(w[y == c, None] * x[y == c]).sum(0) / counts[c] for c in range(2)])
+    centred = x - means[y]
+    within = (w[:, None] * centred).T @ centred
+    rows, cols = torch.triu_indices(2, 2)
+    return counts, means, within[rows, cols]
+
+
+def _round_cap(counts: list[int]) -> tuple[float, float]:
+    """The default bounded aggregation's count cap for a round with ``counts``, and its largest weight share."""
+    current = {"w": torch.zeros(2)}
+    updates: list[dict[str, torch.Tensor] | None] = [{"w": torch.ones(2)} for _ in counts]
+    result = BoundedAggregation(build_aggregator(aggregator_config("fedavg")), BoundsConfig())(
+        current, updates, counts)
+    return result.metrics["weight_cap"], result.metrics["max_weight_share"]
+
+
+def _dim2_collector(backbone: Backbone) -> tuple[AdapterBank, StatsCollector]:
+    bank = AdapterBank()
+    bank.add_task(0, "head", 2, build_adapter(adapter_config("head"), backbone, 2).state(), [0, 1])
+    return bank, StatsCollector(bank, backbone, RouterConfig(dim=2))
+
+
+def test_a_client_claiming_1000x_the_count_weighs_in_the_statistics_no_more_than_in_the_update(
+        tiny_backbone: Callable[..., Backbone]) -> None:
+    backbone = tiny_backbone("efficientvit_b0", 32)
+    counts = {c: 2 * n for c, (n, _) in CLIENTS.items()}
+    cap, share = _round_cap(list(counts.values()))
+    assert cap == 3 * 20  # weight_cap 3 x the median count
+    replies = [(c, _client_stats(c)) for c in CLIENTS]
+    # without a cap (the code before): the liar's features are the class means
+    bank, collector = _dim2_collector(backbone)
+    assert collector.collect(0, replies) == {}
+    _, liar_means, _ = _weighted({LIAR: 1.0})
+    unbounded = bank[0].stats["sum"] / bank[0].stats["count"][:, None]
+    assert float((unbounded - liar_means).norm(dim=1).max()) < 0.5
+    # with the round's cap: the weighted statistics with the liar's examples counted cap / 20,000 each
+    bank, collector = _dim2_collector(backbone)
+    assert collector.collect(0, replies, cap=cap) == {}
+    stored = bank[0].stats
+    counts_w, means_w, within_w = _weighted({1: 1.0, 2: 1.0, LIAR: cap / counts[LIAR]})
+    assert stored["count"].dtype == torch.float64
+    torch.testing.assert_close(stored["count"], counts_w, rtol=1e-15, atol=0)
+    torch.testing.assert_close(stored["sum"] / stored["count"][:, None], means_w, rtol=1e-13, atol=0)
+    torch.testing.assert_close(stored["within"].double(), within_w, rtol=2e-7, atol=0)  # float32 in the bank
+    liar_share = cap / float(stored["count"].sum())
+    assert liar_share == pytest.approx(share, rel=1e-14) and share == pytest.approx(60 / 90)
+
+
+def test_a_cap_no_client_exceeds_leaves_the_statistics_bit_for_bit(tiny_backbone: Callable[..., Backbone]) -> None:
+    backbone = tiny_backbone("efficientvit_b0", 32)
+    replies = [(c, _client_stats(c)) for c in (1, 2)]
+    stored = []
+    for cap in (math.inf, 20.0):  # client 2 counts exactly 20: at the cap, not over it
+        bank, collector = _dim2_collector(backbone)
+        assert collector.collect(0, replies, cap=cap) == {}
+        stored.append(bank[0].stats)
+    assert stored[1]["count"].dtype == torch.int64
+    assert all(torch.equal(stored[0][k], stored[1][k]) for k in stored[0])
+
+
+def test_weighted_statistics_are_exact_and_their_float_counts_come_only_from_a_bank() -> None:
+    stats = class_stats(*_client_features(1), num_classes=2)
+    weighted = stats.scaled(0.25).tensors()
+    with pytest.raises(StatsError, match="'count': expected torch.int64"):
+        FeatureStats.from_tensors(weighted, 2, 2)  # never from a client
+    read = FeatureStats.from_tensors(weighted, 2, 2, legacy_ok=True)
+    assert torch.equal(read.count, 0.25 * stats.count.double()) and torch.equal(read.sum, 0.25 * stats.sum)
+    original = stats.tensors()["within"].double()  # the within-class scatter scales by the weight, no more
+    torch.testing.assert_close(weighted["within"].double(), 0.25 * original, rtol=1e-7, atol=0)
+    torch.testing.assert_close(read.scatter, 0.25 * stats.scatter, rtol=1e-7, atol=1e-7 * float(original.max()))
+    for count in (math.nan, -0.5, 1e8):
+        bad = dict(weighted, count=weighted["count"].clone())
+        bad["count"][0] = count
+        with pytest.raises(StatsError, match="counts must be in"):
+            FeatureStats.from_tensors(bad, 2, 2, legacy_ok=True)
+    with pytest.raises(StatsError, match="weight must be in"):
+        stats.scaled(1.5)
+
+
+def _capped_server(tmp_path: Path, cache_dir: Path, aggregator: str = "fedavg") -> ContinualServer:
+    config = ExperimentConfig(
+        clients=3, rounds_per_task=2, output_dir=str(tmp_path), evaluate_every_round=False,
+        backbone=BackboneConfig(name="efficientvit_b0", img_size=32, weights="random"),
+        pruning=PruningConfig(ratio=0.0), adapter=adapter_config("head"),
+        tasks=TaskStreamConfig(name="split_mnist", num_tasks=1),
+        train=TrainConfig(epochs=1, batch_size=32, max_steps=1, loss="cross_entropy"),
+        strategy=StrategyConfig(aggregator=aggregator_config(aggregator)), router=RouterConfig(dim=2))
+    return ContinualServer(config, tmp_path / "run", cache_dir)
+
+
+def _round_replies(server: ContinualServer, states: dict[int, float]) -> list[ClientReply]:
+    """Each client's ok reply: the global adapter with every entry set to / moved by ``states[client]``
+    (a float32-sized value is set), its statistics and the count they hold."""
+    current = server.global_state(0)
+    replies = []
+    for client, value in states.items():
+        state = {k: torch.full_like(v, value) if abs(value) > 1e30 else v + value for k, v in current.items()}
+        stats = _client_stats(client)
+        replies.append(ClientReply(client=client, state=state, num_examples=int(stats["count"].sum()),
+                                   stats=stats))
+    return replies
+
+
+def test_complete_round_weighs_a_liars_statistics_with_the_rounds_cap(tmp_path: Path, cache_dir: Path) -> None:
+    server = _capped_server(tmp_path, cache_dir)
+    plan = next(server.schedule())
+    replies = _round_replies(server, {c: 0.01 for c in CLIENTS})
+    record = server.complete_round(plan, server.global_state(0), replies, 0, 0, time.perf_counter())
+    server.log.close()
+    cap = record.extra["agg_weight_cap"]
+    assert cap == 60.0 and record.extra["agg_num_weight_capped"] == 1.0 and record.num_rejected == 0
+    resumed = AdapterBank.load(server.bank_dir)  # float64 counts: saved, loaded and validated
+    collector = StatsCollector(resumed, server.backbone)
+    assert collector.counted(0) == sorted(CLIENTS)
+    stored = resumed[0].stats
+    _, means_w, _ = _weighted({1: 1.0, 2: 1.0, LIAR: cap / replies[-1].num_examples})
+    torch.testing.assert_close(stored["sum"] / stored["count"][:, None], means_w, rtol=1e-13, atol=0)
+    liar_share = cap / float(stored["count"].sum())
+    assert liar_share == pytest.approx(record.extra["agg_max_weight_share"], rel=1e-14)
+    result = collector.evaluate(server.config.adapter, list(server.tasks), 0)  # the router fits on them
+    assert math.isfinite(result["task_free_all"])
+
+
+def test_a_round_that_keeps_no_update_collects_no_statistics(tmp_path: Path, cache_dir: Path) -> None:
+    """The FedOpt second moment of two float32-sized updates overflows: the round keeps no aggregate, and its
+    statistics are left for the clients to send again in the task's next round."""
+    server = _capped_server(tmp_path, cache_dir, "fedadam")
+    plan = next(server.schedule())
+    replies = _round_replies(server, {1: 0.01, 2: 3e38, LIAR: 3e38})
+    record = server.complete_round(plan, server.global_state(0), replies, 0, 0, time.perf_counter())
+    server.log.close()
+    assert record.extra["agg_non_finite_aggregate"] == 1.0 and record.extra["aggregated"] == 0.0
+    assert server.bank[0].stats == {} and server.router.counted(0) == []
+    assert server.router.wanted(0, 1) is not None
