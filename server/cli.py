@@ -70,6 +70,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--port", type=int, default=8000, help="the one HTTPS port devices connect to")
     parser.add_argument("--superlink-port", type=int,
                         help="the SuperLink's own port on 127.0.0.1 behind the proxy (default PORT+1)")
+    parser.add_argument("--keycheck-port", type=int,
+                        help="the proxy's signature check on 127.0.0.1 (server/keycheck.py; default SUPERLINK_PORT+1)")
     parser.add_argument("--nginx", help="the nginx binary (default: found on PATH or in /usr/sbin)")
     parser.add_argument("--expose-control-api", action="store_true",
                         help="DANGEROUS: no proxy; the SuperLink itself listens on --host, so its Control API "
@@ -232,7 +234,7 @@ def _flower_env(state: Path, address: str, certs: TlsFiles | None) -> dict[str, 
     return env
 
 
-def _proxy(args: argparse.Namespace, state: Path, certs: TlsFiles | None, keys: list[Path]) -> FleetProxy | None:
+def _proxy(args: argparse.Namespace, state: Path, certs: TlsFiles | None) -> FleetProxy | None:
     """The Fleet-only proxy to start in front of the SuperLink (None without one); a missing nginx fails here,
     before anything starts."""
     if args.expose_control_api:
@@ -246,22 +248,26 @@ def _proxy(args: argparse.Namespace, state: Path, certs: TlsFiles | None, keys: 
         nginx = find_nginx(args.nginx)
     except ProxyMissing as err:
         raise ServerError(EXIT_NO_PROXY, str(err)) from None
-    return FleetProxy(nginx, (args.host, args.port), _superlink_address(args)[1], certs, state / "proxy",
-                      state / "logs" / "proxy.log", tuple(keys))
+    superlink_port = _superlink_address(args)[1]
+    return FleetProxy(nginx, (args.host, args.port), superlink_port, certs, state / "proxy",
+                      state / "logs" / "proxy.log", args.keycheck_port or superlink_port + 1,
+                      (args.nodes or state / "nodes").expanduser().resolve())
 
 
-def _start_proxy(proxy: FleetProxy, timeout: float) -> subprocess.Popen[bytes]:
+def _start_proxy(proxy: FleetProxy, timeout: float, started: list[subprocess.Popen[bytes]]) -> None:
+    """The signature check, then nginx, each appended to ``started`` (stop them in reverse order)."""
     try:
-        process = proxy.start(timeout)
+        started.append(proxy.start_keycheck(timeout))
+        started.append(proxy.start(timeout))
     except ProxyCertificate as err:
         raise ServerError(EXIT_TLS, str(err)) from None
     except ProxyError as err:
         raise ServerError(EXIT_PROXY, str(err)) from None
     host, port = proxy.listen
     print(f"fedpetah-server: devices connect to {host}:{port}: nginx (log {proxy.log}) forwards only the Fleet API "
-          f"to the SuperLink on 127.0.0.1:{proxy.superlink_port}; checked: the Control API is refused there",
-          file=sys.stderr)
-    return process
+          f"to the SuperLink on 127.0.0.1:{proxy.superlink_port}, and only requests signed by a key in "
+          f"{proxy.nodes} (checked on 127.0.0.1:{proxy.keycheck_port} before a body is read); checked: the Control "
+          f"API and unsigned requests are refused there", file=sys.stderr)
 
 
 def _operate(args: argparse.Namespace, state: Path, config: ExperimentConfig, certs: TlsFiles | None,
@@ -273,7 +279,7 @@ def _operate(args: argparse.Namespace, state: Path, config: ExperimentConfig, ce
     env = _flower_env(state, f"{local}:{port}", certs)
     link_log = state / "logs" / "superlink.log"
     link = start(_superlink_command(args, state, certs), env, link_log)
-    front: subprocess.Popen[bytes] | None = None
+    front: list[subprocess.Popen[bytes]] = []  # the proxy's signature check and nginx
     run_id = ""
     try:
         if not wait_for_port(local, port, link, args.startup_timeout):
@@ -282,7 +288,7 @@ def _operate(args: argparse.Namespace, state: Path, config: ExperimentConfig, ce
         print(f"fedpetah-server: SuperLink on {host}:{port} ({'TLS' if certs else 'INSECURE'}), "
               f"log {link_log}", file=sys.stderr)
         if proxy is not None:
-            front = _start_proxy(proxy, args.startup_timeout)
+            _start_proxy(proxy, args.startup_timeout, front)
         _register(env, keys)
         submitted = _flwr_json(env, "run", str(stage_app(config, state / "app")), CONNECTION)
         if not submitted.get("success"):
@@ -297,8 +303,8 @@ def _operate(args: argparse.Namespace, state: Path, config: ExperimentConfig, ce
         with signals_ignored():  # a second Ctrl-C must not leave the SuperLink running
             if run_id:  # interrupted: stop the run so no stale messages reach devices after a restart
                 _flwr(env, "stop", run_id, CONNECTION, timeout=30.0)
-            if front is not None:
-                stop_tree(front)
+            for process in reversed(front):
+                stop_tree(process)
             stop_tree(link)
 
 
@@ -306,13 +312,15 @@ def serve(args: argparse.Namespace) -> int:
     state = args.state_dir.expanduser().resolve()
     run_dir = (args.run_dir or state / "run").expanduser().resolve()
     certs, keys = _security(args, state)
-    proxy = _proxy(args, state, certs, keys)
+    proxy = _proxy(args, state, certs)
     config = _experiment(args, run_dir, len(keys))
     _check_run_dir(run_dir, config_json(config), args.resume)
     _drop_stats(args, run_dir)
     ports = [(args.host, args.port, "--port")]
     if _proxied(args):
         ports.append((*_superlink_address(args), "--superlink-port"))
+        if proxy is not None:
+            ports.append(("127.0.0.1", proxy.keycheck_port, "--keycheck-port"))
     for host, port, option in ports:
         if not port_is_free(host, port):
             raise ServerError(EXIT_SUPERLINK, f"port {port} on {host} is in use (another SuperLink?); "

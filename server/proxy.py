@@ -8,14 +8,15 @@ uvicorn port. fedpetah-server binds that port to 127.0.0.1 and puts nginx on the
     python -m server.proxy --listen 0.0.0.0:443 --superlink-port 8000 --certificates STATE/certs \\
         --nodes STATE/nodes --cert /etc/letsencrypt/live/fl.example.org/fullchain.pem --key .../privkey.pem
 
-prints the blocks fedpetah-server generates (the registered-key ``map``, the limit zones, ``upstream`` and
-``server``), for the ``http {}`` block of an nginx you run yourself.
+prints the blocks fedpetah-server generates (the limit zones, ``upstream`` and ``server``), for the ``http {}``
+block of an nginx you run yourself, and the command of the signature check they need beside them
+(``python -m server.keycheck --nodes STATE/nodes --listen 127.0.0.1:8001``, server/keycheck.py).
 
-What reaches the SuperLink is bounded before Flower reads a byte of the body: a Fleet request must name a
-registered node key (except ``register-node`` / ``activate-node``, where Flower refuses an unknown key itself), its
-body is capped per route at what a SuperNode sends (``BODY_CAPS``), and each client address is limited in requests
-per second and concurrent requests (``RATE``, ``BURST``, ``CONNECTIONS``). The workers run as ``nobody`` under
-root.
+What reaches the SuperLink is bounded before Flower reads a byte of the body: a Fleet request must be signed by a
+registered node key, which nginx asks the signature check with the request's headers only (``auth_request``;
+except ``register-node`` / ``activate-node``, where Flower refuses an unknown key itself), its body is capped per
+route at what a SuperNode sends (``BODY_CAPS``), and each client address is limited in requests per second and
+concurrent requests (``RATE``, ``BURST``, ``CONNECTIONS``). The workers run as ``nobody`` under root.
 """
 
 from __future__ import annotations
@@ -24,25 +25,23 @@ import argparse
 import base64
 import http.client
 import os
-import re
 import shutil
 import ssl
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from cryptography.hazmat.primitives import serialization
-
 from flower_glue.launch import split_address, start, stop_tree, wait_for_port
+from server import keycheck
 from server.certificates import TlsFiles, node_keys
 
 FLEET_PATHS = r"^/v1/fleet/[a-z-]+$"  # every Fleet API route of Flower 1.42 (all POST, no query string)
 REFUSAL = "fedpetah proxy: only Flower's Fleet API (POST /v1/fleet/...) is served on this address"
-UNREGISTERED = "fedpetah proxy: this SuperNode key is not registered on this server"
-KEY_HEADER = "flwr-public-key"  # flwr.supercore.constant.FLEET_HTTP_PUBLIC_KEY_HEADER: base64 of the key's PEM
+REFUSED = "fedpetah proxy: "  # + the signature check's reason (server/keycheck.py): nginx's 401 body
+UNREGISTERED = REFUSED + keycheck.UNREGISTERED
+KEYCHECK_DOWN = "fedpetah proxy: the signature check (server/keycheck.py) does not answer; retry later"
 KEYLESS_ROUTES = ("register-node", "activate-node")  # Flower answers an unregistered key here in its own words
 # Request body caps, from what a Flower 1.42 SuperNode sends (flwr/supernode/fleet_http_connection.py):
 # - push-object: one inflatable object per request; arrays travel as ArrayChunks of at most
@@ -113,28 +112,30 @@ def _listen(host: str, port: int) -> str:
 def flower_key_header(public_key: Path) -> str:
     """The ``flwr-public-key`` header a SuperNode with this OpenSSH EC public key sends: base64 of the key's PEM
     (flwr/supernode/node_auth_http_interceptor.py, flwr/supercore/primitives/asymmetric.py public_key_to_bytes)."""
-    key = serialization.load_ssh_public_key(public_key.read_bytes())
-    pem = key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
-    return base64.b64encode(pem).decode("ascii")
+    return base64.b64encode(keycheck.flower_public_key(public_key)[0]).decode("ascii")
 
 
 def _fleet_location(route: str | None, ca: Path) -> str:
     """One ``location`` for Fleet ``route`` (None: every other route) with its body cap, the raw-path check, the
-    registered-key check (except the keyless routes) and the forwarding to the SuperLink."""
+    signature check (except the keyless routes) and the forwarding to the SuperLink."""
     keyed = route not in KEYLESS_ROUTES
     where = "/v1/fleet/" if route is None else f"= /v1/fleet/{route}"
     cap = BODY_CAPS.get(route or "", SMALL_BODY)
     limits = "" if keyed else (f"        limit_req zone=fedpetah_requests burst={BURST} nodelay;  # (not inherited)\n"
                                f"        limit_req zone=fedpetah_keyless burst={KEYLESS_BURST} nodelay;\n")
-    unregistered = (f"        if ($fedpetah_registered = 0) {{\n            return 401 \"{UNREGISTERED}\\n\";\n"
-                    f"        }}\n") if keyed else ""
+    reason = "$upstream_http_" + keycheck.REASON_HEADER.lower().replace("-", "_")
+    signed = ("        auth_request /_fedpetah_keycheck;  # after the limits and the path check, before the body\n"
+              f"        auth_request_set $fedpetah_refusal {reason};\n"
+              "        error_page 401 @fedpetah_unsigned;\n"
+              "        error_page 500 =503 @fedpetah_keycheck_down;  # the check is down: a SuperNode retries 503\n"
+              ) if keyed else ""
     return f"""\
     location {where} {{
         client_max_body_size {cap};
 {limits}        if ($request_uri !~ "{FLEET_PATHS}") {{
             return 403 "{REFUSAL}\\n";
         }}
-{unregistered}        limit_except POST {{
+{signed}        limit_except POST {{
             deny all;
         }}
         proxy_pass https://fedpetah_superlink;
@@ -155,24 +156,18 @@ def _fleet_location(route: str | None, ca: Path) -> str:
 
 
 def server_block(listen: tuple[str, int], superlink_port: int, ca: Path, cert: Path, key: Path,
-                 keys: Sequence[str]) -> str:
-    """nginx ``map``, limit zones, ``upstream`` and ``server`` blocks (all valid in ``http {}``): TLS on ``listen``
-    with ``cert``/``key``, the Fleet API forwarded to the SuperLink on 127.0.0.1:``superlink_port`` (its certificate
-    verified against ``ca`` for ``localhost``) for requests that carry one of ``keys`` (``flwr-public-key`` header
-    values, :func:`flower_key_header`), bodies capped per route, requests and connections limited per address."""
-    for value in keys:
-        if not re.fullmatch(r"[A-Za-z0-9+/]+={0,2}", value):
-            raise ProxyError(f"not a base64 public key header: {value[:80]!r}")
-    registered = "".join(f'    "{value}" 1;\n' for value in sorted(set(keys)))
+                 keycheck_port: int) -> str:
+    """nginx limit zones, ``upstream`` and ``server`` blocks (all valid in ``http {}``): TLS on ``listen`` with
+    ``cert``/``key``, the Fleet API forwarded to the SuperLink on 127.0.0.1:``superlink_port`` (its certificate
+    verified against ``ca`` for ``localhost``) for requests that the signature check on 127.0.0.1:``keycheck_port``
+    (server/keycheck.py) accepts, bodies capped per route, requests and connections limited per address."""
     routes = [*BODY_CAPS, *KEYLESS_ROUTES, None]
     return f"""\
 # Flower checks a node's signature only after reading and parsing the whole body (and the parsed body of a refused
-# request stays in the SuperLink's memory until a full garbage collection): requests that do not even name a
-# registered node key are refused here, before any body is read. Only the keyless routes pass without one.
-map_hash_bucket_size 512;  # a P-384 key's header value is ~290 characters
-map $http_{KEY_HEADER.replace("-", "_")} $fedpetah_registered {{
-    default 0;
-{registered}}}
+# request stays in the SuperLink's memory until a full garbage collection): nginx asks the signature check
+# (python -m server.keycheck --nodes STATE/nodes --listen 127.0.0.1:{keycheck_port}, which must run beside it) with
+# the request's headers only, and refuses a request not signed by a registered node key before reading its body.
+# Only the keyless routes pass without one.
 limit_req_zone $binary_remote_addr zone=fedpetah_requests:10m rate={RATE};
 limit_req_zone $binary_remote_addr zone=fedpetah_keyless:10m rate={KEYLESS_RATE};
 limit_conn_zone $binary_remote_addr zone=fedpetah_connections:10m;
@@ -181,6 +176,12 @@ upstream fedpetah_superlink {{
     server 127.0.0.1:{superlink_port};
     keepalive 32;
     keepalive_timeout 4s;  # below uvicorn's 5 s, so nginx never reuses a connection the SuperLink is closing
+}}
+
+upstream fedpetah_keycheck {{
+    server 127.0.0.1:{keycheck_port};
+    keepalive 16;
+    keepalive_timeout 30s;  # below the check's 60 s idle timeout (server/keycheck.py IDLE_S)
 }}
 
 server {{
@@ -205,6 +206,24 @@ server {{
     # Only the Fleet API. Locations match the normalised path, but nginx forwards the request line as sent, so the
     # raw request URI must be a plain Fleet route too (no "..", "%", "//" or query string to confuse the upstream).
 {"".join(_fleet_location(route, ca) for route in routes)}
+    # The signature check, asked with the request's headers only (the subrequest carries no body).
+    location = /_fedpetah_keycheck {{
+        internal;
+        client_max_body_size 0;  # the request's own location capped it; this subrequest forwards no body
+        proxy_pass http://fedpetah_keycheck;
+        proxy_pass_request_body off;
+        proxy_set_header Content-Length "";
+        proxy_http_version 1.1;
+        proxy_set_header Connection "";
+        proxy_connect_timeout 2s;
+        proxy_read_timeout 10s;
+    }}
+    location @fedpetah_unsigned {{
+        return 401 "{REFUSED}$fedpetah_refusal\\n";
+    }}
+    location @fedpetah_keycheck_down {{
+        return 503 "{KEYCHECK_DOWN}\\n";
+    }}
     # The Control API (runs = code execution on this server and on every device), the Runtime API, /docs, /health.
     location / {{
         return 403 "{REFUSAL}\\n";
@@ -239,7 +258,8 @@ class FleetProxy:
     tls: TlsFiles
     prefix: Path
     log: Path
-    keys: tuple[Path, ...]  # the registered devices' OpenSSH public keys: other keys are refused before Flower
+    keycheck_port: int  # the signature check (server/keycheck.py) on 127.0.0.1, asked before a body is read
+    nodes: Path  # the registered devices' OpenSSH public keys (*.pub), which the signature check reads
 
     @property
     def conf(self) -> Path:
@@ -249,7 +269,7 @@ class FleetProxy:
         """The whole nginx.conf: in the foreground (our process supervises it), every path inside ``prefix``."""
         temp = "".join(f"    {kind}_temp_path {_quoted(self.prefix / 'tmp' / kind)};\n" for kind in TEMP_KINDS)
         block = server_block(self.listen, self.superlink_port, self.tls.ca, self.tls.cert, self.tls.key,
-                             [flower_key_header(key) for key in self.keys])
+                             self.keycheck_port)
         return (f"# Written by fedpetah-server (server/proxy.py) at every start; edits are overwritten.\n"
                 f"daemon off;\nmaster_process on;\nworker_processes 1;\n{_user_line()}"
                 f"pid {_quoted(self.prefix / 'nginx.pid')};\nerror_log stderr warn;\n\n"
@@ -265,6 +285,19 @@ class FleetProxy:
             (self.prefix / "tmp" / kind).mkdir(parents=True, exist_ok=True)
         self.conf.write_text(self.render())
         return self.conf
+
+    def start_keycheck(self, timeout: float) -> subprocess.Popen[bytes]:
+        """The signature check (``python -m server.keycheck``) on 127.0.0.1:``keycheck_port``, its output appended
+        to ``keycheck.log`` beside ``log``; start it before nginx. ProxyError if it does not listen."""
+        log = self.log.with_name("keycheck.log")
+        process = start([sys.executable, "-m", "server.keycheck", "--nodes", str(self.nodes), "--listen",
+                         f"127.0.0.1:{self.keycheck_port}"], os.environ, log)
+        if not wait_for_port("127.0.0.1", self.keycheck_port, process, timeout):
+            stop_tree(process)
+            tail = "\n".join(log.read_text(errors="replace").splitlines()[-15:])
+            raise ProxyError(f"the proxy's signature check did not start on 127.0.0.1:{self.keycheck_port} "
+                             f"(log {log}):\n{tail}")
+        return process
 
     def start(self, timeout: float) -> subprocess.Popen[bytes]:
         """Write the config, start nginx (its output appended to ``log``) and check it; ProxyError if it fails."""
@@ -283,8 +316,9 @@ class FleetProxy:
         return "\n".join(lines)
 
     def check(self, process: subprocess.Popen[bytes] | None, timeout: float) -> tuple[int, int]:
-        """Reach the proxy over verified TLS as a device does: the Control API must be refused by nginx (403) and
-        the Fleet API answered by Flower; (control status, fleet status)."""
+        """Reach the proxy over verified TLS as a device does: the Control API must be refused by nginx (403), an
+        unsigned Fleet request by the signature check (401) and the keyless Fleet route answered by Flower;
+        (control status, fleet status)."""
         host, port = self.listen
         host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
         if not wait_for_port(host, port, process, timeout):
@@ -294,6 +328,14 @@ class FleetProxy:
             raise ProxyError(f"the proxy on {_listen(host, port)} answered the Control API with HTTP {control}, "
                              f"not the proxy's 403; is another server on that port? ({body[:200]!r})")
         deadline = time.monotonic() + timeout
+        while True:
+            unsigned, body = probe(host, port, self.tls.ca, "/v1/fleet/get-run")
+            if unsigned == 401 and body.startswith(REFUSED):
+                break
+            if time.monotonic() > deadline:
+                raise ProxyError(f"the proxy's signature check on 127.0.0.1:{self.keycheck_port} does not answer "
+                                 f"(HTTP {unsigned}: {body[:200]!r}; log {self.log}):\n{self._tail()}")
+            time.sleep(0.5)
         while True:
             fleet, body = probe(host, port, self.tls.ca, "/v1/fleet/activate-node")  # keyless: reaches Flower
             if fleet not in (403, 502, 503, 504):
@@ -341,16 +383,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cert", type=Path, help="certificate devices see (default CERTIFICATES/server.pem)")
     parser.add_argument("--key", type=Path, help="its key (default CERTIFICATES/server.key)")
     parser.add_argument("--nodes", type=Path, required=True,
-                        help="the registered devices' *.pub keys (STATE/nodes); print again after adding one")
+                        help="the registered devices' *.pub keys (STATE/nodes), which the signature check reads")
+    parser.add_argument("--keycheck-port", type=int,
+                        help="the signature check's port on 127.0.0.1 (default SUPERLINK_PORT+1)")
     args = parser.parse_args(argv)
     certs = args.certificates.resolve()
     try:
-        keys = [flower_key_header(key) for key in node_keys(args.nodes)]
+        node_keys(args.nodes)
     except ValueError as err:
         parser.error(str(err))
-    print(server_block(split_address(args.listen), args.superlink_port, certs / "ca.pem",
-                       (args.cert or certs / "server.pem").resolve(), (args.key or certs / "server.key").resolve(),
-                       keys), end="")
+    keycheck_port = args.keycheck_port or args.superlink_port + 1
+    print(f"# Run the signature check beside this nginx (e.g. as a systemd unit), as the user who owns the keys:\n"
+          f"#   {sys.executable} -m server.keycheck --nodes {args.nodes.resolve()} "
+          f"--listen 127.0.0.1:{keycheck_port}\n"
+          + server_block(split_address(args.listen), args.superlink_port, certs / "ca.pem",
+                         (args.cert or certs / "server.pem").resolve(), (args.key or certs / "server.key").resolve(),
+                         keycheck_port), end="")
     return 0
 
 
