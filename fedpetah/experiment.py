@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, TypeVar
-
-from omegaconf import DictConfig, OmegaConf
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from fedpetah.adapters import ADAPTERS, AdapterConfig, adapter_config
 from fedpetah.aggregation import AGGREGATORS, AggregatorConfig, BoundsConfig, aggregator_config
@@ -24,6 +23,9 @@ from fedpetah.flatconfig import Scalar, build_dataclass, flatten
 from fedpetah.registry import Registry
 from fedpetah.routing import RouterConfig
 from fedpetah.tasks import PartitionConfig, TaskStreamConfig
+
+if TYPE_CHECKING:  # omegaconf and hydra come with the server extra; a device (fedpetah-export) has neither
+    from omegaconf import DictConfig
 
 T = TypeVar("T")
 
@@ -120,6 +122,7 @@ def register_configs() -> None:
     directly (its defaults are the dataclass's), and ``strategy.aggregator.<option>=...`` is type-checked.
     """
     from hydra.core.config_store import ConfigStore
+    from omegaconf import OmegaConf
 
     store = ConfigStore.instance()
     schema = OmegaConf.structured(ExperimentConfig)
@@ -133,7 +136,11 @@ def register_configs() -> None:
 
 def to_experiment(cfg: DictConfig | Mapping[str, Any]) -> ExperimentConfig:
     """Typed config from a composed Hydra config or a nested dict; every dataclass validates its fields."""
-    raw = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+    omegaconf = sys.modules.get("omegaconf")  # a DictConfig exists only where omegaconf was imported
+    if omegaconf is not None and omegaconf.OmegaConf.is_config(cfg):
+        raw = omegaconf.OmegaConf.to_container(cfg, resolve=True)
+    else:
+        raw = dict(cfg)
     assert isinstance(raw, dict)
     raw = {str(k): v for k, v in raw.items() if k != "hydra"}
     adapter = raw.pop("adapter", None)

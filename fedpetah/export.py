@@ -20,6 +20,7 @@ import argparse
 import dataclasses
 import hashlib
 import importlib.metadata
+import importlib.util
 import json
 import shutil
 import sys
@@ -140,6 +141,15 @@ def run_predictor(run: Run) -> TaskFreePredictor:
     return build_predictor(run.backbone, run.config.adapter, run.bank, run.stats, router=run.router)
 
 
+def require_onnx() -> None:
+    """Raise :class:`ExportError` with the install hint when torch.onnx's exporters cannot run here: they import
+    onnx and onnxscript, which the ``export`` extra installs (a device's base install has neither)."""
+    missing = [name for name in ("onnx", "onnxscript") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ExportError(f"model.onnx needs the export extra ({', '.join(missing)} missing): "
+                          "pip install 'fedpetah[export]', or pass --no-onnx")
+
+
 def export_onnx(model: torch.nn.Module, example: torch.Tensor, path: Path) -> None:
     """``model`` as ONNX (opset 18) with a dynamic batch axis: input ``images``, output ``scores``.
 
@@ -198,6 +208,8 @@ def export_run(run_dir: str | Path, out_dir: str | Path, artifact: str | Path | 
 def write_export(predictor: TaskFreePredictor, backbone: Backbone, adapter: AdapterConfig, out: Path,
                  onnx: bool = True, pte: bool = False) -> dict[str, Any]:
     """The files of an export (see the module docstring) for a built predictor."""
+    if onnx:
+        require_onnx()  # before any file is written
     out.mkdir(parents=True, exist_ok=True)
     model = predictor.model
     tensors, aliases = _deduplicated(model.state_dict())
