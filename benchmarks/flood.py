@@ -7,11 +7,13 @@ bounded loops (a request count and a deadline per scenario) of:
 - ``large_unsigned``: 60 MiB PushObjectRequests without any key (the issue's repro);
 - ``chunk_unsigned``: PushObjectRequests of one array chunk (5 MiB) without any key;
 - ``chunk_known_key``: the same, naming a registered device's public key (which is not secret) but unsigned;
+- ``chunk_forged``: the same, naming that key with a fresh flwr-timestamp signed by the stranger's own key;
 - ``small``: empty pull-messages requests on keep-alive connections, as fast as they are answered.
 
 Each scenario runs on a fresh SuperLink + proxy; the SuperLink's resident memory is sampled every 0.1 s from before
 the flood until 10 s after it. ``--before REV`` runs the same scenarios behind the proxy of commit REV
-(``git show REV:server/proxy.py``, loaded as a module) too.
+(``git show REV:server/proxy.py``, loaded as a module) too. The proxy's signature check (server/keycheck.py, since
+it exists) runs beside nginx as fedpetah-server runs it.
 
     python benchmarks/flood.py --before 6d1fd9f
     python benchmarks/flood.py --scenarios small --quick
@@ -22,6 +24,7 @@ Writes benchmarks/results/flood.json and flood.md.
 from __future__ import annotations
 
 import argparse
+import base64
 import http.client
 import importlib.util
 import inspect
@@ -43,6 +46,7 @@ from types import ModuleType
 from typing import Any
 
 import psutil
+from cryptography.hazmat.primitives.asymmetric import ec
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -50,6 +54,8 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 from flwr.proto.message_pb2 import PushObjectRequest  # noqa: E402
 from flwr.proto.node_pb2 import Node  # noqa: E402
+from flwr.supercore.date import now  # noqa: E402
+from flwr.supercore.primitives.asymmetric import sign_message  # noqa: E402
 
 from flower_glue.launch import child_env, executable, free_port, start, stop_tree, wait_for_port  # noqa: E402
 from server import proxy as current_proxy  # noqa: E402
@@ -68,6 +74,7 @@ class Scenario:
     requests: int
     threads: int
     key: bool  # the request names the registered device's public key
+    forged: bool = False  # and carries a fresh timestamp signed by another key
     deadline_s: float = 120.0
 
 
@@ -75,6 +82,7 @@ SCENARIOS = {s.name: s for s in [
     Scenario("large_unsigned", "push-object", 60 * 2**20, 8, 2, key=False),
     Scenario("chunk_unsigned", "push-object", 5 * 2**20, 200, 4, key=False),
     Scenario("chunk_known_key", "push-object", 5 * 2**20, 200, 4, key=True),
+    Scenario("chunk_forged", "push-object", 5 * 2**20, 200, 4, key=True, forged=True),
     Scenario("small", "pull-messages", 0, 4000, 4, key=False),
 ]}
 
@@ -97,7 +105,7 @@ def load_proxy(rev: str) -> ModuleType:
 def stack(root: Path, proxy_module: ModuleType) -> Iterator[tuple[psutil.Process, int, Path, Path]]:
     """SuperLink + proxy on loopback; (SuperLink process, proxy port, ca.pem, the registered key); all stopped."""
     make_tls(root / "certs", [DEVICES])
-    key = make_node_key(root / "node")[1]
+    key = make_node_key(root / "nodes" / "node")[1]
     certs, port = server_files(root / "certs"), free_port()
     env = child_env({"FLWR_HOME": str(root / "flwr"), "FLWR_DISABLE_UPDATE_CHECK": "1",
                      "FLWR_TELEMETRY_ENABLED": "0"})
@@ -105,19 +113,23 @@ def stack(root: Path, proxy_module: ModuleType) -> Iterator[tuple[psutil.Process
                   str(root / "superlink.db"), "--ssl-ca-certfile", str(certs.ca), "--ssl-certfile", str(certs.cert),
                   "--ssl-keyfile", str(certs.key), "--enable-supernode-auth",
                   "--disable-runtime-dependency-installation"], env, root / "superlink.log")
-    front = None
+    front = []
     try:
         if not wait_for_port("127.0.0.1", port, link, 60.0):
             raise RuntimeError(f"the SuperLink did not start: {(root / 'superlink.log').read_text()[-2000:]}")
         fields = inspect.signature(proxy_module.FleetProxy).parameters
-        extra = {"keys": (key,)} if "keys" in fields else {}
+        extra: dict[str, Any] = {"keys": (key,)} if "keys" in fields else {}
+        if "keycheck_port" in fields:
+            extra.update(keycheck_port=free_port(), nodes=key.parent)
         proxy = proxy_module.FleetProxy(proxy_module.find_nginx(), (DEVICES, free_port(DEVICES)), port, certs,
                                         root / "proxy", root / "logs" / "proxy.log", **extra)
-        front = proxy.start(timeout=30.0)
+        if "keycheck_port" in fields:
+            front.append(proxy.start_keycheck(timeout=30.0))
+        front.append(proxy.start(timeout=30.0))
         yield psutil.Process(link.pid), proxy.listen[1], certs.ca, key
     finally:
-        if front is not None:
-            stop_tree(front)
+        for process in reversed(front):
+            stop_tree(process)
         stop_tree(link)
 
 
@@ -129,6 +141,10 @@ def flood(scenario: Scenario, port: int, ca: Path, key: Path) -> tuple[Counter[s
     headers = {"Content-Type": "application/protobuf"}
     if scenario.key:
         headers["flwr-public-key"] = current_proxy.flower_key_header(key)
+    if scenario.forged:  # valid for 305 s, longer than the deadline
+        timestamp = now().isoformat()
+        signature = sign_message(ec.generate_private_key(ec.SECP384R1()), timestamp.encode("ascii"))
+        headers.update({"flwr-timestamp": timestamp, "flwr-signature": base64.b64encode(signature).decode()})
     context = ssl.create_default_context(cafile=str(ca))
     outcomes: Counter[str] = Counter()
     lock = threading.Lock()
@@ -222,13 +238,14 @@ def markdown(report: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--before", metavar="REV", help="also measure the proxy of this commit")
+    parser.add_argument("--before", metavar="REV", action="append", default=[],
+                        help="also measure the proxy of this commit (repeatable)")
     parser.add_argument("--scenarios", nargs="+", choices=sorted(SCENARIOS), default=list(SCENARIOS))
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "flood")
     args = parser.parse_args(argv)
     proxies: list[tuple[str, ModuleType]] = []
-    if args.before:
-        proxies.append((f"before ({args.before})", load_proxy(args.before)))
+    for rev in args.before:
+        proxies.append((f"before ({rev})", load_proxy(rev)))
     proxies.append(("after (server/proxy.py)", current_proxy))
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
                             check=False).stdout.strip()
