@@ -79,7 +79,8 @@ def superlink(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[TlsFil
 
 
 def superlink_log(certs: TlsFiles) -> Path:
-    """The fixture SuperLink's log (beside its certs/): uvicorn writes one access line per request it receives."""
+    """The fixture SuperLink's log (beside its certs/): uvicorn writes an access line for every request it answers
+    (Flower hides only successful routine ones, flwr/supercore/http_logging.py; every one here is refused)."""
     return certs.ca.parent.parent / "superlink.log"
 
 
