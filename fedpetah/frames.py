@@ -19,6 +19,7 @@ from safetensors.numpy import load as load_arrays
 from safetensors.numpy import save as save_arrays
 
 from fedpetah.protocol import MAX_ARTIFACT_BYTES, ProtocolError, Records
+from fedpetah.reasons import Reason
 
 MAGIC = b"FPW1"
 PREFIX = struct.Struct(">4sQ")
@@ -31,7 +32,7 @@ KINDS = ("arrays", "metrics", "configs")
 
 
 class FrameError(ProtocolError):
-    """A frame that is truncated, oversized or malformed (``reason`` "size" or "malformed")."""
+    """A frame that is truncated, oversized or malformed (``reason`` size or malformed)."""
 
 
 def _scalar(value: Any, where: str, allow_bytes: bool, segments: list[bytes] | None) -> Any:
@@ -41,9 +42,10 @@ def _scalar(value: Any, where: str, allow_bytes: bool, segments: list[bytes] | N
         index = value.get("$bytes")
         if set(value) != {"$bytes"} or isinstance(index, bool) or not isinstance(index, int) \
                 or not 1 <= index < len(segments):
-            raise FrameError("malformed", f"{where}: a bytes reference must be {{'$bytes': 1..{len(segments) - 1}}}")
+            raise FrameError(Reason.MALFORMED,
+                             f"{where}: a bytes reference must be {{'$bytes': 1..{len(segments) - 1}}}")
         return segments[index]
-    raise FrameError("malformed", f"{where}: {type(value).__name__} is not a record value")
+    raise FrameError(Reason.MALFORMED, f"{where}: {type(value).__name__} is not a record value")
 
 
 def _value(value: Any, where: str, allow_bytes: bool, segments: list[bytes] | None = None) -> Any:
@@ -51,7 +53,7 @@ def _value(value: Any, where: str, allow_bytes: bool, segments: list[bytes] | No
     if isinstance(value, list):
         items = [_scalar(v, where, False, None) for v in value]
         if len({type(v) for v in items}) > 1:
-            raise FrameError("malformed", f"{where}: a list mixes value types")
+            raise FrameError(Reason.MALFORMED, f"{where}: a list mixes value types")
         return items
     return _scalar(value, where, allow_bytes, segments)
 
@@ -79,47 +81,47 @@ def encode(kind: str, records: Records) -> bytes:
                          "segments": [len(s) for s in segments]}, allow_nan=True).encode()
     payload_length = HEADER_LENGTH.size + len(header) + sum(len(s) for s in segments)
     if payload_length > MAX_FRAME_BYTES:
-        raise FrameError("size", f"a frame of {payload_length} B exceeds the limit of {MAX_FRAME_BYTES} B")
+        raise FrameError(Reason.SIZE, f"a frame of {payload_length} B exceeds the limit of {MAX_FRAME_BYTES} B")
     return b"".join([PREFIX.pack(MAGIC, payload_length), HEADER_LENGTH.pack(len(header)), header, *segments])
 
 
 def payload_length(prefix: bytes, limit: int = MAX_FRAME_BYTES) -> int:
     """The payload length a frame's first :data:`PREFIX` bytes announce, checked against ``limit``."""
     if len(prefix) != PREFIX.size:
-        raise FrameError("malformed", f"truncated frame prefix ({len(prefix)} of {PREFIX.size} B)")
+        raise FrameError(Reason.MALFORMED, f"truncated frame prefix ({len(prefix)} of {PREFIX.size} B)")
     magic, length = PREFIX.unpack(prefix)
     if magic != MAGIC:
-        raise FrameError("malformed", f"not a fedpetah frame (magic {magic!r})")
+        raise FrameError(Reason.MALFORMED, f"not a fedpetah frame (magic {magic!r})")
     if length > limit:
-        raise FrameError("size", f"a frame of {length} B exceeds the limit of {limit} B")
+        raise FrameError(Reason.SIZE, f"a frame of {length} B exceeds the limit of {limit} B")
     return int(length)
 
 
 def decode_payload(payload: bytes | bytearray) -> tuple[str, Records]:
     """The message type and records of a frame's payload (everything after the prefix)."""
     if len(payload) < HEADER_LENGTH.size:
-        raise FrameError("malformed", "truncated frame: no header length")
+        raise FrameError(Reason.MALFORMED, "truncated frame: no header length")
     (header_length,) = HEADER_LENGTH.unpack_from(payload)
     if header_length > MAX_HEADER_BYTES or HEADER_LENGTH.size + header_length > len(payload):
-        raise FrameError("size" if header_length > MAX_HEADER_BYTES else "malformed",
+        raise FrameError(Reason.SIZE if header_length > MAX_HEADER_BYTES else Reason.MALFORMED,
                          f"header of {header_length} B does not fit (limit {MAX_HEADER_BYTES} B, "
                          f"payload {len(payload)} B)")
     start = HEADER_LENGTH.size + header_length
     try:
         header = json.loads(payload[HEADER_LENGTH.size:start])
     except (UnicodeDecodeError, ValueError) as error:
-        raise FrameError("malformed", f"header is not JSON: {error}") from None
+        raise FrameError(Reason.MALFORMED, f"header is not JSON: {error}") from None
     except RecursionError:  # deeply nested brackets: json's parser recurses once per level
-        raise FrameError("malformed", "header nests too deeply") from None
+        raise FrameError(Reason.MALFORMED, "header nests too deeply") from None
     if not isinstance(header, dict) or not isinstance(header.get("type"), str):
-        raise FrameError("malformed", "header must be an object with a string type")
+        raise FrameError(Reason.MALFORMED, "header must be an object with a string type")
     lengths = header.get("segments")
     if not isinstance(lengths, list) or not 1 <= len(lengths) <= MAX_SEGMENTS or \
             not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in lengths):
-        raise FrameError("malformed", f"segments must list 1..{MAX_SEGMENTS} lengths")
+        raise FrameError(Reason.MALFORMED, f"segments must list 1..{MAX_SEGMENTS} lengths")
     if start + sum(lengths) != len(payload):
-        raise FrameError("malformed", f"segments of {sum(lengths)} B do not fill the {len(payload) - start} B after "
-                                      "the header")
+        raise FrameError(Reason.MALFORMED,
+                         f"segments of {sum(lengths)} B do not fill the {len(payload) - start} B after the header")
     segments, offset = [], start
     for length in lengths:
         segments.append(bytes(payload[offset:offset + length]))
@@ -129,18 +131,18 @@ def decode_payload(payload: bytes | bytearray) -> tuple[str, Records]:
     for kind in KINDS:
         section = header.get(kind, {})
         if not isinstance(section, dict) or not all(isinstance(r, dict) for r in section.values()):
-            raise FrameError("malformed", f"{kind} must map record names to records")
+            raise FrameError(Reason.MALFORMED, f"{kind} must map record names to records")
     used: set[str] = set()
     for name, record in header.get("arrays", {}).items():
         arrays: dict[str, np.ndarray] = {}
         for key, tensor in record.items():
             if not isinstance(tensor, str) or tensor not in tensors or tensor in used:
-                raise FrameError("malformed", f"arrays {name}.{key}: no such tensor {tensor!r:.40}")
+                raise FrameError(Reason.MALFORMED, f"arrays {name}.{key}: no such tensor {tensor!r:.40}")
             used.add(tensor)
             arrays[key] = tensors[tensor]
         records.arrays[name] = arrays
     if used != set(tensors):
-        raise FrameError("malformed", f"{len(set(tensors) - used)} tensor(s) belong to no record")
+        raise FrameError(Reason.MALFORMED, f"{len(set(tensors) - used)} tensor(s) belong to no record")
     for name, record in header.get("metrics", {}).items():
         records.metrics[name] = {k: _value(v, f"metrics {name}.{k}", False) for k, v in record.items()}
     for name, record in header.get("configs", {}).items():
@@ -154,7 +156,7 @@ def _tensors(blob: bytes) -> dict[str, np.ndarray]:
     try:
         tensors = load_arrays(blob)
     except Exception as error:  # safetensors raises its own error types for a corrupt blob
-        raise FrameError("malformed", f"array blob: {type(error).__name__}: {error}") from None
+        raise FrameError(Reason.MALFORMED, f"array blob: {type(error).__name__}: {error}") from None
     return {k: v for k, v in tensors.items()}
 
 
@@ -162,7 +164,7 @@ def decode(frame: bytes, limit: int = MAX_FRAME_BYTES) -> tuple[str, Records]:
     """The message type and records of a whole frame (prefix included)."""
     length = payload_length(frame[:PREFIX.size], limit)
     if len(frame) != PREFIX.size + length:
-        raise FrameError("malformed", f"frame of {len(frame)} B, its prefix announces {PREFIX.size + length} B")
+        raise FrameError(Reason.MALFORMED, f"frame of {len(frame)} B, its prefix announces {PREFIX.size + length} B")
     return decode_payload(frame[PREFIX.size:])
 
 
@@ -172,7 +174,7 @@ def _read(sock: socket.socket, count: int) -> bytearray:
     while got < count:
         n = sock.recv_into(view[got:], min(count - got, 2**20))
         if n == 0:
-            raise FrameError("malformed", f"connection closed after {got} of {count} B")
+            raise FrameError(Reason.MALFORMED, f"connection closed after {got} of {count} B")
         got += n
     return buffer
 

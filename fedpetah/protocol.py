@@ -6,7 +6,7 @@ glue (``flower_glue.records``) converts :class:`Records` to and from Flower's ``
 
 Every ``decode`` treats its input as hostile: a missing record, a wrong type, a non-finite or out-of-range number,
 an unexpected array key, shape or dtype, or an oversized payload raises :class:`ProtocolError` with a
-machine-readable ``reason`` (one of :data:`REASONS`), which the receiver turns into a counted rejection or an
+machine-readable :class:`~fedpetah.reasons.Reason`, which the receiver turns into a counted rejection or an
 error reply; nothing is unpickled or executed.
 """
 
@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from fedpetah.flatconfig import flatten, unflatten
+from fedpetah.reasons import Reason
 
 HELLO, TRAIN = "query.hello", "train"
 """Flower message types (``query.<action>`` is Flower's spelling for a query handler named ``<action>``)."""
@@ -33,7 +34,6 @@ NO_PARTITION = -1
 ATTACK_ENV = "FEDPETAH_ATTACK"
 """Environment variable that carries ``simulation.attack`` to simulated clients (JSON; unset on every device)."""
 
-REASONS = ("malformed", "status", "count", "metrics", "keys", "shape", "dtype", "size", "stats", "unexpected")
 MAX_REASON_CHARS = 500
 MAX_METRICS = 32
 MAX_EXAMPLES = 10_000_000  # a claim above this is not a client's local data set
@@ -65,9 +65,9 @@ def stats_specs(num_classes: int, dim: int) -> dict[str, ArraySpec]:
 
 
 class ProtocolError(ValueError):
-    """A message that does not decode; ``reason`` is one of :data:`REASONS`."""
+    """A message that does not decode, and why."""
 
-    def __init__(self, reason: str, detail: str) -> None:
+    def __init__(self, reason: Reason, detail: str) -> None:
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
         self.detail = detail
@@ -101,11 +101,11 @@ class Records:
 def _record(records: Records, kind: str, name: str) -> dict[str, Any]:
     record = getattr(records, kind).get(name)
     if not isinstance(record, dict):
-        raise ProtocolError("malformed", f"the {kind[:-1]} record {name!r} is missing")
+        raise ProtocolError(Reason.MALFORMED, f"the {kind[:-1]} record {name!r} is missing")
     return record
 
 
-def _int(record: Mapping[str, Any], key: str, low: int, high: int, reason: str = "malformed") -> int:
+def _int(record: Mapping[str, Any], key: str, low: int, high: int, reason: Reason = Reason.MALFORMED) -> int:
     value = record.get(key)
     if isinstance(value, bool) or not isinstance(value, int | np.integer):
         raise ProtocolError(reason, f"{key} must be an integer, got {type(value).__name__} {value!r:.40}")
@@ -117,16 +117,16 @@ def _int(record: Mapping[str, Any], key: str, low: int, high: int, reason: str =
 def _str(record: Mapping[str, Any], key: str, limit: int = MAX_NAME_CHARS) -> str:
     value = record.get(key)
     if not isinstance(value, str):
-        raise ProtocolError("malformed", f"{key} must be a string, got {type(value).__name__}")
+        raise ProtocolError(Reason.MALFORMED, f"{key} must be a string, got {type(value).__name__}")
     if len(value) > limit:
-        raise ProtocolError("size", f"{key} is {len(value)} characters long (limit {limit})")
+        raise ProtocolError(Reason.SIZE, f"{key} is {len(value)} characters long (limit {limit})")
     return value
 
 
 def _digest(record: Mapping[str, Any]) -> str:
     digest = _str(record, "digest")
     if not DIGEST.fullmatch(digest):
-        raise ProtocolError("malformed", f"digest {digest!r:.80} is not a SHA-256 hex digest")
+        raise ProtocolError(Reason.MALFORMED, f"digest {digest!r:.80} is not a SHA-256 hex digest")
     return digest
 
 
@@ -134,7 +134,7 @@ def _nested(record: Mapping[str, Any]) -> dict[str, Any]:
     try:
         return unflatten({k: v for k, v in record.items() if not isinstance(v, bytes)})
     except (TypeError, ValueError) as error:
-        raise ProtocolError("malformed", str(error)) from None
+        raise ProtocolError(Reason.MALFORMED, str(error)) from None
 
 
 def _arrays(records: Records, name: str, expected: Mapping[str, ArraySpec]) -> dict[str, np.ndarray]:
@@ -142,16 +142,16 @@ def _arrays(records: Records, name: str, expected: Mapping[str, ArraySpec]) -> d
     arrays = _record(records, "arrays", name)
     missing, unexpected = sorted(set(expected) - set(arrays)), sorted(set(arrays) - set(expected))
     if missing or unexpected:
-        raise ProtocolError("keys", f"{name}: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        raise ProtocolError(Reason.KEYS, f"{name}: missing {missing[:3]}, unexpected {unexpected[:3]}")
     out: dict[str, np.ndarray] = {}
     for key, (shape, dtype) in expected.items():
         value = arrays[key]
         if not isinstance(value, np.ndarray):
-            raise ProtocolError("malformed", f"{name}.{key} is not an array")
+            raise ProtocolError(Reason.MALFORMED, f"{name}.{key} is not an array")
         if tuple(value.shape) != tuple(shape):
-            raise ProtocolError("shape", f"{name}.{key}: {tuple(value.shape)} != {tuple(shape)}")
+            raise ProtocolError(Reason.SHAPE, f"{name}.{key}: {tuple(value.shape)} != {tuple(shape)}")
         if value.dtype.str != np.dtype(dtype).str:
-            raise ProtocolError("dtype", f"{name}.{key}: {value.dtype}, expected {np.dtype(dtype)}")
+            raise ProtocolError(Reason.DTYPE, f"{name}.{key}: {value.dtype}, expected {np.dtype(dtype)}")
         out[key] = value
     return out
 
@@ -173,7 +173,7 @@ class Layout:
     configs: frozenset[str] = frozenset()
     metrics: frozenset[str] = frozenset()
     max_bytes: int | None = None  # None: the expected arrays' bytes plus MAX_RECORDS_EXTRA_BYTES
-    reasons: Mapping[str, str] = field(default_factory=dict)  # record name -> the reason of any error in it
+    reasons: Mapping[str, Reason] = field(default_factory=dict)  # record name -> the reason of any error in it
 
     @property
     def total_bytes(self) -> int:
@@ -189,7 +189,7 @@ class Layout:
                                      ("metric", metrics, self.metrics)):
             unexpected = sorted(set(names) - set(allowed))
             if unexpected:
-                raise ProtocolError(self.reasons.get(unexpected[0], "unexpected"),
+                raise ProtocolError(self.reasons.get(unexpected[0], Reason.UNEXPECTED),
                                     f"{kind} records {unexpected[:3]!r:.120} were not asked for")
 
     def relabel(self, name: str, error: ProtocolError) -> ProtocolError:
@@ -212,18 +212,18 @@ def check_npy(where: str, data: bytes, spec: ArraySpec | None = None) -> None:
         read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
         shape, _, dtype = read(stream, max_header_size=NPY_HEADER_BYTES)
     except (ValueError, SyntaxError, TypeError, EOFError) as error:
-        raise ProtocolError("malformed", f"{where} is not a .npy array: {error}"[:MAX_REASON_CHARS]) from None
+        raise ProtocolError(Reason.MALFORMED, f"{where} is not a .npy array: {error}"[:MAX_REASON_CHARS]) from None
     if dtype.hasobject:
-        raise ProtocolError("dtype", f"{where} holds Python objects")
+        raise ProtocolError(Reason.DTYPE, f"{where} holds Python objects")
     declared = (tuple(shape), dtype.str)
     if spec is not None:
         if declared[0] != tuple(spec[0]):
-            raise ProtocolError("shape", f"{where}: {declared[0]} != {tuple(spec[0])}")
+            raise ProtocolError(Reason.SHAPE, f"{where}: {declared[0]} != {tuple(spec[0])}")
         if declared[1] != np.dtype(spec[1]).str:
-            raise ProtocolError("dtype", f"{where}: {dtype}, expected {np.dtype(spec[1])}")
+            raise ProtocolError(Reason.DTYPE, f"{where}: {dtype}, expected {np.dtype(spec[1])}")
     expected = stream.tell() + _spec_bytes(declared)
     if len(data) != expected:
-        raise ProtocolError("size", f"{where} holds {len(data)} B, its header declares {expected} B")
+        raise ProtocolError(Reason.SIZE, f"{where} holds {len(data)} B, its header declares {expected} B")
 
 
 def specs(state: Mapping[str, np.ndarray]) -> dict[str, ArraySpec]:
@@ -268,7 +268,7 @@ class HelloReply:
         config = _record(records, "configs", "config")
         has = config.get("has-backbone")
         if not isinstance(has, bool):
-            raise ProtocolError("malformed", "has-backbone must be a boolean")
+            raise ProtocolError(Reason.MALFORMED, "has-backbone must be a boolean")
         return cls(_int(config, "partition-id", NO_PARTITION, 2**31), has)
 
 
@@ -339,34 +339,34 @@ class TrainRequest:
         nested = _nested(config)
         task = nested.get("task")
         if not isinstance(task, dict):
-            raise ProtocolError("malformed", "the task section is missing")
+            raise ProtocolError(Reason.MALFORMED, "the task section is missing")
         classes = task.get("classes")
         if not isinstance(classes, list) or not 1 <= len(classes) <= MAX_CLASSES or \
                 not all(isinstance(c, str) and 0 < len(c) <= MAX_NAME_CHARS for c in classes):
-            raise ProtocolError("malformed", f"task.classes must be 1..{MAX_CLASSES} non-empty names")
+            raise ProtocolError(Reason.MALFORMED, f"task.classes must be 1..{MAX_CLASSES} non-empty names")
         sections = {s: nested.get(s) for s in SECTIONS}
         for name, section in sections.items():
             if not isinstance(section, dict):
-                raise ProtocolError("malformed", f"the {name} section is missing")
+                raise ProtocolError(Reason.MALFORMED, f"the {name} section is missing")
         state = records.arrays.get("adapter")
         if not isinstance(state, dict) or not all(isinstance(v, np.ndarray) for v in state.values()):
-            raise ProtocolError("malformed", "the adapter array record is missing")
+            raise ProtocolError(Reason.MALFORMED, "the adapter array record is missing")
         artifact = None
         if "artifact" in records.configs:
             raw = records.configs["artifact"]
             weights, manifest = raw.get("weights"), raw.get("manifest")
             if not isinstance(weights, bytes) or not isinstance(manifest, bytes):
-                raise ProtocolError("malformed", "artifact weights and manifest must be bytes")
+                raise ProtocolError(Reason.MALFORMED, "artifact weights and manifest must be bytes")
             if len(weights) + len(manifest) > MAX_ARTIFACT_BYTES:
-                raise ProtocolError("size", f"artifact of {len(weights) + len(manifest)} B exceeds the limit")
+                raise ProtocolError(Reason.SIZE, f"artifact of {len(weights) + len(manifest)} B exceeds the limit")
             artifact = (weights, manifest)
         stats = nested.get(STATS_REQUEST)
         if stats is not None and not isinstance(stats, dict):
-            raise ProtocolError("malformed", f"the {STATS_REQUEST} section must hold dim, seed and grid")
+            raise ProtocolError(Reason.MALFORMED, f"the {STATS_REQUEST} section must hold dim, seed and grid")
         router = None if stats is None else (_int(stats, "dim", 0, MAX_STATS_DIM), _int(stats, "seed", 0, 2**31),
                                              _int(stats, "grid", 0, MAX_STATS_GRID))
         if router is not None and router[0] * max(router[2], 1) ** 2 > MAX_STATS_DIM_CELLS:
-            raise ProtocolError("size", f"{STATS_REQUEST} dim={router[0]} at grid={router[2]}: dim * grid**2 "
+            raise ProtocolError(Reason.SIZE, f"{STATS_REQUEST} dim={router[0]} at grid={router[2]}: dim * grid**2 "
                                         f"exceeds {MAX_STATS_DIM_CELLS}")
         return cls(
             digest=_digest(config), round=_int(nested, "round", 1, 2**31), seed=_int(nested, "seed", -2**62, 2**62),
@@ -408,7 +408,7 @@ class TrainReply:
         """What a reply to a request whose adapter state had ``expected`` specs (and that asked for statistics
         of ``expected_stats`` specs) may hold; ``max_bytes`` lowers its total bound."""
         arrays = {"adapter": expected, **({} if expected_stats is None else {"stats": expected_stats})}
-        return Layout(arrays, frozenset({"status"}), frozenset({"metrics"}), max_bytes, {"stats": "stats"})
+        return Layout(arrays, frozenset({"status"}), frozenset({"metrics"}), max_bytes, {"stats": Reason.STATS})
 
     @classmethod
     def decode(cls, records: Records, expected: Mapping[str, ArraySpec],
@@ -424,22 +424,22 @@ class TrainReply:
         try:
             status = Status(str(status_record.get("status")))
         except ValueError:
-            raise ProtocolError("status", f"unknown status {status_record.get('status')!r:.40}") from None
+            raise ProtocolError(Reason.STATUS, f"unknown status {status_record.get('status')!r:.40}") from None
         reason = status_record.get("reason", "")
         reason = reason[:MAX_REASON_CHARS] if isinstance(reason, str) else ""
         if status is not Status.OK:
             return cls(status, reason)
         metrics_record = _record(records, "metrics", "metrics")
         if len(metrics_record) > MAX_METRICS:
-            raise ProtocolError("metrics", f"{len(metrics_record)} metrics (limit {MAX_METRICS})")
-        count = _int(metrics_record, "num-examples", 1, MAX_EXAMPLES, reason="count")
+            raise ProtocolError(Reason.METRICS, f"{len(metrics_record)} metrics (limit {MAX_METRICS})")
+        count = _int(metrics_record, "num-examples", 1, MAX_EXAMPLES, reason=Reason.COUNT)
         metrics: dict[str, float] = {}
         for key in METRICS:
             if key not in metrics_record:
                 continue
             value = metrics_record[key]
             if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-                raise ProtocolError("metrics", f"{key} must be a finite number, got {value!r:.40}")
+                raise ProtocolError(Reason.METRICS, f"{key} must be a finite number, got {value!r:.40}")
             metrics[key] = float(value)
         return cls(status, reason, _arrays(records, "adapter", expected), count, metrics,
                    _stats(records, expected_stats, count))
@@ -448,17 +448,17 @@ class TrainReply:
 def _stats(records: Records, expected: Mapping[str, ArraySpec] | None, count: int) -> dict[str, np.ndarray] | None:
     if expected is None:
         if "stats" in records.arrays:
-            raise ProtocolError("stats", "statistics that were not asked for")
+            raise ProtocolError(Reason.STATS, "statistics that were not asked for")
         return None
     if "stats" not in records.arrays:
-        raise ProtocolError("stats", "the statistics asked for are missing")
+        raise ProtocolError(Reason.STATS, "the statistics asked for are missing")
     try:
         stats = _arrays(records, "stats", expected)
     except ProtocolError as error:
-        raise ProtocolError("stats", error.detail) from None
+        raise ProtocolError(Reason.STATS, error.detail) from None
     counts = stats["count"]
     if int(counts.min(initial=0)) < 0 or int(counts.sum()) != count:
-        raise ProtocolError("stats", f"class counts {counts.tolist()[:8]} do not add up to num-examples={count}")
+        raise ProtocolError(Reason.STATS, f"class counts {counts.tolist()[:8]} do not add up to num-examples={count}")
     if not (np.isfinite(stats["sum"]).all() and np.isfinite(stats["within"]).all()):
-        raise ProtocolError("stats", "statistics hold NaN or infinite values")
+        raise ProtocolError(Reason.STATS, "statistics hold NaN or infinite values")
     return stats

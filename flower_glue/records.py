@@ -8,6 +8,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 from fedpetah.protocol import Layout, ProtocolError, Records, check_npy
+from fedpetah.reasons import Reason
 
 MAX_ARRAY_BYTES = 256 * 2**20
 """The largest array a message may carry (a whole backbone travels as bytes, not as an array)."""
@@ -41,7 +42,7 @@ def from_recorddict(content: RecordDict, layout: Layout | None = None) -> Record
     except ProtocolError:
         raise
     except Exception as error:  # whatever a hostile peer's bytes make Flower or NumPy raise
-        raise ProtocolError("malformed", f"{type(error).__name__}: {error}") from None
+        raise ProtocolError(Reason.MALFORMED, f"{type(error).__name__}: {error}") from None
     return records
 
 
@@ -50,7 +51,7 @@ def _arrays(name: str, array_record: ArrayRecord, layout: Layout | None) -> dict
     try:
         for key, array in array_record.items():
             if len(array.data) > MAX_ARRAY_BYTES:
-                raise ProtocolError("size", f"{name}.{key} holds {len(array.data)} B (limit {MAX_ARRAY_BYTES})")
+                raise ProtocolError(Reason.SIZE, f"{name}.{key} holds {len(array.data)} B (limit {MAX_ARRAY_BYTES})")
             check_npy(f"{name}.{key}", array.data, None if layout is None else layout.arrays[name][key])
             arrays[key] = array.numpy()  # np.load(..., allow_pickle=False)
     except ProtocolError as error:
@@ -65,19 +66,19 @@ def _check(content: RecordDict, layout: Layout) -> None:
     for name, array_record in content.array_records.items():
         unexpected = sorted(set(array_record) - set(layout.arrays[name]))
         if unexpected:
-            raise layout.relabel(name, ProtocolError("keys", f"{name}: unexpected {unexpected[:3]!r:.120}"))
+            raise layout.relabel(name, ProtocolError(Reason.KEYS, f"{name}: unexpected {unexpected[:3]!r:.120}"))
         total += sum(len(array.data) for array in array_record.values())
     for config_record in content.config_records.values():
         total += sum(len(v) for v in config_record.values() if isinstance(v, str | bytes))
     if total > layout.total_bytes:
-        raise ProtocolError("size", f"the message holds {total} B (limit {layout.total_bytes})")
+        raise ProtocolError(Reason.SIZE, f"the message holds {total} B (limit {layout.total_bytes})")
 
 
 def records_of(message: Message, layout: Layout | None = None) -> Records:
     """The records of a received message (a ProtocolError for an error reply or malformed content; with
     ``layout``, for anything it does not expect, see :func:`from_recorddict`)."""
     if message.has_error():
-        raise ProtocolError("malformed", f"error reply: {message.error.reason}")
+        raise ProtocolError(Reason.MALFORMED, f"error reply: {message.error.reason}")
     return from_recorddict(message.content, layout)
 
 
