@@ -8,12 +8,13 @@ from fedpetah.aggregation import fedavg, fedopt, lora_product, robust  # noqa: F
 from fedpetah.aggregation.base import AGGREGATORS, Aggregate, Aggregator, AggregatorConfig, weighted_mean
 from fedpetah.aggregation.bounds import BoundedAggregation, BoundsConfig, RoundResult
 from fedpetah.aggregation.validate import (
-    REASONS,
     Filtered,
     InvalidUpdate,
     Rejection,
     StateDict,
+    Update,
     check_count,
+    check_values,
     clip_update,
     filter_updates,
     update_norm,
@@ -33,7 +34,6 @@ def build_aggregator(config: AggregatorConfig) -> Aggregator:
 
 __all__ = [
     "AGGREGATORS",
-    "REASONS",
     "Aggregate",
     "Aggregator",
     "AggregatorConfig",
@@ -44,9 +44,11 @@ __all__ = [
     "Rejection",
     "RoundResult",
     "StateDict",
+    "Update",
     "aggregator_config",
     "build_aggregator",
     "check_count",
+    "check_values",
     "clip_update",
     "filter_updates",
     "update_norm",

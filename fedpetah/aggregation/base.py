@@ -51,8 +51,10 @@ class Aggregator(ABC, Generic[C]):
 
     ``current`` is the global adapter state the clients started from, ``updates`` their full adapter
     states after local training, ``weights`` their example counts. Inputs are never mutated; the new state
-    has ``current``'s keys, shapes and dtypes. Updates must have been validated
-    (:func:`~fedpetah.aggregation.validate.filter_updates`); an invalid one raises ``InvalidUpdate`` here.
+    has ``current``'s keys, shapes and dtypes. The call is a library entry: it checks every update
+    (:func:`~fedpetah.aggregation.validate.validate_update`; an invalid one raises ``InvalidUpdate``), then
+    combines them with :meth:`combine`, which a caller that validated them already (a
+    :class:`~fedpetah.aggregation.bounds.BoundedAggregation` round) calls directly.
 
     A subclass names its config type once, as the type argument (``class FedAdam(FedOpt[FedAdamConfig])``):
     that sets ``config_class`` and types ``self.config``; ``@AGGREGATORS.register(name)`` sets ``name``.
@@ -79,14 +81,21 @@ class Aggregator(ABC, Generic[C]):
         weights: Sequence[float],
         opt_state: Mapping[str, torch.Tensor] | None = None,
     ) -> Aggregate:
-        if not updates:
-            raise ValueError("aggregation needs at least one update")
-        if len(updates) != len(weights):
-            raise ValueError(f"{len(updates)} updates but {len(weights)} weights")
-        if any(not math.isfinite(w) or w < 0 for w in weights) or sum(weights) <= 0:
-            raise ValueError(f"weights must be finite, non-negative and not all zero, got {list(weights)}")
+        _check_weights(updates, weights)
         for update in updates:
             validate_update(update, current)
+        return self.combine(current, updates, weights, opt_state)
+
+    @torch.no_grad()
+    def combine(
+        self,
+        current: Mapping[str, torch.Tensor],
+        updates: Sequence[Mapping[str, torch.Tensor]],
+        weights: Sequence[float],
+        opt_state: Mapping[str, torch.Tensor] | None = None,
+    ) -> Aggregate:
+        """The aggregate of ``updates`` that match ``current`` key for key (shape, dtype, finite values), unchecked."""
+        _check_weights(updates, weights)
         total = float(sum(weights))
         normalized = [float(w) / total for w in weights]
         batch: list[StateDict] = [dict(u) for u in updates]
@@ -106,6 +115,15 @@ class Aggregator(ABC, Generic[C]):
 
 
 AGGREGATORS: Registry[type[Aggregator[Any]]] = Registry("aggregator")
+
+
+def _check_weights(updates: Sequence[object], weights: Sequence[float]) -> None:
+    if not updates:
+        raise ValueError("aggregation needs at least one update")
+    if len(updates) != len(weights):
+        raise ValueError(f"{len(updates)} updates but {len(weights)} weights")
+    if any(not math.isfinite(w) or w < 0 for w in weights) or sum(weights) <= 0:
+        raise ValueError(f"weights must be finite, non-negative and not all zero, got {list(weights)}")
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:

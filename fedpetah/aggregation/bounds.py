@@ -29,11 +29,14 @@ from fedpetah.aggregation.validate import (
     InvalidUpdate,
     Rejection,
     StateDict,
+    Update,
     check_count,
+    check_norm,
+    check_values,
     clip_update,
-    update_norm,
     validate_update,
 )
+from fedpetah.reasons import Reason
 
 
 @dataclass
@@ -86,8 +89,23 @@ class RoundResult:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class Candidate:
+    """An update still in the round: its index in the batch, its state, its count and the norm of its delta."""
+
+    index: int
+    state: Mapping[str, torch.Tensor]
+    count: int
+    norm: float
+
+
 class BoundedAggregation:
-    """``bounded(current, updates, counts, opt_state, task_size) -> RoundResult``; pure, inputs untouched."""
+    """``bounded(current, updates, counts, opt_state, task_size) -> RoundResult``; pure, inputs untouched.
+
+    The round runs as steps that a subclass can override, in the style of Flower's strategies:
+    :meth:`validate` (:meth:`validate_decoded` for updates decoded from replies) -> :meth:`reject_outliers`
+    -> :meth:`clip` -> :meth:`cap_weights` -> :meth:`aggregate`.
+    """
 
     def __init__(self, aggregator: Aggregator, bounds: BoundsConfig) -> None:
         self.aggregator = aggregator
@@ -102,62 +120,107 @@ class BoundedAggregation:
         opt_state: Mapping[str, torch.Tensor] | None = None,
         task_size: int | None = None,
     ) -> RoundResult:
+        """The library entry: updates and counts of any origin, each checked by :meth:`validate`."""
         if len(updates) != len(counts):
             raise ValueError(f"{len(updates)} updates but {len(counts)} counts")
-        bounds = self.bounds
+        return self.run(current, *self.validate(current, updates, counts), opt_state, task_size)
+
+    @torch.no_grad()
+    def decoded(self, current: Mapping[str, torch.Tensor], updates: Sequence[Update],
+                opt_state: Mapping[str, torch.Tensor] | None = None, task_size: int | None = None) -> RoundResult:
+        """The server's entry: updates decoded from replies to ``current`` (keys, shapes, dtypes and counts
+        checked by the decode), of which :meth:`validate_decoded` checks only the values."""
+        return self.run(current, *self.validate_decoded(current, updates), opt_state, task_size)
+
+    def validate(self, current: Mapping[str, torch.Tensor], updates: Sequence[Mapping[str, torch.Tensor] | None],
+                 counts: Sequence[object]) -> tuple[list[Candidate], list[Rejection]]:
+        """Each count checked by :func:`check_count` and each update by :func:`validate_update` and the absolute
+        norm bound: kept, or rejected with the reason."""
+        kept: list[Candidate] = []
         rejected: list[Rejection] = []
-        kept: list[tuple[int, Mapping[str, torch.Tensor], int, float]] = []  # index, update, count, norm
         for index, (update, count) in enumerate(zip(updates, counts, strict=True)):
             try:
                 if update is None:
-                    raise InvalidUpdate("type", "no update")
+                    raise InvalidUpdate(Reason.TYPE, "no update")
                 number = check_count(count)
-                validate_update(update, current, bounds.max_norm)
+                validate_update(update, current)
+                kept.append(Candidate(index, update, number, check_norm(update, current, self.bounds.max_norm)))
             except InvalidUpdate as error:
                 rejected.append(Rejection(index, error.reason, error.detail))
-                continue
-            kept.append((index, update, number, update_norm(update, current)))
-        metrics: dict[str, float] = {"num_valid": float(len(kept))}
-        median_norm = statistics.median([norm for *_, norm in kept]) if kept else math.nan
-        metrics["median_norm"] = median_norm
-        if bounds.reject_multiple is not None and median_norm > 0:
-            limit = bounds.reject_multiple * median_norm
-            for index, _, _, norm in kept:
-                if norm > limit:
-                    rejected.append(Rejection(index, "norm_outlier",
-                                              f"update norm {norm:.4g} > {bounds.reject_multiple:g} x the "
-                                              f"round's median {median_norm:.4g}"))
-            kept = [entry for entry in kept if entry[3] <= limit]
-        metrics["num_norm_rejected"] = float(sum(r.reason == "norm_outlier" for r in rejected))
-        rejected.sort(key=lambda r: r.index)
+        return kept, rejected
+
+    def validate_decoded(self, current: Mapping[str, torch.Tensor], updates: Sequence[Update]
+                         ) -> tuple[list[Candidate], list[Rejection]]:
+        """Each decoded update's values checked by :func:`check_values` (finite, within the absolute norm bound):
+        kept, or rejected with the reason."""
+        kept: list[Candidate] = []
+        rejected: list[Rejection] = []
+        for index, update in enumerate(updates):
+            try:
+                kept.append(Candidate(index, update.state, update.count,
+                                      check_values(update, current, self.bounds.max_norm)))
+            except InvalidUpdate as error:
+                rejected.append(Rejection(index, error.reason, error.detail))
+        return kept, rejected
+
+    def run(self, current: Mapping[str, torch.Tensor], kept: list[Candidate], rejected: list[Rejection],
+            opt_state: Mapping[str, torch.Tensor] | None, task_size: int | None) -> RoundResult:
+        """The steps after validation: reject outliers, clip, cap weights, aggregate (a non-finite aggregate of
+        finite updates, e.g. squares of float32 deltas near 3e38 in a FedOpt second moment, is not kept: it
+        would freeze or break the task's adapter for good)."""
+        median = statistics.median([c.norm for c in kept]) if kept else math.nan
+        metrics: dict[str, float] = {"num_valid": float(len(kept)), "median_norm": median}
+        kept, outliers = self.reject_outliers(kept, median)
+        metrics["num_norm_rejected"] = float(len(outliers))
+        rejected = sorted([*rejected, *outliers], key=lambda r: r.index)
         if not kept:
             return RoundResult(None, rejected, metrics)
-        clip = bounds.clip_norm if bounds.clip_norm is not None else math.inf
-        if bounds.clip_multiple is not None and median_norm > 0:
-            clip = min(clip, bounds.clip_multiple * median_norm)
-        batch: list[StateDict] = []
-        clipped = 0
-        for _, update, _, norm in kept:
-            if norm > clip:
-                update, _ = clip_update(update, current, clip)
-                clipped += 1
-            batch.append(dict(update))
-        cap = math.inf
-        if bounds.weight_cap is not None:
-            cap = bounds.weight_cap * statistics.median([float(count) for _, _, count, _ in kept])
-        if bounds.task_size_cap and task_size is not None and task_size > 0:
-            cap = min(cap, float(task_size))
-        weights = [min(float(count), cap) for _, _, count, _ in kept]
-        result = self.aggregator(current, batch, weights, opt_state)
+        batch, clip = self.clip(current, kept, median)
+        weights, cap = self.cap_weights(kept, task_size)
+        result = self.aggregate(current, batch, weights, opt_state)
         if not all(bool(torch.isfinite(v).all()) for v in (*result.state.values(), *result.opt_state.values())):
-            # finite inputs, non-finite sums (e.g. squares of float32 deltas near 3e38 in a FedOpt second
-            # moment): installing it would freeze or break the task's adapter for good, so the round keeps none
             return RoundResult(None, rejected, metrics | {"non_finite_aggregate": 1.0})
         metrics |= result.metrics | {
-            "num_clipped": float(clipped),
+            "num_clipped": float(sum(c.norm > clip for c in kept)),
             "clip_bound": clip,
-            "num_weight_capped": float(sum(float(count) > cap for _, _, count, _ in kept)),
+            "num_weight_capped": float(sum(float(c.count) > cap for c in kept)),
             "weight_cap": cap,
             "max_weight_share": max(weights) / sum(weights),
         }
         return RoundResult(result, rejected, metrics)
+
+    def reject_outliers(self, kept: list[Candidate], median: float) -> tuple[list[Candidate], list[Rejection]]:
+        """The updates within ``reject_multiple`` times the round's ``median`` delta norm, and the rest rejected."""
+        multiple = self.bounds.reject_multiple
+        if multiple is None or not median > 0:
+            return kept, []
+        limit = multiple * median
+        outliers = [Rejection(c.index, Reason.NORM_OUTLIER,
+                              f"update norm {c.norm:.4g} > {multiple:g} x the round's median {median:.4g}")
+                    for c in kept if c.norm > limit]
+        return [c for c in kept if c.norm <= limit], outliers
+
+    def clip(self, current: Mapping[str, torch.Tensor], kept: list[Candidate], median: float
+             ) -> tuple[list[StateDict], float]:
+        """The updates with every delta longer than the clip bound scaled down to it, and that bound
+        (``clip_norm``, and ``clip_multiple`` times the round's ``median`` delta norm)."""
+        bounds = self.bounds
+        clip = bounds.clip_norm if bounds.clip_norm is not None else math.inf
+        if bounds.clip_multiple is not None and median > 0:
+            clip = min(clip, bounds.clip_multiple * median)
+        return [clip_update(c.state, current, clip)[0] if c.norm > clip else dict(c.state) for c in kept], clip
+
+    def cap_weights(self, kept: list[Candidate], task_size: int | None) -> tuple[list[float], float]:
+        """Each count capped at ``weight_cap`` times the kept updates' median count and at the task's size; the
+        weights and the cap."""
+        cap = math.inf
+        if self.bounds.weight_cap is not None:
+            cap = self.bounds.weight_cap * statistics.median([float(c.count) for c in kept])
+        if self.bounds.task_size_cap and task_size is not None and task_size > 0:
+            cap = min(cap, float(task_size))
+        return [min(float(c.count), cap) for c in kept], cap
+
+    def aggregate(self, current: Mapping[str, torch.Tensor], batch: list[StateDict], weights: list[float],
+                  opt_state: Mapping[str, torch.Tensor] | None) -> Aggregate:
+        """The configured aggregator's result over the validated, clipped updates (not validated again)."""
+        return self.aggregator.combine(current, batch, weights, opt_state)

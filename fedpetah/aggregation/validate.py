@@ -1,4 +1,9 @@
-"""Checks and bounds on client updates: validate (reject with a reason), filter a batch, clip a norm."""
+"""Checks and bounds on client updates: validate (reject with a reason), filter a batch, clip a norm.
+
+:func:`validate_update` is the one check of an update of unknown origin (every library entry calls it). An
+:class:`Update` decoded from a reply had its keys, shapes, dtypes and count checked by the protocol decode
+against what was sent, so the server's round checks only its values (:func:`check_values`).
+"""
 
 from __future__ import annotations
 
@@ -10,31 +15,40 @@ from typing import NamedTuple
 
 import torch
 
-StateDict = dict[str, torch.Tensor]
+from fedpetah.reasons import Reason
 
-REASONS = ("type", "missing_keys", "unexpected_keys", "shape", "dtype", "non_finite", "norm", "norm_outlier", "weight")
-"""Every machine-readable ``reason`` an :class:`InvalidUpdate` can carry."""
+StateDict = dict[str, torch.Tensor]
 
 
 class InvalidUpdate(ValueError):
-    """An update that must not be aggregated; ``reason`` is one of :data:`REASONS`."""
+    """An update that must not be aggregated, and why."""
 
-    def __init__(self, reason: str, detail: str) -> None:
+    def __init__(self, reason: Reason, detail: str) -> None:
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
         self.detail = detail
 
-    def __reduce__(self) -> tuple[type[InvalidUpdate], tuple[str, str]]:
+    def __reduce__(self) -> tuple[type[InvalidUpdate], tuple[Reason, str]]:
         return type(self), (self.reason, self.detail)  # survives being re-raised across processes
 
 
 @dataclass(frozen=True)
 class Rejection:
-    """One rejected update: its index in the batch, the reason (one of :data:`REASONS`), a detail."""
+    """One rejected update: its index in the batch, the reason, a detail."""
 
     index: int
-    reason: str
+    reason: Reason
     detail: str
+
+
+@dataclass(frozen=True)
+class Update:
+    """A client's update as a decoded reply holds it: ``state`` has the keys, shapes and dtypes of the state the
+    client was sent and ``count`` is a positive whole number (:class:`~fedpetah.protocol.TrainReply` checked
+    both). Its values are not checked yet (:func:`check_values`)."""
+
+    state: Mapping[str, torch.Tensor]
+    count: int
 
 
 class Filtered(NamedTuple):
@@ -62,12 +76,12 @@ def update_norm(update: Mapping[str, torch.Tensor], reference: Mapping[str, torc
 def check_count(count: object) -> int:
     """A claimed example count as an int; anything but a positive whole number raises ``InvalidUpdate``."""
     if isinstance(count, bool) or not isinstance(count, numbers.Real):
-        raise InvalidUpdate("weight", f"the example count must be a number, got {type(count).__name__}")
+        raise InvalidUpdate(Reason.WEIGHT, f"the example count must be a number, got {type(count).__name__}")
     value = float(count)
     if not math.isfinite(value) or value <= 0:
-        raise InvalidUpdate("weight", f"the example count must be finite and positive, got {count}")
+        raise InvalidUpdate(Reason.WEIGHT, f"the example count must be finite and positive, got {count}")
     if not value.is_integer():
-        raise InvalidUpdate("weight", f"the example count must be a whole number, got {count}")
+        raise InvalidUpdate(Reason.WEIGHT, f"the example count must be a whole number, got {count}")
     return int(value)
 
 
@@ -81,25 +95,46 @@ def validate_update(
     is set, the L2 norm of ``update - reference`` at most ``max_norm``.
     """
     if not isinstance(update, Mapping) or not all(isinstance(v, torch.Tensor) for v in update.values()):
-        raise InvalidUpdate("type", "an update must map names to tensors")
+        raise InvalidUpdate(Reason.TYPE, "an update must map names to tensors")
     missing = sorted(set(reference) - set(update))
     if missing:
-        raise InvalidUpdate("missing_keys", _listed(missing))
+        raise InvalidUpdate(Reason.MISSING_KEYS, _listed(missing))
     unexpected = sorted(set(update) - set(reference))
     if unexpected:
-        raise InvalidUpdate("unexpected_keys", _listed(unexpected))
+        raise InvalidUpdate(Reason.UNEXPECTED_KEYS, _listed(unexpected))
     for key, ref in reference.items():
         value = update[key]
         if value.shape != ref.shape:
-            raise InvalidUpdate("shape", f"{key}: {tuple(value.shape)} != {tuple(ref.shape)}")
+            raise InvalidUpdate(Reason.SHAPE, f"{key}: {tuple(value.shape)} != {tuple(ref.shape)}")
         if value.dtype != ref.dtype or not value.dtype.is_floating_point:
-            raise InvalidUpdate("dtype", f"{key}: {value.dtype}, expected floating {ref.dtype}")
-        if not bool(torch.isfinite(value).all()):
-            raise InvalidUpdate("non_finite", f"{key} holds NaN or infinite values")
+            raise InvalidUpdate(Reason.DTYPE, f"{key}: {value.dtype}, expected floating {ref.dtype}")
+        _check_finite(key, value)
     if max_norm is not None:
-        norm = update_norm(update, reference)
-        if norm > max_norm:
-            raise InvalidUpdate("norm", f"update norm {norm:.4g} exceeds {max_norm:.4g}")
+        check_norm(update, reference, max_norm)
+
+
+def _check_finite(key: str, value: torch.Tensor) -> None:
+    if not bool(torch.isfinite(value).all()):
+        raise InvalidUpdate(Reason.NON_FINITE, f"{key} holds NaN or infinite values")
+
+
+@torch.no_grad()
+def check_norm(update: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor],
+               max_norm: float | None = None) -> float:
+    """The norm of ``update - reference`` (:func:`update_norm`); ``InvalidUpdate`` (``norm``) above ``max_norm``."""
+    norm = update_norm(update, reference)
+    if max_norm is not None and norm > max_norm:
+        raise InvalidUpdate(Reason.NORM, f"update norm {norm:.4g} exceeds {max_norm:.4g}")
+    return norm
+
+
+@torch.no_grad()
+def check_values(update: Update, reference: Mapping[str, torch.Tensor], max_norm: float | None = None) -> float:
+    """The checks of :func:`validate_update` that a decoded update still needs, in the same order: every value
+    finite, and the norm of its delta (returned) at most ``max_norm``."""
+    for key in reference:
+        _check_finite(key, update.state[key])
+    return check_norm(update.state, reference, max_norm)
 
 
 def filter_updates(
