@@ -41,6 +41,23 @@ class BankError(RuntimeError):
 
 
 @dataclass(frozen=True)
+class TaskRecord:
+    """What a run records about a task in its entry's ``metadata``: the task's name and the digest of the backbone
+    its adapter was trained on (None when absent, as in older banks). Other metadata keys are the caller's."""
+
+    task_name: str | None = None
+    backbone: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: v for k, v in (("task_name", self.task_name), ("backbone", self.backbone)) if v is not None}
+
+    @classmethod
+    def from_json(cls, metadata: Mapping[str, Any]) -> TaskRecord:
+        name, backbone = metadata.get("task_name"), metadata.get("backbone")
+        return cls(None if name is None else str(name), None if backbone is None else str(backbone))
+
+
+@dataclass(frozen=True)
 class TaskEntry:
     """One task's global adapter.
 
@@ -73,6 +90,11 @@ class TaskEntry:
             if not isinstance(value, torch.Tensor):
                 raise TypeError(f"task {self.task}: {key} is not a tensor")
         json.dumps(self.metadata, allow_nan=False)  # fail now, not at save time
+
+    @property
+    def record(self) -> TaskRecord:
+        """The run's record of this task, read from ``metadata``."""
+        return TaskRecord.from_json(self.metadata)
 
     def tensors(self) -> StateDict:
         """The tensors of one task file: ``state/<name>`` and ``opt/<name>``, CPU and contiguous."""
@@ -170,7 +192,7 @@ class AdapterBank:
         """BankError unless every task's adapter was trained on backbone ``digest`` (its ``backbone`` metadata;
         tasks without one, from older banks, are not checked): adapters only fit the backbone they were made for."""
         for task in self.tasks():
-            saved = self._entries[task].metadata.get("backbone")
+            saved = self._entries[task].record.backbone
             if saved is not None and saved != digest:
                 raise BankError(
                     f"the bank's task {task} was trained on backbone {saved}, but this run's backbone is {digest}: "

@@ -26,7 +26,7 @@ from fedpetah.tasks import Task, batches
 def task_label(bank: AdapterBank, task: int, class_index: int) -> str:
     """``"<task name>/<class name>"`` from the bank entry (its index and class index when unnamed)."""
     entry = bank[task]
-    name = str(entry.metadata.get("task_name", task))
+    name = str(task) if entry.record.task_name is None else entry.record.task_name
     cls = entry.class_names[class_index] if entry.class_names else str(class_index)
     return f"{name}/{cls}"
 
