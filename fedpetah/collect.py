@@ -6,7 +6,7 @@ import logging
 import math
 import os
 from collections.abc import Collection, Mapping, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -22,7 +22,30 @@ from fedpetah.tasks import Task
 log = logging.getLogger(__name__)
 
 ROUTER_KEY, CLIENTS_KEY = "router", "router_clients"
-"""Bank metadata: the router config the statistics were taken with; per task, the clients counted already."""
+"""Bank metadata keys of a :class:`RouterRecord`."""
+
+
+@dataclass
+class RouterRecord:
+    """What a bank records about the task-free router: the config its statistics were taken with (None: none
+    recorded) and, per task, the clients counted already (each is asked once per task, across resumes)."""
+
+    config: RouterConfig | None = None
+    clients: dict[int, list[int]] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        """Its keys of the bank's metadata: ``router`` (when a config is recorded) and ``router_clients``."""
+        config = {} if self.config is None else {ROUTER_KEY: asdict(self.config)}
+        return {**config, CLIENTS_KEY: {str(task): list(c) for task, c in self.clients.items()}}
+
+    @classmethod
+    def from_json(cls, metadata: Mapping[str, Any]) -> RouterRecord:
+        """The record in a bank's metadata; a config from before the grid features reads as the pooled router
+        (:meth:`RouterConfig.from_record`)."""
+        recorded = metadata.get(ROUTER_KEY)
+        config = RouterConfig.from_record(recorded) if isinstance(recorded, dict) else None
+        clients = metadata.get(CLIENTS_KEY, {})
+        return cls(config, {int(task): [int(c) for c in counted] for task, counted in clients.items()})
 
 
 class StatsCollector:
@@ -35,10 +58,9 @@ class StatsCollector:
     def __init__(self, bank: AdapterBank, backbone: Backbone, config: RouterConfig | None = None) -> None:
         self.bank = bank
         self.backbone = backbone
-        recorded = bank.metadata.get(ROUTER_KEY)
-        self.config = RouterConfig.from_record(recorded) if isinstance(recorded, dict) else (config or RouterConfig())
-        bank.metadata[ROUTER_KEY] = asdict(self.config)
-        bank.metadata.setdefault(CLIENTS_KEY, {})
+        self.record = RouterRecord.from_json(bank.metadata)
+        self.record.config = self.config = self.record.config or config or RouterConfig()
+        bank.metadata.update(self.record.to_json())
         features = feature_width(backbone, self.config.grid)
         check_size(features, self.config)  # what every client would be asked to build
         self.width = self.config.width(features)
@@ -57,7 +79,7 @@ class StatsCollector:
         return FeatureStats.from_tensors(entry.stats, entry.num_classes, self.width, legacy_ok=True)
 
     def counted(self, task: int) -> list[int]:
-        return list(self.bank.metadata[CLIENTS_KEY].get(str(task), []))
+        return list(self.record.clients.get(task, []))
 
     def wanted(self, task: int, client: int) -> tuple[int, int, int] | None:
         """``(dim, seed, grid)`` for a train request when ``client`` has not contributed to ``task`` yet."""
@@ -68,10 +90,10 @@ class StatsCollector:
 
     def check(self, task: int, replies: Sequence[tuple[int, Mapping[str, torch.Tensor]]]) -> dict[int, str]:
         """``{client: reason}`` for each ``(client, statistics)`` that fails validation or comes twice."""
-        return self._validated(task, replies)[1]
+        return self.validate(task, replies)[1]
 
-    def _validated(self, task: int, replies: Sequence[tuple[int, Mapping[str, torch.Tensor]]]
-                   ) -> tuple[list[tuple[int, FeatureStats]], dict[int, str]]:
+    def validate(self, task: int, replies: Sequence[tuple[int, Mapping[str, torch.Tensor]]]
+                 ) -> tuple[list[tuple[int, FeatureStats]], dict[int, str]]:
         """The valid ``(client, statistics)`` decoded, in the given order, and ``{client: reason}`` for the rest."""
         entry, seen = self.bank[task], set(self.counted(task))
         valid: list[tuple[int, FeatureStats]] = []
@@ -96,23 +118,29 @@ class StatsCollector:
         so statistics count no more than the client's update does: statistics of ``n > cap`` examples are
         summed with weight ``cap / n`` per example (:meth:`FeatureStats.scaled`; the bank's counts turn
         float64), others exactly as they came."""
-        if not cap > 0:
-            raise ValueError(f"a statistics count cap must be positive, got {cap}")
-        entry = self.bank[task]
-        valid, rejected = self._validated(task, replies)
-        if valid:
-            stored = self._stored(task)
-            weighted = [_capped(s, cap) for _, s in valid]
-            parts = weighted if stored is None else [stored, *weighted]  # earlier first
-            summed = aggregate_stats(parts).tensors()
-            try:  # the sum, as the bank would store it, must be valid statistics itself
-                FeatureStats.from_tensors(summed, entry.num_classes, self.width, legacy_ok=True)
-            except StatsError as error:
-                reason = f"the sum with this round's statistics is invalid: {error}"
-                return {**rejected, **{c: reason for c, _ in valid}}
-            self.bank.set_stats(task, summed)
-            self.bank.metadata[CLIENTS_KEY][str(task)] = sorted({*self.counted(task), *(c for c, _ in valid)})
-        return rejected
+        _check_cap(cap)
+        valid, rejected = self.validate(task, replies)
+        return {**rejected, **self.add(task, valid, cap)}
+
+    def add(self, task: int, valid: Sequence[tuple[int, FeatureStats]], cap: float = math.inf) -> dict[int, str]:
+        """Add statistics that passed :meth:`validate` to the task's in the bank, as :meth:`collect` does;
+        returns ``{client: reason}`` for all of them when their sum with the bank's is invalid (nothing added)."""
+        _check_cap(cap)
+        if not valid:
+            return {}
+        stored = self._stored(task)
+        weighted = [_capped(s, cap) for _, s in valid]
+        parts = weighted if stored is None else [stored, *weighted]  # earlier first
+        summed = aggregate_stats(parts).tensors()
+        try:  # the sum, as the bank would store it, must be valid statistics itself
+            FeatureStats.from_tensors(summed, self.bank[task].num_classes, self.width, legacy_ok=True)
+        except StatsError as error:
+            reason = f"the sum with this round's statistics is invalid: {error}"
+            return {c: reason for c, _ in valid}
+        self.bank.set_stats(task, summed)
+        self.record.clients[task] = sorted({*self.counted(task), *(c for c, _ in valid)})
+        self.bank.metadata.update(self.record.to_json())
+        return {}
 
     def evaluate(self, adapter: AdapterConfig, tasks: Sequence[Task], upto: int) -> dict[str, float]:
         """Task-free accuracy on tasks 0..upto among every class learned so far, as round-record extras:
@@ -137,6 +165,11 @@ class StatsCollector:
                 "task_free_s_per_image": result.seconds_per_image}
 
 
+def _check_cap(cap: float) -> None:
+    if not cap > 0:
+        raise ValueError(f"a statistics count cap must be positive, got {cap}")
+
+
 def _capped(stats: FeatureStats, cap: float) -> FeatureStats:
     """``stats`` weighted ``cap / n`` per example when they count ``n > cap`` examples; else ``stats`` itself."""
     count = float(stats.count.sum())
@@ -149,9 +182,12 @@ def drop_stats(directory: str | os.PathLike[str], tasks: Collection[int]) -> lis
     task's later rounds, if any; until every learned task has statistics, the task-free evaluation is skipped.
     Returns the tasks dropped."""
     bank = AdapterBank.load(directory, drop_stats=tasks)
+    record = RouterRecord.from_json(bank.metadata)
     for task in tasks:
         if task not in bank:
             raise BankError(f"task {task} is not in the bank in {directory}; tasks: {bank.tasks()}")
-        bank.metadata.get(CLIENTS_KEY, {}).pop(str(task), None)
+        record.clients.pop(task, None)
+    if CLIENTS_KEY in bank.metadata:  # the rest of the bank's metadata as it was
+        bank.metadata[CLIENTS_KEY] = record.to_json()[CLIENTS_KEY]
     bank.save(directory)
     return sorted(tasks)

@@ -19,16 +19,18 @@ import numpy as np
 import torch
 
 from fedpetah.adapters import build_adapter
-from fedpetah.aggregation import BoundedAggregation, build_aggregator
+from fedpetah.aggregation import BoundedAggregation, RoundResult, build_aggregator
 from fedpetah.artifact import artifact_digest, load_artifact
 from fedpetah.backbone import Backbone
-from fedpetah.bank import AdapterBank
+from fedpetah.bank import AdapterBank, BankError, TaskRecord
 from fedpetah.collect import StatsCollector
 from fedpetah.experiment import ExperimentConfig
 from fedpetah.local import MANIFEST_FILE, WEIGHTS_FILE, load_stream
 from fedpetah.metrics import RoundRecord, RunLog, plot_run, read_rounds, summarize
 from fedpetah.pipeline import prepare_artifact
-from fedpetah.protocol import SECTIONS, Status, TaskInfo, TrainReply, TrainRequest, client_seed
+from fedpetah.protocol import SECTIONS, Status, TaskInfo, TrainRequest, client_seed
+from fedpetah.round import ClientReply, RoundOutcome, RoundTraffic, rejections
+from fedpetah.routing import FeatureStats
 from fedpetah.tasks import Task
 from fedpetah.train import evaluate
 
@@ -43,34 +45,13 @@ class RoundPlan:
     round_in_task: int  # 1-based within the task
 
 
-@dataclass
-class ClientReply:
-    """What came back from one sampled client, already decoded from the transport.
-
-    ``status``: a :class:`~fedpetah.protocol.Status` value, or ``rejected`` for a reply that did not decode
-    (``reason`` then names why: a protocol reason or ``timeout``; ``detail`` says more).
-    """
-
-    client: int
-    state: StateDict | None
-    num_examples: int
-    metrics: dict[str, float] = field(default_factory=dict)
-    status: str = Status.OK.value
-    reason: str = ""
-    detail: str = ""
-    stats: StateDict | None = None  # the task-free router's statistics, when asked for
-
-    @classmethod
-    def of(cls, client: int, reply: TrainReply) -> ClientReply:
-        state = None if reply.state is None else {k: torch.from_numpy(v.copy()) for k, v in reply.state.items()}
-        stats = None if reply.stats is None else {k: torch.from_numpy(v.copy()) for k, v in reply.stats.items()}
-        return cls(client, state, reply.num_examples, dict(reply.metrics), reply.status.value,
-                   reply.status.value if reply.status is not Status.OK else "", reply.reason, stats)
+RUN_KEY = "run"
+"""The bank metadata key of a run's :class:`RunRecord`."""
 
 
 @dataclass
-class RunState:
-    """Progress that must survive a server restart: saved inside the bank's metadata, so one atomic
+class RunRecord:
+    """Progress that must survive a server restart: saved inside the bank's metadata (``run``), so one atomic
     write of ``bank.json`` commits the round's adapters and the progress together."""
 
     completed_rounds: int = 0
@@ -78,6 +59,19 @@ class RunState:
     bytes_down: int = 0
     bytes_up: int = 0
     bytes_backbone: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, record: object) -> RunRecord:
+        """The record a bank holds; BankError when it holds none or a malformed one."""
+        if not isinstance(record, dict):
+            raise BankError(f"the bank records no run progress ({RUN_KEY!r} is {type(record).__name__})")
+        try:
+            return cls(**record)
+        except TypeError as error:
+            raise BankError(f"the bank's {RUN_KEY!r} record is malformed: {error}") from None
 
 
 class ContinualServer:
@@ -96,7 +90,7 @@ class ContinualServer:
         resuming = config.resume and (self.bank_dir / "bank.json").is_file()
         self.bank = AdapterBank.load(self.bank_dir) if resuming else AdapterBank()
         self.bank.check_backbone(self.digest)  # a resumed bank's adapters must fit this backbone
-        self.state = RunState(**self.bank.metadata["run"]) if resuming else RunState()
+        self.state = RunRecord.from_json(self.bank.metadata.get(RUN_KEY)) if resuming else RunRecord()
         self.router = StatsCollector(self.bank, self.backbone, self.config.router)
         self.log = RunLog(self.run_dir, committed_rounds=self.state.completed_rounds)  # drops uncommitted rows
 
@@ -131,7 +125,7 @@ class ContinualServer:
                 torch.manual_seed(self.config.seed + 1000 * task)
                 adapter = build_adapter(self.config.adapter, self.backbone, t.num_classes)
             self.bank.add_task(task, self.config.adapter.name, t.num_classes, adapter.state(), list(t.classes),
-                               {"task_name": t.name, "backbone": self.digest})
+                               TaskRecord(t.name, self.digest).to_json())
         return self.bank[task].state
 
     def task_info(self, task: int) -> dict[str, Any]:
@@ -158,54 +152,76 @@ class ContinualServer:
     def complete_round(self, plan: RoundPlan, current: StateDict, replies: list[ClientReply],
                        bytes_down: int, bytes_up: int, started: float,
                        bytes_backbone: int = 0, extra: dict[str, float] | None = None) -> RoundRecord:
-        """Validate and aggregate the replies, update the bank, evaluate, log; returns the round's row.
+        """Run the round's steps on the replies and return its row: :meth:`check_stats`, :meth:`aggregate_round`,
+        :meth:`collect_stats`, :meth:`evaluate_round`, :meth:`record_round`, :meth:`commit` (a subclass may
+        override any of them).
 
         ``replies`` come in a fixed order (by client id), so the same replies always give the same sums.
         """
-        with_stats = [(r.client, r.stats) for r in replies if r.status == "ok" and r.stats is not None]
-        bad_stats = self.router.check(plan.task, with_stats)
-        trained = [r for r in replies if r.status == "ok" and r.client not in bad_stats]
-        bounded = self.aggregate(current, [r.state for r in trained], [r.num_examples for r in trained],
-                                 self.bank[plan.task].opt_state, task_size=len(self.tasks[plan.task].train))
-        refused = {trained[r.index].client for r in bounded.rejected}  # a rejected update's statistics go too
-        if bounded.aggregate is not None:  # none kept (e.g. a non-finite aggregate): asked again next round
-            # weighted like the updates: a client counts at most the round's cap, in the adapter and the router
-            bad_stats.update(self.router.collect(plan.task, [(c, s) for c, s in with_stats
-                                                             if c not in bad_stats and c not in refused],
-                                                 cap=bounded.metrics["weight_cap"]))
-        rejected = [{"client": trained[r.index].client, "reason": r.reason, "detail": r.detail}
-                    for r in bounded.rejected]
-        rejected += [{"client": r.client, "reason": r.reason, "detail": r.detail} for r in replies
-                     if r.status == "rejected"]
-        rejected += [{"client": client, "reason": "stats", "detail": detail} for client, detail in bad_stats.items()]
-        aggregated = bounded.aggregate is not None
-        if bounded.aggregate is not None:
-            self.bank.update(plan.task, bounded.aggregate.state, plan.round, bounded.aggregate.opt_state)
-        aggregation = {f"agg_{k}": v for k, v in bounded.metrics.items()}
-        losses = [r.metrics.get("train-loss", math.nan) for r in trained]  # NaN if any client's training diverged
-        aggregation["train_loss_max"] = float(np.max(losses)) if losses else math.nan
+        valid_stats, bad_stats = self.check_stats(plan, replies)
+        trained = [r for r in replies if r.status is Status.OK and r.client not in bad_stats]
+        result = self.aggregate_round(plan, current, trained)
+        refused = {trained[r.index].client for r in result.rejected}  # a rejected update's statistics go too
+        if result.aggregate is not None:  # none kept (e.g. a non-finite aggregate): asked again next round
+            bad_stats.update(self.collect_stats(plan, [(c, s) for c, s in valid_stats if c not in refused],
+                                                result.metrics["weight_cap"]))
+            self.bank.update(plan.task, result.aggregate.state, plan.round, result.aggregate.opt_state)
+        outcome = RoundOutcome(replies, trained, [r for r in trained if r.client not in refused], result,
+                               rejections(replies, trained, result, bad_stats))
+        accuracies, task_free = self.evaluate_round(plan)
+        traffic = RoundTraffic(bytes_down, bytes_up, bytes_backbone, started, extra or {})
+        record = self.record_round(plan, outcome, accuracies, task_free, traffic)
+        self.commit(plan, traffic)
+        return record
+
+    def check_stats(self, plan: RoundPlan, replies: list[ClientReply]
+                    ) -> tuple[list[tuple[int, FeatureStats]], dict[int, str]]:
+        """The router statistics of the ok replies, decoded once: the valid ones and ``{client: reason}`` for the
+        rest (whose updates are not aggregated either)."""
+        with_stats = [(r.client, r.stats) for r in replies if r.status is Status.OK and r.stats is not None]
+        return self.router.validate(plan.task, with_stats)
+
+    def aggregate_round(self, plan: RoundPlan, current: StateDict, trained: list[ClientReply]) -> RoundResult:
+        """The bounded aggregation of the trained replies' updates (checked at the decode, so only their values
+        are checked here), from the task's optimizer state, counts capped at the task's size."""
+        return self.aggregate.decoded(current, [r.update for r in trained], self.bank[plan.task].opt_state,
+                                      task_size=len(self.tasks[plan.task].train))
+
+    def collect_stats(self, plan: RoundPlan, valid: list[tuple[int, FeatureStats]], cap: float) -> dict[int, str]:
+        """Add the aggregated clients' statistics to the task's in the bank, weighted like their updates (a client
+        counts at most the round's count ``cap``, in the adapter and in the router); returns the rejected ones."""
+        return self.router.add(plan.task, valid, cap=cap)
+
+    def evaluate_round(self, plan: RoundPlan) -> tuple[list[float], dict[str, float]]:
+        """The seen tasks' accuracies (every round when configured, else after a task's last round) and, after a
+        task's last round, the task-free accuracies."""
         last_of_task = plan.round_in_task == self.config.rounds_per_task
         accuracies = self.evaluate_seen(plan.task) if (self.config.evaluate_every_round or last_of_task) else []
         task_free = self.router.evaluate(self.config.adapter, self.tasks, plan.task) if last_of_task else {}
-        ok = [r for r in trained if r.client not in refused]  # the clients whose update was aggregated
-        compute = [r.metrics.get("train-seconds", 0.0) for r in ok]
+        return accuracies, task_free
+
+    def record_round(self, plan: RoundPlan, outcome: RoundOutcome, accuracies: list[float],
+                     task_free: dict[str, float], traffic: RoundTraffic) -> RoundRecord:
+        """The round's row (each rejection logged), appended to the run log and fsynced before :meth:`commit`."""
+        ok, replies = outcome.aggregated, outcome.replies
         steps = [r.metrics["step-time-ms"] / 1000 for r in ok if "step-time-ms" in r.metrics]
         memory = [r.metrics["peak-memory-mb"] for r in ok if "peak-memory-mb" in r.metrics]
-        wall = time.perf_counter() - started
+        compute = [r.metrics.get("train-seconds", 0.0) for r in ok]
+        wall = time.perf_counter() - traffic.started
         record = RoundRecord(
             round=plan.round, task=plan.task, accuracy=dict(enumerate(accuracies)),
-            bytes_up=bytes_up, bytes_down=bytes_down, num_clients=len(ok), num_rejected=len(rejected),
-            round_time_s=wall, step_time_s=float(np.median(steps)) if steps else None,
-            peak_memory_mb=max(memory) if memory else None,
-            rejections=dict(Counter(str(r["reason"]) for r in rejected)),
+            bytes_up=traffic.bytes_up, bytes_down=traffic.bytes_down, num_clients=len(ok),
+            num_rejected=len(outcome.rejected), round_time_s=wall,
+            step_time_s=float(np.median(steps)) if steps else None, peak_memory_mb=max(memory) if memory else None,
+            rejections=dict(Counter(str(r.reason) for r in outcome.rejected)),
             extra={
-                **{f"status_{s.value.replace('-', '_')}": float(sum(r.status == s.value for r in replies))
+                **{f"status_{s.value.replace('-', '_')}": float(sum(r.status is s for r in replies))
                    for s in Status if s is not Status.OK},
-                **(extra or {}),
+                **traffic.extra,
                 "round_in_task": float(plan.round_in_task),
                 "sampled": float(len(replies)),
-                "aggregated": float(aggregated),
-                "bytes_backbone": float(bytes_backbone),
+                "aggregated": float(outcome.result.aggregate is not None),
+                "bytes_backbone": float(traffic.bytes_backbone),
                 "train_loss": _weighted([r.metrics.get("train-loss", math.nan) for r in ok],
                                         [r.num_examples for r in ok]),
                 "step_time_p95_s": float(np.percentile(steps, 95)) if steps else math.nan,
@@ -213,20 +229,23 @@ class ContinualServer:
                 "slowest_client_s": max(compute, default=0.0),
                 "overhead_s": wall - max(compute, default=0.0),
                 **task_free,
-                **aggregation,
+                **outcome.aggregation_metrics(),
             },
         )
-        for rejection in rejected:
-            log.warning("round %d: rejected client %s: %s %s", plan.round, rejection["client"],
-                        rejection["reason"], rejection["detail"])
+        for rejection in outcome.rejected:
+            log.warning("round %d: rejected client %s: %s %s", plan.round, rejection.client, rejection.reason,
+                        rejection.detail)
         self.log.log(record)  # fsynced before the commit; a resume drops rows the bank never committed
-        self.state.completed_rounds = plan.round
-        self.state.bytes_down += bytes_down
-        self.state.bytes_up += bytes_up
-        self.state.bytes_backbone += bytes_backbone
-        self.bank.metadata["run"] = asdict(self.state)
-        self.bank.save(self.bank_dir)
         return record
+
+    def commit(self, plan: RoundPlan, traffic: RoundTraffic) -> None:
+        """Save the bank with the run's progress: one atomic write commits the round's adapters and progress."""
+        self.state.completed_rounds = plan.round
+        self.state.bytes_down += traffic.bytes_down
+        self.state.bytes_up += traffic.bytes_up
+        self.state.bytes_backbone += traffic.bytes_backbone
+        self.bank.metadata[RUN_KEY] = self.state.to_json()
+        self.bank.save(self.bank_dir)
 
     def evaluate_seen(self, upto: int) -> list[float]:
         """Test accuracy of every task 0..upto with its own adapter from the bank."""

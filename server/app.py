@@ -18,6 +18,7 @@ from fedpetah.experiment import ExperimentConfig, to_experiment
 from fedpetah.flatconfig import unflatten
 from fedpetah.metrics import RoundRecord
 from fedpetah.protocol import HELLO, TRAIN, HelloReply, HelloRequest, ProtocolError, Status, TrainReply, specs
+from fedpetah.reasons import Reason
 from flower_glue.records import records_of, to_recorddict
 from server.progress import Progress
 
@@ -153,14 +154,14 @@ def _round(exchange: Exchange, server: ContinualServer, plan: RoundPlan, clients
     replies, bytes_up, bytes_stats = [], 0, 0
     for node, client in sorted(client_of.items(), key=lambda item: item[1]):  # a fixed order: reproducible sums
         if node not in answers:
-            replies.append(ClientReply(client, None, 0, status="rejected", reason="timeout"))
+            replies.append(ClientReply.refused(client, Reason.TIMEOUT))
             continue
         stats_specs = expected_stats if node in asked else None
         try:
             records = records_of(answers[node], TrainReply.layout(expected, stats_specs))
             answer = TrainReply.decode(records, expected, stats_specs)
         except ProtocolError as error:
-            replies.append(ClientReply(client, None, 0, status="rejected", reason=error.reason, detail=error.detail))
+            replies.append(ClientReply.refused(client, error.reason, error.detail))
             continue
         bytes_up += records.array_bytes("adapter") + records.array_bytes("stats")
         bytes_stats += records.array_bytes("stats")

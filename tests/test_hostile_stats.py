@@ -25,6 +25,7 @@ from fedpetah.config import BackboneConfig, PruningConfig, TrainConfig
 from fedpetah.continual import ClientReply, ContinualServer
 from fedpetah.experiment import ExperimentConfig, StrategyConfig
 from fedpetah.protocol import Status, TrainReply
+from fedpetah.reasons import Reason
 from fedpetah.routing import (
     MAX_FEATURE_NORM,
     FeatureStats,
@@ -85,7 +86,7 @@ def _hostile(honest: dict[str, np.ndarray], change: str) -> dict[str, np.ndarray
 @pytest.mark.parametrize("change", ["sum=1e200", "sum-beyond-norm", "within=3e38", "within-off-diagonal"])
 def test_huge_but_finite_statistics_are_a_counted_rejection_and_the_run_goes_on(
         tiny_backbone: Callable[..., Backbone], task: Task, tmp_path: Path, change: str) -> None:
-    backbone = tiny_backbone("efficientvit_b0", 32)
+    backbone = tiny_backbone()
     bank, collector = _setup(backbone, task)
     honest = _honest(backbone, task, collector, range(0, 100))
     hostile = _hostile(_honest(backbone, task, collector, range(100, 200)), change)
@@ -108,7 +109,7 @@ def test_huge_but_finite_statistics_are_a_counted_rejection_and_the_run_goes_on(
 def test_honest_statistics_from_a_huge_count_are_still_accepted(
         tiny_backbone: Callable[..., Backbone], task: Task) -> None:
     """The bounds scale with the count: the statistics of every image of the task, stored and summed again."""
-    backbone = tiny_backbone("efficientvit_b0", 32)
+    backbone = tiny_backbone()
     bank, collector = _setup(backbone, task)
     whole = _honest(backbone, task, collector, range(len(task.train)))
     assert collector.collect(0, [(1, {k: torch.from_numpy(v) for k, v in whole.items()})]) == {}
@@ -143,7 +144,7 @@ def _nan_bank(backbone: Backbone, task: Task, directory: Path) -> None:
 
 def test_a_bank_with_non_finite_statistics_refuses_to_load_and_names_the_recovery(
         tiny_backbone: Callable[..., Backbone], task: Task, tmp_path: Path) -> None:
-    backbone = tiny_backbone("efficientvit_b0", 32)
+    backbone = tiny_backbone()
     _nan_bank(backbone, task, tmp_path)
     with pytest.raises(BankError, match=r"task 0.*NaN or infinite.*--resume --drop-stats 0"):
         AdapterBank.load(tmp_path)
@@ -152,7 +153,7 @@ def test_a_bank_with_non_finite_statistics_refuses_to_load_and_names_the_recover
     assert bank[0].stats == {} and bank.metadata[CLIENTS_KEY].get("0") is None
     assert bank.metadata["run"] == {"completed_rounds": 1}  # the rest of the bank is untouched
     collector = StatsCollector(bank, backbone)
-    assert collector.wanted(0, HONEST) is not None  # its clients are asked again in the task's later rounds
+    assert collector.wanted(0, HONEST) == (16, 0, 4)  # its clients are asked again (the bank's router: dim 16)
     assert collector.evaluate(adapter_config("head"), [task], 0) == {}  # until then: no task-free evaluation
     with pytest.raises(BankError, match="task 5 is not in the bank"):
         drop_stats(tmp_path, [5])
@@ -160,13 +161,13 @@ def test_a_bank_with_non_finite_statistics_refuses_to_load_and_names_the_recover
 
 def test_fedpetah_server_resume_drops_a_tasks_statistics_before_it_starts_anything(
         tiny_backbone: Callable[..., Backbone], task: Task, tmp_path: Path) -> None:
-    backbone = tiny_backbone("efficientvit_b0", 32)
+    backbone = tiny_backbone()
     run_dir = tmp_path / "run"
     _nan_bank(backbone, task, run_dir / "bank")
     state = ["--state-dir", str(tmp_path / "state"), "--run-dir", str(run_dir), "--insecure", "--host", "127.0.0.1"]
     assert server_cli.main([*state, "--drop-stats", "0", "clients=1"]) == server_cli.EXIT_RUN_DIR  # needs --resume
     assert server_cli.main([*state, "--resume", "--drop-stats", "3", "clients=1"]) == server_cli.EXIT_RUN_DIR
-    with pytest.raises(BankError):
+    with pytest.raises(BankError, match=r"task 0.*NaN or infinite"):  # neither refusal dropped anything
         AdapterBank.load(run_dir / "bank")
     with socket.socket() as busy:  # the SuperLink's port is taken: serve stops right after the drop
         busy.bind(("127.0.0.1", 0))
@@ -232,7 +233,7 @@ def _dim2_collector(backbone: Backbone) -> tuple[AdapterBank, StatsCollector]:
 
 def test_a_client_claiming_1000x_the_count_weighs_in_the_statistics_no_more_than_in_the_update(
         tiny_backbone: Callable[..., Backbone]) -> None:
-    backbone = tiny_backbone("efficientvit_b0", 32)
+    backbone = tiny_backbone()
     counts = {c: 2 * n for c, (n, _) in CLIENTS.items()}
     cap, share = _round_cap(list(counts.values()))
     assert cap == 3 * 20  # weight_cap 3 x the median count
@@ -257,7 +258,7 @@ def test_a_client_claiming_1000x_the_count_weighs_in_the_statistics_no_more_than
 
 
 def test_a_cap_no_client_exceeds_leaves_the_statistics_bit_for_bit(tiny_backbone: Callable[..., Backbone]) -> None:
-    backbone = tiny_backbone("efficientvit_b0", 32)
+    backbone = tiny_backbone()
     replies = [(c, _client_stats(c)) for c in (1, 2)]
     stored = []
     for cap in (math.inf, 20.0):  # client 2 counts exactly 20: at the cap, not over it
@@ -290,7 +291,7 @@ def test_weighted_statistics_are_exact_and_their_float_counts_come_only_from_a_b
 def _capped_server(tmp_path: Path, cache_dir: Path, aggregator: str = "fedavg") -> ContinualServer:
     config = ExperimentConfig(
         clients=3, rounds_per_task=2, output_dir=str(tmp_path), evaluate_every_round=False,
-        backbone=BackboneConfig(name="efficientvit_b0", img_size=32, weights="random"),
+        backbone=BackboneConfig(name="test_efficientvit", img_size=32, weights="random"),
         pruning=PruningConfig(ratio=0.0), adapter=adapter_config("head"),
         tasks=TaskStreamConfig(name="split_mnist", num_tasks=1),
         train=TrainConfig(epochs=1, batch_size=32, max_steps=1, loss="cross_entropy"),
@@ -341,4 +342,22 @@ def test_a_round_that_keeps_no_update_collects_no_statistics(tmp_path: Path, cac
     server.log.close()
     assert record.extra["agg_non_finite_aggregate"] == 1.0 and record.extra["aggregated"] == 0.0
     assert server.bank[0].stats == {} and server.router.counted(0) == []
-    assert server.router.wanted(0, 1) is not None
+    assert server.router.wanted(0, 1) == (2, 0, 4)  # asked again (router dim 2, seed 0, grid 4)
+
+
+def test_every_rejection_in_metrics_jsonl_is_counted_under_a_reason(tmp_path: Path, cache_dir: Path) -> None:
+    """Rejections of every origin (a reply that did not come or did not decode, a non-finite update, an update
+    far longer than the round's, invalid statistics) are counted in metrics.jsonl under a Reason's value."""
+    server = _capped_server(tmp_path, cache_dir)
+    plan = next(server.schedule())
+    replies = _round_replies(server, {1: 0.01, 2: 0.01, LIAR: 10.0})  # the liar's delta: 1000x the others'
+    current = server.global_state(0)
+    replies += [ClientReply(20, {k: torch.full_like(v, math.nan) for k, v in current.items()}, 10),
+                ClientReply(21, dict(current), 10, stats={"count": torch.ones(2, dtype=torch.int64)}),
+                ClientReply.refused(22, Reason.TIMEOUT), ClientReply.refused(23, Reason.SHAPE, "adapter.w: (3,)")]
+    server.complete_round(plan, current, replies, 0, 0, time.perf_counter())
+    server.log.close()
+    rows = [json.loads(line) for line in (server.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [row["rejections"] for row in rows] == [{"norm_outlier": 1, "non_finite": 1, "timeout": 1, "shape": 1,
+                                                    "stats": 1}]
+    assert set(rows[0]["rejections"]) <= {reason.value for reason in Reason}

@@ -21,6 +21,7 @@ from fedpetah.bank import AdapterBank
 from fedpetah.config import BackboneConfig, PruningConfig, TrainConfig, WarmupConfig
 from fedpetah.experiment import ExperimentConfig, StrategyConfig
 from fedpetah.protocol import NO_PARTITION, HelloReply, Records, Status, TrainReply, TrainRequest
+from fedpetah.reasons import Reason
 from fedpetah.tasks import PartitionConfig, TaskStreamConfig
 from flower_glue.records import records_of, to_recorddict
 from server.app import run
@@ -171,7 +172,7 @@ def test_hostile_replies_are_counted_and_change_nothing(tmp_path: Path, cache_di
             reasons[reason] = reasons.get(reason, 0) + count
     assert sum(reasons.values()) == hostile_nodes * rounds  # every hostile reply, a silent one as a timeout
     expected = {"count", "keys", "shape", "dtype", "metrics", "malformed", "status", "non_finite", "timeout"}
-    assert expected <= set(reasons)
+    assert expected <= set(reasons) <= {reason.value for reason in Reason}  # one vocabulary, spelled as scripts read it
     assert sum(r["extra"]["late_replies"] for r in rows) >= 1
 
     # The honest clients alone, with the other nodes answering "no data": the bank must be identical.
