@@ -9,6 +9,9 @@ from fedpetah.backbone.config import BackboneConfig, WarmupConfig
 
 __all__ = ["BackboneConfig", "PruningConfig", "TrainConfig", "WarmupConfig"]
 
+MAX_EPOCHS, MAX_BATCH = 1000, 4096
+"""Upper bounds of local training: a device rebuilds its train config from a server's request."""
+
 
 @dataclass
 class PruningConfig:
@@ -79,3 +82,5 @@ class TrainConfig:
             raise ValueError("train.epochs, batch_size and lr must be positive")
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError("train.max_steps must be positive when set")
+        if self.epochs > MAX_EPOCHS or self.batch_size > MAX_BATCH:  # a device rebuilds this from a server's request
+            raise ValueError(f"train.epochs must be at most {MAX_EPOCHS} and batch_size at most {MAX_BATCH}")

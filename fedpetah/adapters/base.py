@@ -34,6 +34,10 @@ class AdapterConfig:
 
 C = TypeVar("C", bound=AdapterConfig)
 
+MAX_RANK = 1024
+"""The largest low-rank factor an adapter config may ask for: configs also arrive from a server, and a device
+builds what they say before it can compare the result with the state it was sent."""
+
 
 class Adapter(ABC, Generic[C]):
     """One task's trainable part on a private copy of a frozen backbone.

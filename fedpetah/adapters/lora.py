@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, ClassVar, TypeVar
 import torch
 import torch.nn as nn
 
-from fedpetah.adapters.base import Adapter, AdapterConfig
+from fedpetah.adapters.base import MAX_RANK, Adapter, AdapterConfig
 from fedpetah.adapters.registry import ADAPTERS
 from fedpetah.backbone import Backbone
 from fedpetah.backbone.families import LAYER_KINDS, BackboneFamily, compile_targets
@@ -55,8 +55,8 @@ class LoraConfig(AdapterConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.rank < 1:
-            raise ValueError(f"{self.name}.rank must be >= 1, got {self.rank}")
+        if not 1 <= self.rank <= MAX_RANK:
+            raise ValueError(f"{self.name}.rank must be in [1, {MAX_RANK}], got {self.rank}")
         if self.alpha <= 0:
             raise ValueError(f"{self.name}.alpha must be positive, got {self.alpha}")
         if not 0.0 <= self.dropout < 1.0:

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import torch.nn as nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from fedpetah.adapters.base import MAX_RANK
 from fedpetah.adapters.lora import LoraAdapter, LoraConfig
 from fedpetah.adapters.registry import ADAPTERS
 
@@ -54,8 +55,8 @@ class PetahConfig(LoraConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.conv_rank < 1:
-            raise ValueError(f"petah.conv_rank must be >= 1, got {self.conv_rank}")
+        if not 1 <= self.conv_rank <= MAX_RANK:
+            raise ValueError(f"petah.conv_rank must be in [1, {MAX_RANK}], got {self.conv_rank}")
 
 
 def norm_parameters(module: nn.Module) -> dict[str, nn.Parameter]:

@@ -50,6 +50,12 @@ class SynQTConfig(AdapterConfig):
             raise ValueError(f"synqt.stages must be a non-empty list of ints, got {self.stages!r}")
         if min(self.num_queries, self.query_dim, self.num_heads, self.grid, self.frozen_batch) < 1:
             raise ValueError("synqt.num_queries, query_dim, num_heads, grid and frozen_batch must be >= 1")
+        limits = {"stages": (len(self.stages), 16), "num_queries": (self.num_queries, 256),
+                  "query_dim": (self.query_dim, 4096), "num_heads": (self.num_heads, 64),
+                  "grid": (self.grid, 32), "frozen_batch": (self.frozen_batch, 4096)}
+        for key, (value, limit) in limits.items():  # a config may come from a server: bound what it makes us build
+            if value > limit:
+                raise ValueError(f"synqt.{key} must be at most {limit}, got {value}")
         if self.query_dim % self.num_heads:
             raise ValueError(
                 f"synqt.query_dim {self.query_dim} must be divisible by num_heads {self.num_heads}"
