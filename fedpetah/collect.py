@@ -16,13 +16,21 @@ from fedpetah.backbone import Backbone
 from fedpetah.bank import AdapterBank, BankError
 from fedpetah.predict import build_predictor, evaluate_task_free
 from fedpetah.protocol import ArraySpec, stats_specs
-from fedpetah.routing import FeatureStats, RouterConfig, StatsError, aggregate_stats, check_size, feature_width
+from fedpetah.routing import (
+    ROUTER_KEY,
+    FeatureStats,
+    RouterConfig,
+    StatsError,
+    aggregate_stats,
+    check_size,
+    feature_width,
+)
 from fedpetah.tasks import Task
 
 log = logging.getLogger(__name__)
 
-ROUTER_KEY, CLIENTS_KEY = "router", "router_clients"
-"""Bank metadata keys of a :class:`RouterRecord`."""
+CLIENTS_KEY = "router_clients"
+"""Bank metadata key of a :class:`RouterRecord`'s clients (its config is under :data:`fedpetah.routing.ROUTER_KEY`)."""
 
 
 @dataclass

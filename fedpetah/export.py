@@ -42,7 +42,7 @@ from fedpetah.experiment import ExperimentConfig, to_experiment
 from fedpetah.flatconfig import build_dataclass
 from fedpetah.pipeline import settings_key
 from fedpetah.predict import TaskFreePredictor, build_predictor
-from fedpetah.routing import FeatureStats, FrozenFeatures, RouterConfig, TaskFreeModel, feature_width
+from fedpetah.routing import ROUTER_KEY, FeatureStats, FrozenFeatures, RouterConfig, TaskFreeModel, feature_width
 
 EXPORT_FORMAT, EXPORT_VERSION = "fedpetah-task-free", 3
 LEGACY_VERSIONS = (1, 2)
@@ -53,8 +53,6 @@ PTE_FILE = "model.pte"
 ALIASES_KEY = "aliases"
 """``model.safetensors`` metadata: JSON ``{alias: stored key}`` for tensors stored once and used under more names."""
 BACKBONE_DIR = "backbone"
-ROUTER_KEY = "router"
-"""``bank.metadata[ROUTER_KEY]``: the :class:`RouterConfig` the clients' statistics were taken with."""
 
 
 class ExportError(RuntimeError):
@@ -124,7 +122,7 @@ def load_run(run_dir: str | Path, artifact: str | Path | None = None) -> Run:
     if not len(bank):
         raise ExportError(f"{root / 'bank'} holds no task yet")
     path = Path(artifact) if artifact is not None else find_artifact(config, root)
-    expected = {str(bank[t].metadata["backbone"]) for t in bank.tasks() if bank[t].metadata.get("backbone")}
+    expected = {str(bank[t].record.backbone) for t in bank.tasks() if bank[t].record.backbone}
     try:
         digest = artifact_digest(path)
         if expected and expected != {digest}:

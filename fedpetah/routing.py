@@ -302,6 +302,10 @@ def data_stats(backbone: Backbone, data: ImageSet, num_classes: int, config: Rou
     return class_stats(project(frozen_features(backbone, data, grid=config.grid), config), data.labels, num_classes)
 
 
+ROUTER_KEY = "router"
+"""Bank metadata key of the :class:`RouterConfig` the clients' statistics were taken with."""
+
+
 @dataclass
 class RouterConfig:
     """How the task-free router is built (``router.*`` in the experiment config); ``dim``, ``seed`` and ``grid``
