@@ -10,6 +10,7 @@ from typing import Any
 import timm
 import torch.nn as nn
 
+import fedpetah.backbone.tiny  # noqa: F401 (registers test_efficientvit in timm before any create_model)
 from fedpetah.backbone.families import BackboneFamily, family_of
 from fedpetah.model import IMAGENET_MEAN, IMAGENET_STD
 

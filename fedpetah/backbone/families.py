@@ -86,7 +86,7 @@ FAMILIES: Registry[BackboneFamily] = Registry("backbone family")
 for _family in (
     BackboneFamily(
         name="efficientvit",
-        prefixes=("efficientvit_b", "efficientvit_l"),
+        prefixes=("efficientvit_b", "efficientvit_l", "test_efficientvit"),  # test_*: fedpetah/backbone/tiny.py
         attention_classes=("LiteMLA",),
         block_classes=("EfficientVitBlock", "EfficientVitLargeBlock"),
     ),
