@@ -117,7 +117,7 @@ def test_fedavg_is_example_weighted_and_pure() -> None:
 
 def test_aggregator_refuses_an_invalid_update() -> None:
     current = {"w": torch.zeros(2)}
-    with pytest.raises(InvalidUpdate):
+    with pytest.raises(InvalidUpdate, match=r"w: \(3,\) != \(2,\)"):
         build_aggregator(aggregator_config("fedavg"))(current, [{"w": torch.zeros(3)}], [1])
     with pytest.raises(ValueError, match="weights"):
         build_aggregator(aggregator_config("fedavg"))(current, [{"w": torch.zeros(2)}], [0])
@@ -294,11 +294,11 @@ def test_every_aggregator_is_pure_and_keeps_the_layout(name: str) -> None:
 def test_registry_rejects_unknown_names_fields_and_configs() -> None:
     with pytest.raises(KeyError, match="fedavg"):
         aggregator_config("fedsgd")
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match="'eta'"):
         aggregator_config("fedavg", eta=0.1)
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match="FedYogi needs FedYogiConfig"):
         AGGREGATORS.get("fedyogi")(aggregator_config("fedadam"))
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match="'clip_norm'"):
         aggregator_config("median", clip_norm=1.0)  # bounds are strategy.bounds, not an aggregator option
     with pytest.raises(ValueError, match="strategy.aggregator.eta"):
         aggregator_config("fedadam", eta=-1.0)

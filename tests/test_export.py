@@ -16,12 +16,11 @@ from fedpetah.adapters import ADAPTERS, adapter_config, build_adapter
 from fedpetah.artifact import artifact_digest, pack_artifact
 from fedpetah.backbone import Backbone
 from fedpetah.bank import AdapterBank
-from fedpetah.collect import ROUTER_KEY, feature_width
 from fedpetah.config import BackboneConfig, PruningConfig
 from fedpetah.experiment import ExperimentConfig
 from fedpetah.export import ExportError, load_export, main, write_export
 from fedpetah.predict import build_predictor
-from fedpetah.routing import RouterConfig, class_stats
+from fedpetah.routing import ROUTER_KEY, RouterConfig, class_stats, feature_width
 
 ort = pytest.importorskip("onnxruntime")
 ROUTER = RouterConfig(dim=16)
@@ -102,7 +101,7 @@ def test_executorch_missing_is_a_clear_error(tiny_backbone: Callable[..., Backbo
                                              monkeypatch: pytest.MonkeyPatch) -> None:
     for module in ["executorch", *(m for m in sys.modules if m.startswith("executorch."))]:
         monkeypatch.setitem(sys.modules, module, None)  # what an environment without the extra looks like
-    backbone = tiny_backbone("efficientvit_b0", 32)
+    backbone = tiny_backbone()
     bank = _bank(backbone, "head")
     predictor = build_predictor(backbone, adapter_config("head"), bank, _stats(bank, backbone), router=ROUTER)
     with pytest.raises(ExportError, match=r"pip install 'fedpetah\[executorch\]'"):
@@ -113,7 +112,7 @@ def test_executorch_missing_is_a_clear_error(tiny_backbone: Callable[..., Backbo
 def _run_dir(root: Path, backbone: Backbone) -> Path:
     run = root / "run"
     pack_artifact(backbone, run / "backbone")
-    config = ExperimentConfig(backbone=BackboneConfig(name="efficientvit_b0", img_size=32, weights="random"),
+    config = ExperimentConfig(backbone=BackboneConfig(name=backbone.model_name, img_size=32, weights="random"),
                               pruning=PruningConfig(ratio=0.0), adapter=adapter_config("head"))
     (run / "config.json").write_text(json.dumps(asdict(config), default=str))
     _bank(backbone, "head", artifact_digest(run / "backbone")).save(run / "bank")
@@ -122,7 +121,7 @@ def _run_dir(root: Path, backbone: Backbone) -> Path:
 
 def test_cli_exports_a_run_and_refuses_broken_ones(tiny_backbone: Callable[..., Backbone], tmp_path: Path,
                                                    capsys: pytest.CaptureFixture[str]) -> None:
-    backbone = tiny_backbone("efficientvit_b0", 32)
+    backbone = tiny_backbone()
     run = _run_dir(tmp_path, backbone)
     assert main([str(run), str(tmp_path / "out"), "--no-onnx"]) == 0
     predictor = load_export(tmp_path / "out")
@@ -151,7 +150,7 @@ def test_cli_exports_a_run_and_refuses_broken_ones(tiny_backbone: Callable[..., 
 
 
 def test_a_bank_without_statistics_is_a_clear_error(tiny_backbone: Callable[..., Backbone], tmp_path: Path) -> None:
-    backbone = tiny_backbone("efficientvit_b0", 32)
+    backbone = tiny_backbone()
     bank = _bank(backbone, "head")
     bank.set_stats(1, {})
     with pytest.raises(ExportError, match=r"tasks \[1\] have no router statistics"):
@@ -160,7 +159,7 @@ def test_a_bank_without_statistics_is_a_clear_error(tiny_backbone: Callable[...,
 
 def test_a_version_1_export_and_a_bank_from_before_grids_load_with_the_pooled_router(
         tiny_backbone: Callable[..., Backbone], tmp_path: Path) -> None:
-    backbone = tiny_backbone("efficientvit_b0", 32)
+    backbone = tiny_backbone()
     legacy = RouterConfig(dim=16, grid=0, joint=0.0)
     bank = _bank(backbone, "head", router=legacy)
     record = {k: v for k, v in asdict(legacy).items() if k not in ("grid", "joint")}  # what such a bank recorded

@@ -274,7 +274,7 @@ def _experiment(output: Path, resume: bool, img_size: int = 32):  # type: ignore
 
     return ExperimentConfig(
         clients=2, rounds_per_task=2, output_dir=str(output), resume=resume, evaluate_every_round=False,
-        backbone=BackboneConfig(name="efficientvit_b0", img_size=img_size, weights="random"),
+        backbone=BackboneConfig(name="test_efficientvit", img_size=img_size, weights="random"),
         pruning=PruningConfig(ratio=0.0), adapter=adapter_config("lora", rank=2),
         tasks=TaskStreamConfig(name="split_mnist", num_tasks=1),
         train=TrainConfig(epochs=1, batch_size=32, max_steps=1, loss="cross_entropy"),

@@ -174,8 +174,9 @@ def test_a_non_ok_status_needs_no_payload_and_keeps_a_bounded_reason() -> None:
 def test_hostile_requests_are_refused(field: str, value: object) -> None:
     records = _request().encode()
     records.configs["config"][field] = value
-    with pytest.raises(ProtocolError):
+    with pytest.raises(ProtocolError) as error:
         TrainRequest.decode(records)
+    assert error.value.reason == "malformed" and field in str(error.value)
 
 
 def test_request_without_a_section_or_with_a_non_list_of_classes_is_refused() -> None:

@@ -203,7 +203,7 @@ def test_router_config_is_validated_and_old_records_keep_their_features() -> Non
 
 
 def test_grid_features_pool_every_stage_and_average_back_to_its_mean(tiny_backbone: Callable[..., Backbone]) -> None:
-    backbone = tiny_backbone("efficientvit_b0", 32)
+    backbone = tiny_backbone()
     module = backbone.module.eval()
     x = torch.rand(2, 3, 32, 32)
     features = FrozenFeatures(module, backbone.mean, backbone.std, grid=2)
@@ -244,7 +244,7 @@ def _calibrated(backbone: Backbone, task: Task) -> Backbone:
 @pytest.fixture(scope="module")
 def two_tasks(tiny_backbone: Callable[..., Backbone]) -> tuple[Backbone, list[Task]]:
     tasks = _digits(2)
-    return _calibrated(tiny_backbone("efficientvit_b0", 32), tasks[0]), tasks
+    return _calibrated(tiny_backbone(), tasks[0]), tasks
 
 
 def _bank(backbone: Backbone, tasks: list[Task], name: str) -> AdapterBank:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -17,18 +17,10 @@ from fedpetah.config import PruningConfig
 from fedpetah.pruning import prune_backbone
 
 FAMILIES = ["efficientvit_b0", "edgenext_xx_small", "mobilevit_xxs"]
+HYBRID = "test_efficientvit"  # the tiny test hybrid (fedpetah/backbone/tiny.py), where any hybrid will do
 SIZE = 64
 
 BackboneFactory = Callable[..., Backbone]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """These tiny models gain nothing from a second thread, which only spins on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def synqt(backbone: Backbone, num_classes: int = 3, **fields: object) -> SynQTAdapter:
@@ -41,32 +33,35 @@ def images(n: int = 4) -> torch.Tensor:
     return torch.rand(n, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(1))
 
 
+COUNTS = "num_queries, query_dim, num_heads, grid and frozen_batch must be >= 1"
+
+
 @pytest.mark.parametrize(
-    "fields",
+    ("fields", "message"),
     [
-        {"stages": []},
-        {"stages": [1.5]},
-        {"num_queries": 0},
-        {"grid": 0},
-        {"frozen_batch": 0},
-        {"query_dim": 30, "num_heads": 4},
+        ({"stages": []}, "stages must be a non-empty list of ints"),
+        ({"stages": [1.5]}, "stages must be a non-empty list of ints"),
+        ({"num_queries": 0}, COUNTS),
+        ({"grid": 0}, COUNTS),
+        ({"frozen_batch": 0}, COUNTS),
+        ({"query_dim": 30, "num_heads": 4}, "query_dim 30 must be divisible by num_heads 4"),
     ],
 )
-def test_config_rejects_bad_values(fields: dict[str, object]) -> None:
-    with pytest.raises(ValueError):
+def test_config_rejects_bad_values(fields: dict[str, object], message: str) -> None:
+    with pytest.raises(ValueError, match=rf"^synqt\.{message}"):
         SynQTConfig(name="synqt", **fields)  # type: ignore[arg-type]
 
 
 def test_config_accepts_tuples_and_rejects_unknown_fields() -> None:
     assert adapter_config("synqt", stages=(-2, -1)).stages == [-2, -1]  # type: ignore[attr-defined]
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match="'queries'"):
         adapter_config("synqt", queries=4)
 
 
 @pytest.mark.parametrize("stages", [[4], [-5], [1, -3]])
 def test_stage_indices_must_name_distinct_levels(tiny_backbone: BackboneFactory, stages: list[int]) -> None:
     with pytest.raises(ValueError, match="feature levels"):
-        synqt(tiny_backbone("efficientvit_b0", SIZE), stages=stages)  # 4 levels
+        synqt(tiny_backbone(HYBRID, SIZE), stages=stages)  # 4 levels
 
 
 def test_pool_tokens_averages_maps_and_token_grids_without_upsampling() -> None:
@@ -78,7 +73,7 @@ def test_pool_tokens_averages_maps_and_token_grids_without_upsampling() -> None:
     assert pool_tokens(torch.ones(2, 5, 3), 2).shape == (2, 4, 3)
 
 
-@pytest.mark.parametrize(("name", "reuse"), [("efficientvit_b0", False), ("mobilevit_xxs", True)])
+@pytest.mark.parametrize(("name", "reuse"), [(HYBRID, False), ("mobilevit_xxs", True)])
 def test_backbone_saves_nothing_for_backward_and_gets_no_gradient(
     tiny_backbone: BackboneFactory, name: str, reuse: bool
 ) -> None:
@@ -105,7 +100,7 @@ def test_backbone_saves_nothing_for_backward_and_gets_no_gradient(
 
 
 def test_saves_far_less_for_backward_than_full_fine_tuning(tiny_backbone: BackboneFactory) -> None:
-    backbone = tiny_backbone("efficientvit_b0", SIZE)
+    backbone = tiny_backbone("efficientvit_b0", SIZE)  # a real backbone's activations (the tiny one's are few)
     saved: dict[str, int] = {}
     for name in ("synqt", "full"):
         model = build_adapter(adapter_config(name), backbone, 3).model.train()
@@ -196,7 +191,7 @@ def test_state_round_trip_and_merge_give_identical_logits(tiny_backbone: Backbon
     merged = trained.merge()
     assert not any(p.requires_grad for p in merged.parameters())
     assert torch.equal(merged(x), trained.model(x))
-    with pytest.raises(KeyError):
+    with pytest.raises(KeyError, match=r"missing.*synqt\.queries"):
         fresh.load_state({k: v for k, v in state.items() if k != "synqt.queries"})
 
 

@@ -78,5 +78,5 @@ def test_balanced_loss_leaves_the_head_rows_of_absent_classes_alone(
 
 
 def test_unknown_loss_is_a_clear_error() -> None:
-    with pytest.raises(ValueError, match="train.loss must be cross_entropy|balanced"):
+    with pytest.raises(ValueError, match=r"train\.loss must be cross_entropy\|balanced, got 'focal'"):
         TrainConfig(loss="focal")

@@ -97,16 +97,28 @@ HOSTILE = {
 }
 
 
+REFUSALS = {  # what each refusal says
+    "wrong magic": "not a fedpetah frame", "bad json": "header is not JSON",
+    "header not an object": "header must be an object", "type not a string": "with a string type",
+    "no segments": "segments must list", "segment too long": "do not fill", "negative segment": "segments must list",
+    "header longer than payload": "does not fit", "metric is an object": "dict is not a record value",
+    "mixed list": "a list mixes value types", "bytes out of range": "a bytes reference must be",
+    "bytes in metrics": "dict is not a record value", "record not an object": "must map record names to records",
+    "unknown tensor": "no such tensor", "deeply nested header": "nests too deeply", "corrupt tensor blob": "array blob",
+}
+
+
 @pytest.mark.parametrize("name", sorted(HOSTILE))
 def test_hostile_frames_are_refused_with_a_reason(name: str) -> None:
-    with pytest.raises(frames.FrameError):
+    with pytest.raises(frames.FrameError, match=REFUSALS[name]) as error:
         frames.decode(HOSTILE[name])
+    assert error.value.reason == "malformed"
 
 
 def test_truncated_and_oversized_frames_are_refused() -> None:
     frame = frames.encode(TRAIN, _records())
     for cut in (0, 5, frames.PREFIX.size, frames.PREFIX.size + 3, len(frame) // 2, len(frame) - 1):
-        with pytest.raises(frames.FrameError):
+        with pytest.raises(frames.FrameError, match="truncated frame prefix|its prefix announces"):
             frames.decode(frame[:cut])
     with pytest.raises(frames.FrameError) as error:
         frames.decode(frame, limit=len(frame) // 2)
@@ -152,7 +164,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> dict[str
 
     root = tmp_path_factory.mktemp("worker")
     config = ExperimentConfig(
-        clients=2, rounds_per_task=1, backbone=BackboneConfig(name="efficientvit_b0", img_size=32, weights="random"),
+        clients=2, rounds_per_task=1, backbone=BackboneConfig(name="test_efficientvit", img_size=32, weights="random"),
         pruning=PruningConfig(ratio=0.0), adapter=adapter_config("lora", rank=2),
         tasks=TaskStreamConfig(name="split_mnist", num_tasks=1), partition=PartitionConfig(name="iid"),
         train=TrainConfig(epochs=1, batch_size=8, max_steps=3, loss="cross_entropy"),
