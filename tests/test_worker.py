@@ -291,7 +291,7 @@ def test_a_hung_then_dead_worker_gets_an_error_reply_within_the_bound(
     assert dead.status is Status.ERROR and "no device worker" in dead.reason
     hello = HelloReply.decode(handle(HELLO, HelloRequest(setup["request"].digest).encode(), _context(**node_config)))
     assert hello.has_backbone is False  # it still takes part: the backbone comes with the next request
-    with pytest.raises(WorkerUnavailable):
+    with pytest.raises(WorkerUnavailable, match="no device worker at"):
         call(path, PING, Records(), timeout_s=1.0)
 
 
