@@ -47,7 +47,7 @@ started = time.perf_counter()
 from pathlib import Path
 from flwr.app import Context, RecordDict
 from clients.app import handle
-from fedpetah import frames
+from fedpetah.wire import frames
 imported = time.perf_counter()
 kind, records = frames.decode(Path(sys.argv[2]).read_bytes())
 context = Context(run_id=1, node_id=1, node_config={"worker-socket": sys.argv[1]}, state=RecordDict(), run_config={})
@@ -119,7 +119,7 @@ def worker_socket(log: str) -> str:
 def probe(socket_path: str, request: Path, repeats: int = 3) -> dict[str, Any]:
     """A fresh thin-ClientApp process's start-to-reply time and peak RSS, and the same request sent directly."""
     from clients.worker import call
-    from fedpetah import frames
+    from fedpetah.wire import frames
 
     env = child_env({"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
     kind, records = frames.decode(request.read_bytes())
@@ -145,9 +145,9 @@ def _request_frame(run_dir: Path, clients: int, path: Path) -> None:
     """The run's last task state as a train request (artifact-free: the worker already holds the backbone)."""
     from dataclasses import replace
 
-    from fedpetah import frames
     from fedpetah.continual import ContinualServer
     from fedpetah.experiment import to_experiment
+    from fedpetah.wire import frames
 
     config = to_experiment(json.loads((run_dir / "config.json").read_text()))
     server = ContinualServer(replace(config, output_dir=str(path.parent / "probe-run")), path.parent / "probe-run")

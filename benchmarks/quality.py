@@ -53,7 +53,7 @@ def federated_inprocess(config: Any, run_dir: Path) -> dict[str, Any]:
     from fedpetah.client import ClientRuntime, simulated_data
     from fedpetah.continual import ClientReply, ContinualServer
     from fedpetah.local import BackboneCache
-    from fedpetah.protocol import TrainReply, TrainRequest, specs
+    from fedpetah.wire.protocol import TrainReply, TrainRequest, specs
 
     torch.set_num_threads(config.simulation.torch_threads)
     server = ContinualServer(config, run_dir)

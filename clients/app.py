@@ -19,7 +19,7 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from clients.worker import WorkerUnavailable, answer, call
-from fedpetah.protocol import (
+from fedpetah.wire.protocol import (
     ATTACK_ENV,
     HELLO,
     NO_PARTITION,

@@ -316,7 +316,7 @@ class Supervisor:
     def ready(self, timeout: float) -> bool:
         """Whether the current worker answers a ping within ``timeout`` seconds (False once it exited)."""
         from clients.worker import PING, WorkerUnavailable, call
-        from fedpetah.protocol import Records
+        from fedpetah.wire.protocol import Records
 
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline and not self._stopping.is_set():

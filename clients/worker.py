@@ -6,7 +6,7 @@
 message forwards its request here with :func:`call` and returns the reply, so a message costs a small process
 (flwr and the protocol) instead of importing torch, timm and peft every time. The socket lives in an owner-only
 directory (0700), is itself 0600, and each peer's uid is checked (``SO_PEERCRED``) where the OS reports it; frames
-are JSON + safetensors (:mod:`fedpetah.frames`), never pickle, and bounded in size. :func:`answer` is what both
+are JSON + safetensors (:mod:`fedpetah.wire.frames`), never pickle, and bounded in size. :func:`answer` is what both
 this worker and the ClientApp's in-process path run for a request, so both give the same result for the same seed.
 
 Module-level imports stay light (no torch): the thin ClientApp imports :func:`call` from here.
@@ -27,8 +27,8 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING
 
-from fedpetah import frames
-from fedpetah.protocol import HELLO, TRAIN, HelloRequest, ProtocolError, Records, Status, TrainReply, TrainRequest
+from fedpetah.wire import frames
+from fedpetah.wire.protocol import HELLO, TRAIN, HelloRequest, ProtocolError, Records, Status, TrainReply, TrainRequest
 
 if TYPE_CHECKING:
     from fedpetah.client import ClientRuntime, DataSource

@@ -16,8 +16,8 @@ from dataclasses import asdict, dataclass, replace
 import numpy as np
 import torch
 
-from fedpetah.protocol import ATTACK_ENV, Status, TrainReply, TrainRequest
 from fedpetah.registry import Registry
+from fedpetah.wire.protocol import ATTACK_ENV, Status, TrainReply, TrainRequest
 
 StateDict = dict[str, torch.Tensor]
 Attack = Callable[[StateDict, StateDict, int, np.random.Generator], tuple[StateDict, float]]

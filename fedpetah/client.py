@@ -12,11 +12,11 @@ import torch
 from fedpetah.adapters import ADAPTERS, AdapterConfig
 from fedpetah.artifact import ArtifactError
 from fedpetah.config import TrainConfig
-from fedpetah.flatconfig import build_dataclass
 from fedpetah.local import BackboneCache, simulated_shard, train_task
-from fedpetah.protocol import NO_PARTITION, HelloReply, HelloRequest, Status, TrainReply, TrainRequest
 from fedpetah.routing import RouterConfig, data_stats
 from fedpetah.tasks import ImageSet, PartitionConfig, TaskStreamConfig
+from fedpetah.wire.flatconfig import build_dataclass
+from fedpetah.wire.protocol import NO_PARTITION, HelloReply, HelloRequest, Status, TrainReply, TrainRequest
 
 log = logging.getLogger("fedpetah.client")
 

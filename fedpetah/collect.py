@@ -15,7 +15,6 @@ from fedpetah.adapters import AdapterConfig
 from fedpetah.backbone import Backbone
 from fedpetah.bank import AdapterBank, BankError
 from fedpetah.predict import build_predictor, evaluate_task_free
-from fedpetah.protocol import ArraySpec, stats_specs
 from fedpetah.routing import (
     ROUTER_KEY,
     FeatureStats,
@@ -26,6 +25,7 @@ from fedpetah.routing import (
     feature_width,
 )
 from fedpetah.tasks import Task
+from fedpetah.wire.protocol import ArraySpec, stats_specs
 
 log = logging.getLogger(__name__)
 

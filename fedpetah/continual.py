@@ -28,11 +28,11 @@ from fedpetah.experiment import ExperimentConfig
 from fedpetah.local import MANIFEST_FILE, WEIGHTS_FILE, load_stream
 from fedpetah.metrics import RoundRecord, RunLog, plot_run, read_rounds, summarize
 from fedpetah.pipeline import prepare_artifact
-from fedpetah.protocol import SECTIONS, Status, TaskInfo, TrainRequest, client_seed
 from fedpetah.round import ClientReply, RoundOutcome, RoundTraffic, rejections
 from fedpetah.routing import FeatureStats
 from fedpetah.tasks import Task
 from fedpetah.train import evaluate
+from fedpetah.wire.protocol import SECTIONS, Status, TaskInfo, TrainRequest, client_seed
 
 StateDict = dict[str, torch.Tensor]
 log = logging.getLogger(__name__)

@@ -19,10 +19,10 @@ from fedpetah.adapters import ADAPTERS, AdapterConfig, adapter_config
 from fedpetah.aggregation import AGGREGATORS, AggregatorConfig, BoundsConfig, aggregator_config
 from fedpetah.attacks import AttackConfig
 from fedpetah.config import BackboneConfig, PruningConfig, TrainConfig
-from fedpetah.flatconfig import Scalar, build_dataclass, flatten
 from fedpetah.registry import Registry
 from fedpetah.routing import RouterConfig
 from fedpetah.tasks import PartitionConfig, TaskStreamConfig
+from fedpetah.wire.flatconfig import Scalar, build_dataclass, flatten
 
 if TYPE_CHECKING:  # omegaconf and hydra come with the server extra; a device (fedpetah-export) has neither
     from omegaconf import DictConfig

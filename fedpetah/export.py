@@ -39,10 +39,10 @@ from fedpetah.backbone import Backbone
 from fedpetah.backbone.build import default_cache_dir
 from fedpetah.bank import AdapterBank, BankError
 from fedpetah.experiment import ExperimentConfig, to_experiment
-from fedpetah.flatconfig import build_dataclass
 from fedpetah.pipeline import settings_key
 from fedpetah.predict import TaskFreePredictor, build_predictor
 from fedpetah.routing import ROUTER_KEY, FeatureStats, FrozenFeatures, RouterConfig, TaskFreeModel, feature_width
+from fedpetah.wire.flatconfig import build_dataclass
 
 EXPORT_FORMAT, EXPORT_VERSION = "fedpetah-task-free", 3
 LEGACY_VERSIONS = (1, 2)

@@ -10,14 +10,14 @@ import numpy as np
 import torch
 
 from fedpetah.aggregation import RoundResult, StateDict, Update
-from fedpetah.protocol import Status, TrainReply
-from fedpetah.reasons import Reason
+from fedpetah.wire.protocol import Status, TrainReply
+from fedpetah.wire.reasons import Reason
 
 
 @dataclass
 class ClientReply:
     """What came back from one sampled client, decoded and checked at the boundary
-    (:meth:`~fedpetah.protocol.TrainReply.decode`): an ok reply's ``state`` has the keys, shapes and dtypes of the
+    (:meth:`~fedpetah.wire.protocol.TrainReply.decode`): an ok reply's ``state`` has the keys, shapes and dtypes of the
     state the client was sent and ``num_examples`` is in range, which the round trusts.
 
     ``status`` is None for a reply that was rejected before it decoded: ``rejected`` then says why (a protocol

@@ -25,8 +25,8 @@ import torch.nn.functional as F
 
 from fedpetah.backbone import Backbone
 from fedpetah.model import TaskModel
-from fedpetah.protocol import MAX_STATS_DIM, MAX_STATS_GRID, STATS_KEYS
 from fedpetah.tasks import ImageSet, batches
+from fedpetah.wire.protocol import MAX_STATS_DIM, MAX_STATS_GRID, STATS_KEYS
 
 MAX_STATS_COUNT = 10_000_000
 """Default bound on one class's example count in a client's statistics (a larger one is rejected)."""

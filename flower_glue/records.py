@@ -1,4 +1,5 @@
-"""Flower ``RecordDict`` <-> :class:`fedpetah.protocol.Records`, defensively: a malformed record is a ProtocolError."""
+"""Flower ``RecordDict`` <-> :class:`fedpetah.wire.protocol.Records`, defensively: a malformed record is a
+ProtocolError."""
 
 from __future__ import annotations
 
@@ -7,8 +8,8 @@ from typing import Any
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
-from fedpetah.protocol import Layout, ProtocolError, Records, check_npy
-from fedpetah.reasons import Reason
+from fedpetah.wire.protocol import Layout, ProtocolError, Records, check_npy
+from fedpetah.wire.reasons import Reason
 
 MAX_ARRAY_BYTES = 256 * 2**20
 """The largest array a message may carry (a whole backbone travels as bytes, not as an array)."""

@@ -18,7 +18,7 @@ from typing import Any
 
 from fedpetah.attacks import to_env
 from fedpetah.experiment import ExperimentConfig
-from fedpetah.protocol import ATTACK_ENV
+from fedpetah.wire.protocol import ATTACK_ENV
 
 REPO = Path(__file__).resolve().parent.parent
 

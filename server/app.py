@@ -1,6 +1,6 @@
 """Flower ServerApp: drive the continual schedule over Flower's Grid (messages in, fedpetah calls, messages out).
 
-Every reply is decoded with fedpetah.protocol: whatever a client sends, a malformed reply becomes a counted
+Every reply is decoded with fedpetah.wire.protocol: whatever a client sends, a malformed reply becomes a counted
 rejection with its reason, never an exception here.
 """
 
@@ -15,10 +15,10 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedpetah.continual import ClientReply, ContinualServer, RoundPlan
 from fedpetah.experiment import ExperimentConfig, to_experiment
-from fedpetah.flatconfig import unflatten
 from fedpetah.metrics import RoundRecord
-from fedpetah.protocol import HELLO, TRAIN, HelloReply, HelloRequest, ProtocolError, Status, TrainReply, specs
-from fedpetah.reasons import Reason
+from fedpetah.wire.flatconfig import unflatten
+from fedpetah.wire.protocol import HELLO, TRAIN, HelloReply, HelloRequest, ProtocolError, Status, TrainReply, specs
+from fedpetah.wire.reasons import Reason
 from flower_glue.records import records_of, to_recorddict
 from server.progress import Progress
 

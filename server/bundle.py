@@ -18,7 +18,7 @@ from typing import Any
 import tomli_w
 
 from fedpetah.experiment import ExperimentConfig, register_configs, to_experiment
-from fedpetah.flatconfig import flatten
+from fedpetah.wire.flatconfig import flatten
 
 REPO = Path(__file__).resolve().parent.parent
 PACKAGES = ("fedpetah", "server", "clients", "flower_glue")
@@ -40,7 +40,7 @@ def compose_experiment(overrides: list[str], config_dir: Path = REPO / "configs"
 
 
 def flat_config(config: ExperimentConfig) -> dict[str, Any]:
-    """Flower's flat run config for ``config`` (see fedpetah.flatconfig for the encoding)."""
+    """Flower's flat run config for ``config`` (see fedpetah.wire.flatconfig for the encoding)."""
     return flatten(asdict(config))
 
 

@@ -16,7 +16,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from fedpetah.backbone import Backbone, build_backbone  # noqa: E402
 from fedpetah.config import BackboneConfig  # noqa: E402
-from fedpetah.protocol import Records  # noqa: E402
+from fedpetah.wire.protocol import Records  # noqa: E402
 
 _BACKBONES: dict[tuple[str, int], Backbone] = {}
 

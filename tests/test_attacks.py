@@ -119,7 +119,7 @@ def test_default_bounds_keep_a_fifth_of_attackers_near_the_honest_mean(name: str
 
 def test_the_attack_travels_to_simulated_clients_through_the_environment() -> None:
     from fedpetah.attacks import from_env, to_env
-    from fedpetah.protocol import ATTACK_ENV
+    from fedpetah.wire.protocol import ATTACK_ENV
 
     assert from_env({}) == AttackConfig() and AttackConfig().name == "none"
     assert from_env({ATTACK_ENV: to_env(AttackConfig("noise", 0.4))}) == AttackConfig("noise", 0.4)
@@ -136,7 +136,7 @@ def test_the_attack_travels_to_simulated_clients_through_the_environment() -> No
 def test_a_corrupted_reply_meets_the_real_protocol_then_the_bounds(
         name: str, decode_reason: str | None, aggregation_reason: str | None) -> None:
     from fedpetah.attacks import corrupt_reply
-    from fedpetah.protocol import ProtocolError, Status, TaskInfo, TrainReply, TrainRequest, specs
+    from fedpetah.wire.protocol import ProtocolError, Status, TaskInfo, TrainReply, TrainRequest, specs
     from flower_glue.records import from_recorddict, to_recorddict
 
     reference = {k: v.numpy() for k, v in REFERENCE.items()}

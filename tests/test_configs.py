@@ -24,9 +24,9 @@ from fedpetah.experiment import (
     to_experiment,
     with_app_config,
 )
-from fedpetah.flatconfig import flatten
 from fedpetah.registry import Registry
 from fedpetah.routing import RouterConfig
+from fedpetah.wire.flatconfig import flatten
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 register_configs()

@@ -10,7 +10,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from fedpetah.config import BackboneConfig, TrainConfig
-from fedpetah.flatconfig import build_dataclass, flatten, unflatten
+from fedpetah.wire.flatconfig import build_dataclass, flatten, unflatten
 
 
 @dataclass

@@ -24,8 +24,6 @@ from fedpetah.collect import CLIENTS_KEY, StatsCollector, drop_stats
 from fedpetah.config import BackboneConfig, PruningConfig, TrainConfig
 from fedpetah.continual import ClientReply, ContinualServer
 from fedpetah.experiment import ExperimentConfig, StrategyConfig
-from fedpetah.protocol import Status, TrainReply
-from fedpetah.reasons import Reason
 from fedpetah.routing import (
     MAX_FEATURE_NORM,
     FeatureStats,
@@ -36,6 +34,8 @@ from fedpetah.routing import (
     fit_router,
 )
 from fedpetah.tasks import Task, TaskStreamConfig, build_stream
+from fedpetah.wire.protocol import Status, TrainReply
+from fedpetah.wire.reasons import Reason
 from flower_glue.records import from_recorddict, to_recorddict
 from server import cli as server_cli
 

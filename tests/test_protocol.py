@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
-from fedpetah.protocol import (
+from fedpetah.wire.protocol import (
     NO_PARTITION,
     HelloReply,
     HelloRequest,

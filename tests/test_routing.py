@@ -22,16 +22,6 @@ from fedpetah.config import TrainConfig
 from fedpetah.local import train_task
 from fedpetah.metrics import RoundRecord, RunLog, plot_run, summarize
 from fedpetah.predict import build_predictor, evaluate_task_free
-from fedpetah.protocol import (
-    STATS_REQUEST,
-    ProtocolError,
-    Records,
-    Status,
-    TaskInfo,
-    TrainReply,
-    TrainRequest,
-    stats_specs,
-)
 from fedpetah.routing import (
     FeatureStats,
     FrozenFeatures,
@@ -47,6 +37,16 @@ from fedpetah.routing import (
     projection,
 )
 from fedpetah.tasks import Task, TaskStreamConfig, batches, build_stream
+from fedpetah.wire.protocol import (
+    STATS_REQUEST,
+    ProtocolError,
+    Records,
+    Status,
+    TaskInfo,
+    TrainReply,
+    TrainRequest,
+    stats_specs,
+)
 
 
 def _clusters(seed: int, per_class: int = 200, dim: int = 6) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -20,9 +20,9 @@ from fedpetah.adapters import adapter_config
 from fedpetah.bank import AdapterBank
 from fedpetah.config import BackboneConfig, PruningConfig, TrainConfig, WarmupConfig
 from fedpetah.experiment import ExperimentConfig, StrategyConfig
-from fedpetah.protocol import NO_PARTITION, HelloReply, Records, Status, TrainReply, TrainRequest
-from fedpetah.reasons import Reason
 from fedpetah.tasks import PartitionConfig, TaskStreamConfig
+from fedpetah.wire.protocol import NO_PARTITION, HelloReply, Records, Status, TrainReply, TrainRequest
+from fedpetah.wire.reasons import Reason
 from flower_glue.records import records_of, to_recorddict
 from server.app import run
 

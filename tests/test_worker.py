@@ -25,8 +25,8 @@ from flwr.app import Context, RecordDict
 from clients import cli as client_cli
 from clients.app import handle
 from clients.worker import PING, WorkerUnavailable, call, listen, peer_uid
-from fedpetah import frames
-from fedpetah.protocol import (
+from fedpetah.wire import frames
+from fedpetah.wire.protocol import (
     HELLO,
     TRAIN,
     HelloReply,
@@ -204,7 +204,7 @@ import json, sys
 from pathlib import Path
 from flwr.app import Context, RecordDict
 from clients.app import handle
-from fedpetah import frames
+from fedpetah.wire import frames
 kind, records = frames.decode(Path(sys.argv[1]).read_bytes())
 config = {"data-dir": sys.argv[3], "cache-dir": sys.argv[4]}
 reply = handle(kind, records, Context(run_id=1, node_id=7, node_config=config, state=RecordDict(), run_config={}))

@@ -36,7 +36,7 @@ from fedpetah.aggregation.validate import (
     clip_update,
     validate_update,
 )
-from fedpetah.reasons import Reason
+from fedpetah.wire.reasons import Reason
 
 
 @dataclass

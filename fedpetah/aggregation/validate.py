@@ -15,7 +15,7 @@ from typing import NamedTuple
 
 import torch
 
-from fedpetah.reasons import Reason
+from fedpetah.wire.reasons import Reason
 
 StateDict = dict[str, torch.Tensor]
 
@@ -44,7 +44,7 @@ class Rejection:
 @dataclass(frozen=True)
 class Update:
     """A client's update as a decoded reply holds it: ``state`` has the keys, shapes and dtypes of the state the
-    client was sent and ``count`` is a positive whole number (:class:`~fedpetah.protocol.TrainReply` checked
+    client was sent and ``count`` is a positive whole number (:class:`~fedpetah.wire.protocol.TrainReply` checked
     both). Its values are not checked yet (:func:`check_values`)."""
 
     state: Mapping[str, torch.Tensor]

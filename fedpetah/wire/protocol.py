@@ -6,7 +6,7 @@ glue (``flower_glue.records``) converts :class:`Records` to and from Flower's ``
 
 Every ``decode`` treats its input as hostile: a missing record, a wrong type, a non-finite or out-of-range number,
 an unexpected array key, shape or dtype, or an oversized payload raises :class:`ProtocolError` with a
-machine-readable :class:`~fedpetah.reasons.Reason`, which the receiver turns into a counted rejection or an
+machine-readable :class:`~fedpetah.wire.reasons.Reason`, which the receiver turns into a counted rejection or an
 error reply; nothing is unpickled or executed.
 """
 
@@ -22,8 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from fedpetah.flatconfig import flatten, unflatten
-from fedpetah.reasons import Reason
+from fedpetah.wire.flatconfig import flatten, unflatten
+from fedpetah.wire.reasons import Reason
 
 HELLO, TRAIN = "query.hello", "train"
 """Flower message types (``query.<action>`` is Flower's spelling for a query handler named ``<action>``)."""

@@ -11,10 +11,10 @@ from enum import StrEnum
 
 
 class Reason(StrEnum):
-    """A machine-readable rejection reason (a :class:`~fedpetah.protocol.ProtocolError`'s, an
+    """A machine-readable rejection reason (a :class:`~fedpetah.wire.protocol.ProtocolError`'s, an
     :class:`~fedpetah.aggregation.InvalidUpdate`'s, a round's)."""
 
-    # the message does not decode (fedpetah.protocol, the transports)
+    # the message does not decode (fedpetah.wire.protocol, the transports)
     MALFORMED = "malformed"  # a missing or ill-typed record or field
     STATUS = "status"  # an unknown status
     COUNT = "count"  # num-examples is not an integer in range

@@ -18,8 +18,8 @@ import numpy as np
 from safetensors.numpy import load as load_arrays
 from safetensors.numpy import save as save_arrays
 
-from fedpetah.protocol import MAX_ARTIFACT_BYTES, ProtocolError, Records
-from fedpetah.reasons import Reason
+from fedpetah.wire.protocol import MAX_ARTIFACT_BYTES, ProtocolError, Records
+from fedpetah.wire.reasons import Reason
 
 MAGIC = b"FPW1"
 PREFIX = struct.Struct(">4sQ")
