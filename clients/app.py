@@ -35,7 +35,7 @@ from fedpetah.wire.protocol import (
 from flower_glue.records import records_of, reply
 
 if TYPE_CHECKING:
-    from fedpetah.client import ClientRuntime, DataSource
+    from fedpetah.device.client import ClientRuntime, DataSource
 
 log = logging.getLogger("fedpetah.client")
 app = ClientApp()
@@ -47,8 +47,8 @@ WORKER_CONNECT_S = 60.0  # how long to wait for a worker that is starting (impor
 def _runtime(context: Context) -> ClientRuntime:
     """One runtime per cache dir and partition in this process (it survives across messages in a Ray worker)."""
     from fedpetah.backbone.build import default_cache_dir
-    from fedpetah.client import ClientRuntime
-    from fedpetah.local import CACHE_KEEP, CACHE_MAX_BYTES, BackboneCache
+    from fedpetah.device.client import ClientRuntime
+    from fedpetah.device.local import CACHE_KEEP, CACHE_MAX_BYTES, BackboneCache
 
     config = context.node_config
     root = str(config.get("cache-dir", "") or default_cache_dir() / "backbones")
@@ -74,7 +74,7 @@ def _set_threads() -> None:
 def _data(context: Context) -> DataSource:
     partition = _partition(context)
     if partition != NO_PARTITION:
-        from fedpetah.client import simulated_data
+        from fedpetah.device.client import simulated_data
 
         return simulated_data(partition)
     from clients.device_data import data_dir

@@ -56,7 +56,7 @@ class ClientError(Exception):
 
 REFUSED = ("[code: 2004]", "Failed to activate SuperNode")  # Flower: this key is not registered (yet)
 KEY_RETRIES = 3  # a device may connect while the server is still registering keys at its start
-CACHE_KEEP, CACHE_MAX_MB = 4, 1024  # fedpetah.local's defaults (a test keeps them equal; no torch import here)
+CACHE_KEEP, CACHE_MAX_MB = 4, 1024  # fedpetah.device.local's defaults (a test keeps them equal; no torch import here)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

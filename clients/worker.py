@@ -31,7 +31,7 @@ from fedpetah.wire import frames
 from fedpetah.wire.protocol import HELLO, TRAIN, HelloRequest, ProtocolError, Records, Status, TrainReply, TrainRequest
 
 if TYPE_CHECKING:
-    from fedpetah.client import ClientRuntime, DataSource
+    from fedpetah.device.client import ClientRuntime, DataSource
 
 log = logging.getLogger("fedpetah.worker")
 
@@ -208,8 +208,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from clients.device_data import data_dir
-    from fedpetah.client import ClientRuntime
-    from fedpetah.local import CACHE_KEEP, CACHE_MAX_BYTES, BackboneCache
+    from fedpetah.device.client import ClientRuntime
+    from fedpetah.device.local import CACHE_KEEP, CACHE_MAX_BYTES, BackboneCache
 
     if args.threads > 0:
         torch.set_num_threads(args.threads)

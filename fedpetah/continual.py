@@ -20,17 +20,16 @@ import torch
 
 from fedpetah.adapters import build_adapter
 from fedpetah.aggregation import BoundedAggregation, RoundResult, build_aggregator
-from fedpetah.artifact import artifact_digest, load_artifact
+from fedpetah.artifact import MANIFEST, WEIGHTS, artifact_digest, load_artifact
 from fedpetah.backbone import Backbone
 from fedpetah.bank import AdapterBank, BankError, TaskRecord
 from fedpetah.collect import StatsCollector
 from fedpetah.experiment import ExperimentConfig
-from fedpetah.local import MANIFEST_FILE, WEIGHTS_FILE, load_stream
 from fedpetah.metrics import RoundRecord, RunLog, plot_run, read_rounds, summarize
 from fedpetah.pipeline import prepare_artifact
 from fedpetah.round import ClientReply, RoundOutcome, RoundTraffic, rejections
 from fedpetah.routing import FeatureStats
-from fedpetah.tasks import Task
+from fedpetah.tasks import Task, load_stream
 from fedpetah.train import evaluate
 from fedpetah.wire.protocol import SECTIONS, Status, TaskInfo, TrainRequest, client_seed
 
@@ -147,7 +146,7 @@ class ContinualServer:
     @cached_property
     def artifact_payload(self) -> tuple[bytes, bytes]:
         """The backbone's weights and manifest bytes as they travel to a client (read once per run)."""
-        return (self.artifact_dir / WEIGHTS_FILE).read_bytes(), (self.artifact_dir / MANIFEST_FILE).read_bytes()
+        return (self.artifact_dir / WEIGHTS).read_bytes(), (self.artifact_dir / MANIFEST).read_bytes()
 
     def complete_round(self, plan: RoundPlan, current: StateDict, replies: list[ClientReply],
                        bytes_down: int, bytes_up: int, started: float,

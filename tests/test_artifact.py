@@ -32,7 +32,7 @@ from fedpetah.artifact import (
 )
 from fedpetah.backbone import Backbone, create_timm_model, family_of
 from fedpetah.config import PruningConfig
-from fedpetah.local import BackboneCache
+from fedpetah.device.local import BackboneCache
 from fedpetah.pruning import prune_backbone
 
 SIZE = 32

@@ -116,7 +116,7 @@ def test_warm_up_is_cached_by_its_settings(tmp_path: Path) -> None:
     assert len(list(tmp_path.glob("warmup-*.safetensors"))) == 2  # another data set, another entry
 
 
-DEVICE_MODULES = ("fedpetah.local", "fedpetah.artifact", "fedpetah.adapters", "fedpetah.train")
+DEVICE_MODULES = ("fedpetah.device.local", "fedpetah.artifact", "fedpetah.adapters", "fedpetah.train")
 
 
 def test_device_modules_import_neither_sklearn_nor_matplotlib() -> None:

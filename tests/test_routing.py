@@ -19,7 +19,7 @@ from fedpetah.backbone import Backbone
 from fedpetah.bank import AdapterBank
 from fedpetah.collect import StatsCollector
 from fedpetah.config import TrainConfig
-from fedpetah.local import train_task
+from fedpetah.device.local import train_task
 from fedpetah.metrics import RoundRecord, RunLog, plot_run, summarize
 from fedpetah.predict import build_predictor, evaluate_task_free
 from fedpetah.routing import (

@@ -7,7 +7,7 @@ Flower Datasets sources belong to the Flower edges (server/, clients/): fedpetah
 from fedpetah.tasks import folder, online  # noqa: F401  (register the folder and torchvision streams)
 from fedpetah.tasks.data import ImageSet, Task, batches, stratified_split
 from fedpetah.tasks.partition import PARTITIONERS, PartitionConfig, partition
-from fedpetah.tasks.streams import STREAMS, TaskStreamConfig, build_stream
+from fedpetah.tasks.streams import STREAMS, TaskStreamConfig, build_stream, load_stream
 
 __all__ = [
     "PARTITIONERS",
@@ -18,6 +18,7 @@ __all__ = [
     "TaskStreamConfig",
     "batches",
     "build_stream",
+    "load_stream",
     "partition",
     "stratified_split",
 ]

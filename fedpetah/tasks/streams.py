@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from functools import lru_cache
 
 import numpy as np
@@ -67,6 +67,18 @@ def build_stream(config: TaskStreamConfig) -> list[Task]:
     if [t.index for t in tasks] != list(range(len(tasks))) or len({t.name for t in tasks}) != len(tasks):
         raise RuntimeError(f"stream {config.name!r} returned tasks out of order or with repeated names")
     return tasks
+
+
+_LOADED: dict[str, tuple[Task, ...]] = {}
+
+
+def load_stream(config: TaskStreamConfig) -> tuple[Task, ...]:
+    """The task stream, built once per process for a given config (the last one asked for is kept)."""
+    key = repr(asdict(config))
+    if key not in _LOADED:
+        _LOADED.clear()
+        _LOADED[key] = tuple(build_stream(config))
+    return _LOADED[key]
 
 
 def _rng(config: TaskStreamConfig, purpose: int, index: int = 0) -> np.random.Generator:

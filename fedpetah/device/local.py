@@ -16,16 +16,15 @@ import numpy as np
 import torch
 
 from fedpetah.adapters import AdapterConfig, build_adapter
-from fedpetah.artifact import ArtifactError, check_manifest_size, load_artifact
+from fedpetah.artifact import MANIFEST, WEIGHTS, ArtifactError, check_manifest_size, load_artifact
 from fedpetah.atomic import atomic_write_bytes
 from fedpetah.backbone import Backbone
 from fedpetah.config import TrainConfig
-from fedpetah.tasks import ImageSet, PartitionConfig, Task, TaskStreamConfig, build_stream, partition
+from fedpetah.tasks import ImageSet, PartitionConfig, TaskStreamConfig, load_stream, partition
 from fedpetah.train import train_adapter
 
 log = logging.getLogger(__name__)
 
-WEIGHTS_FILE, MANIFEST_FILE = "weights.safetensors", "manifest.json"
 CACHE_KEEP = 4
 """Backbones a device keeps by default: a server changes it once per experiment, not per round."""
 CACHE_MAX_BYTES = 1024 * 2**20
@@ -54,7 +53,7 @@ class BackboneCache:
     def _stamp(self, digest: str) -> tuple[tuple[int, int], ...]:
         """Size and mtime of the cached files: a long-lived process re-verifies a copy that changed on disk."""
         stamps = []
-        for name in (WEIGHTS_FILE, MANIFEST_FILE):
+        for name in (WEIGHTS, MANIFEST):
             try:
                 stat = (self.path(digest) / name).stat()
                 stamps.append((stat.st_size, stat.st_mtime_ns))
@@ -68,7 +67,7 @@ class BackboneCache:
         return self.root / digest
 
     def has(self, digest: str) -> bool:
-        return (self.path(digest) / MANIFEST_FILE).is_file()
+        return (self.path(digest) / MANIFEST).is_file()
 
     def install(self, digest: str, weights: bytes, manifest: bytes) -> int:
         """Verify and store an artifact received from the server; returns bytes written (0 if cached)."""
@@ -82,8 +81,8 @@ class BackboneCache:
             raise OSError(f"not enough disk for the backbone cache in {self.root}: {free} B free, {needed} B needed")
         staging = Path(tempfile.mkdtemp(prefix=".install-", dir=self.root))
         try:
-            atomic_write_bytes(staging / WEIGHTS_FILE, weights)
-            atomic_write_bytes(staging / MANIFEST_FILE, manifest)
+            atomic_write_bytes(staging / WEIGHTS, weights)
+            atomic_write_bytes(staging / MANIFEST, manifest)
             backbone = load_artifact(staging, expected_digest=digest)
             try:
                 os.replace(staging, self.path(digest))
@@ -157,17 +156,7 @@ class BackboneCache:
         return backbone
 
 
-_STREAMS: dict[str, tuple[Task, ...]] = {}
 _SHARDS: dict[tuple[str, int, int], list[np.ndarray]] = {}
-
-
-def load_stream(config: TaskStreamConfig) -> tuple[Task, ...]:
-    """The task stream, built once per process for a given config."""
-    key = repr(asdict(config))
-    if key not in _STREAMS:
-        _STREAMS.clear()
-        _STREAMS[key] = tuple(build_stream(config))
-    return _STREAMS[key]
 
 
 def simulated_shard(stream: TaskStreamConfig, split: PartitionConfig, clients: int, client: int,

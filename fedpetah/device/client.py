@@ -12,7 +12,7 @@ import torch
 from fedpetah.adapters import ADAPTERS, AdapterConfig
 from fedpetah.artifact import ArtifactError
 from fedpetah.config import TrainConfig
-from fedpetah.local import BackboneCache, simulated_shard, train_task
+from fedpetah.device.local import BackboneCache, simulated_shard, train_task
 from fedpetah.routing import RouterConfig, data_stats
 from fedpetah.tasks import ImageSet, PartitionConfig, TaskStreamConfig
 from fedpetah.wire.flatconfig import build_dataclass
