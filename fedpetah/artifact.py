@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import timm
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
@@ -18,11 +19,15 @@ from safetensors.torch import save as save_safetensors
 
 from fedpetah.atomic import atomic_write_bytes, atomic_write_text
 from fedpetah.backbone import Backbone, create_timm_model, family_of
+from fedpetah.config import BackboneConfig, PruningConfig
 from fedpetah.pruning import clear_attention_caches, replay_pruning
 
 FORMAT_VERSION = 1
 WEIGHTS = "weights.safetensors"
 MANIFEST = "manifest.json"
+PIPELINE_VERSION = 2
+"""Part of every artifact's cache key: bump it when the code changes what the same settings ship (2: LiteMLA heads
+slimmed with the residual stream, the per-family depth rule, glyph warm-up)."""
 
 # Bounds on a manifest, checked before anything is built from it: the manifest comes from the server, and
 # building a model at a huge image size, or replaying millions of pruning steps, would cost a device hours of
@@ -289,3 +294,16 @@ def _rebuild(manifest: Manifest) -> Backbone:
         manifest.pruning_history,
         dict(manifest.pretraining),
     )
+
+
+def settings_key(backbone: BackboneConfig, pruning: PruningConfig) -> str:
+    """Hash of everything that determines the shipped backbone (the server's pipeline, fedpetah.serving.pipeline,
+    builds it from these settings)."""
+    payload = {"backbone": asdict(backbone), "pruning": asdict(pruning), "timm": timm.__version__,
+               "pipeline": PIPELINE_VERSION}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def cached_artifact_dir(root: Path, backbone: BackboneConfig, pruning: PruningConfig) -> Path:
+    """Where the artifact of these settings is cached under ``root`` (built once per settings)."""
+    return root / "artifacts" / f"{backbone.name}-{settings_key(backbone, pruning)}"

@@ -14,23 +14,18 @@ import torch
 from fedpetah.adapters import AdapterConfig
 from fedpetah.backbone import Backbone
 from fedpetah.bank import AdapterBank, BankError
-from fedpetah.predict import build_predictor, evaluate_task_free
-from fedpetah.routing import (
-    ROUTER_KEY,
-    FeatureStats,
-    RouterConfig,
-    StatsError,
-    aggregate_stats,
-    check_size,
-    feature_width,
-)
+from fedpetah.config import ROUTER_KEY, RouterConfig
+from fedpetah.routing.features import feature_width
+from fedpetah.routing.predict import build_predictor, evaluate_task_free
+from fedpetah.routing.router import check_size
+from fedpetah.routing.stats import FeatureStats, StatsError, aggregate_stats
 from fedpetah.tasks import Task
 from fedpetah.wire.protocol import ArraySpec, stats_specs
 
 log = logging.getLogger(__name__)
 
 CLIENTS_KEY = "router_clients"
-"""Bank metadata key of a :class:`RouterRecord`'s clients (its config is under :data:`fedpetah.routing.ROUTER_KEY`)."""
+"""Bank metadata key of a :class:`RouterRecord`'s clients (its config is under :data:`fedpetah.config.ROUTER_KEY`)."""
 
 
 @dataclass

@@ -3,11 +3,13 @@ default experiment's (configs/ states only what an option changes)."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from fedpetah.backbone.config import BackboneConfig, WarmupConfig
+from fedpetah.wire.protocol import MAX_STATS_GRID
 
-__all__ = ["BackboneConfig", "PruningConfig", "TrainConfig", "WarmupConfig"]
+__all__ = ["ROUTER_KEY", "BackboneConfig", "PruningConfig", "RouterConfig", "TrainConfig", "WarmupConfig"]
 
 MAX_EPOCHS, MAX_BATCH = 1000, 4096
 """Upper bounds of local training: a device rebuilds its train config from a server's request."""
@@ -84,3 +86,54 @@ class TrainConfig:
             raise ValueError("train.max_steps must be positive when set")
         if self.epochs > MAX_EPOCHS or self.batch_size > MAX_BATCH:  # a device rebuilds this from a server's request
             raise ValueError(f"train.epochs must be at most {MAX_EPOCHS} and batch_size at most {MAX_BATCH}")
+
+
+ROUTER_KEY = "router"
+"""Bank metadata key of the :class:`RouterConfig` the clients' statistics were taken with."""
+
+
+@dataclass
+class RouterConfig:
+    """How the task-free router is built (``router.*`` in the experiment config); ``dim``, ``seed`` and ``grid``
+    fix what clients compute and send. Not frozen, so Hydra can override its fields.
+
+    ``grid``: features the router reads: every backbone stage's output average-pooled to at most
+    ``grid x grid`` cells, concatenated (0: the final pooled features only); ``dim``: width they are
+    randomly projected to before statistics are taken (0: no projection; the packed within-class
+    scatter costs ``2 * dim * (dim + 1)`` bytes); ``seed``: the projection's seed; ``shrinkage``: weight of
+    the scaled identity in the pooled covariance (0: plain LDA, 1: nearest mean); ``prior``: ``uniform``
+    over (task, class) pairs or ``counts`` (the classes' share of the data); ``joint``: weight ``a`` of the
+    router's own class posterior in the scores,
+    ``(1 - a) log p(t | x) + a log p(t, c | x) + log softmax(adapter_t)_c`` (0: the task only).
+    """
+
+    dim: int = 512
+    seed: int = 0
+    shrinkage: float = 0.01
+    prior: str = "uniform"
+    grid: int = 4
+    joint: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.dim < 0 or self.seed < 0:
+            raise ValueError(f"router.dim and router.seed must be >= 0, got {self.dim}, {self.seed}")
+        if not 0.0 <= self.shrinkage <= 1.0:
+            raise ValueError(f"router.shrinkage must be in [0, 1], got {self.shrinkage}")
+        if self.prior not in ("uniform", "counts"):
+            raise ValueError(f"router.prior must be 'uniform' or 'counts', got {self.prior!r}")
+        if not 0 <= self.grid <= MAX_STATS_GRID:
+            raise ValueError(f"router.grid must be in 0..{MAX_STATS_GRID} (0: final pooled features), "
+                             f"got {self.grid}")
+        if not 0.0 <= self.joint <= 1.0:
+            raise ValueError(f"router.joint must be in [0, 1], got {self.joint}")
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, object]) -> RouterConfig:
+        """The config recorded in a bank's metadata. A record without ``grid`` comes from before the grid
+        features: its statistics are of the final pooled features, scored by the task marginal only."""
+        legacy = {"grid": 0, "joint": 0.0} if "grid" not in record else {}
+        return cls(**{**legacy, **record})  # type: ignore[arg-type]
+
+    def width(self, features: int) -> int:
+        """Width of the statistics for router features of width ``features``."""
+        return features if self.dim == 0 or self.dim >= features else self.dim

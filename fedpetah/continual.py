@@ -28,7 +28,7 @@ from fedpetah.experiment import ExperimentConfig
 from fedpetah.metrics import RoundRecord, RunLog, plot_run, read_rounds, summarize
 from fedpetah.pipeline import prepare_artifact
 from fedpetah.round import ClientReply, RoundOutcome, RoundTraffic, rejections
-from fedpetah.routing import FeatureStats
+from fedpetah.routing.stats import FeatureStats
 from fedpetah.tasks import Task, load_stream
 from fedpetah.train import evaluate
 from fedpetah.wire.protocol import SECTIONS, Status, TaskInfo, TrainRequest, client_seed

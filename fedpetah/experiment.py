@@ -18,9 +18,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from fedpetah.adapters import ADAPTERS, AdapterConfig, adapter_config
 from fedpetah.aggregation import AGGREGATORS, AggregatorConfig, BoundsConfig, aggregator_config
 from fedpetah.attacks import AttackConfig
-from fedpetah.config import BackboneConfig, PruningConfig, TrainConfig
+from fedpetah.config import BackboneConfig, PruningConfig, RouterConfig, TrainConfig
 from fedpetah.registry import Registry
-from fedpetah.routing import RouterConfig
 from fedpetah.tasks import PartitionConfig, TaskStreamConfig
 from fedpetah.wire.flatconfig import Scalar, build_dataclass, flatten
 

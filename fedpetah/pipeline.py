@@ -2,15 +2,10 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-from dataclasses import asdict
 from pathlib import Path
 
-import timm
-
-from fedpetah.artifact import ArtifactError, load_artifact, pack_artifact
+from fedpetah.artifact import ArtifactError, cached_artifact_dir, load_artifact, pack_artifact
 from fedpetah.backbone import Backbone, build_backbone
 from fedpetah.backbone.base import default_cache_dir
 from fedpetah.backbone.proxy import calibration_batches, load_proxy
@@ -19,10 +14,6 @@ from fedpetah.experiment import ExperimentConfig
 from fedpetah.pruning import prune_backbone
 
 log = logging.getLogger(__name__)
-
-PIPELINE_VERSION = 2
-"""Part of every artifact's cache key: bump it when the code changes what the same settings ship (2: LiteMLA heads
-slimmed with the residual stream, the per-family depth rule, glyph warm-up)."""
 
 
 def prepare_backbone(config: ExperimentConfig, cache_dir: Path | None = None) -> Backbone:
@@ -46,7 +37,7 @@ def prepare_backbone(config: ExperimentConfig, cache_dir: Path | None = None) ->
 def prepare_artifact(config: ExperimentConfig, cache_dir: Path | None = None) -> Path:
     """5. Pack: the directory of the packed, frozen (and pruned) backbone for ``config``, built once per settings."""
     root = Path(cache_dir or default_cache_dir())
-    target = root / "artifacts" / f"{config.backbone.name}-{settings_key(config)}"
+    target = cached_artifact_dir(root, config.backbone, config.pruning)
     if (target / "manifest.json").is_file():
         try:
             load_artifact(target)
@@ -56,9 +47,3 @@ def prepare_artifact(config: ExperimentConfig, cache_dir: Path | None = None) ->
     pack_artifact(prepare_backbone(config, root), target)
     return target
 
-
-def settings_key(config: ExperimentConfig) -> str:
-    """Hash of everything that determines the shipped backbone."""
-    payload = {"backbone": asdict(config.backbone), "pruning": asdict(config.pruning), "timm": timm.__version__,
-               "pipeline": PIPELINE_VERSION}
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]

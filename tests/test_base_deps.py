@@ -41,7 +41,7 @@ def test_server_hint_names_the_extra_and_export_works_on_a_device() -> None:
     assert done.returncode == 1 and done.stderr.startswith("fedpetah-server: needs the server extra (hydra, ")
     assert done.stderr.rstrip().endswith("pip install 'fedpetah[server]'")
     # fedpetah-export is a device command: its module imports without the server extra, and model.onnx names its own
-    done = _without_extras("from fedpetah.export import ExportError, require_onnx\ntry:\n    require_onnx()\n"
+    done = _without_extras("from fedpetah.routing.export import ExportError, require_onnx\ntry:\n    require_onnx()\n"
                            "except ExportError as error:\n    print(error)")
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == ("model.onnx needs the export extra (onnx, onnxscript missing): "

@@ -16,6 +16,7 @@ from fedpetah.adapters import ADAPTERS, Adapter, AdapterConfig, adapter_config
 from fedpetah.adapters.lora import LoraConfig
 from fedpetah.aggregation import AGGREGATORS, BoundsConfig, aggregator_config
 from fedpetah.aggregation.fedopt import FedAdamConfig
+from fedpetah.config import RouterConfig
 from fedpetah.experiment import (
     PYPROJECT,
     ExperimentConfig,
@@ -25,7 +26,6 @@ from fedpetah.experiment import (
     with_app_config,
 )
 from fedpetah.registry import Registry
-from fedpetah.routing import RouterConfig
 from fedpetah.wire.flatconfig import flatten
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"

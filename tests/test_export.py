@@ -16,11 +16,12 @@ from fedpetah.adapters import ADAPTERS, adapter_config, build_adapter
 from fedpetah.artifact import artifact_digest, pack_artifact
 from fedpetah.backbone import Backbone
 from fedpetah.bank import AdapterBank
-from fedpetah.config import BackboneConfig, PruningConfig
+from fedpetah.config import ROUTER_KEY, BackboneConfig, PruningConfig, RouterConfig
 from fedpetah.experiment import ExperimentConfig
-from fedpetah.export import ExportError, load_export, main, write_export
-from fedpetah.predict import build_predictor
-from fedpetah.routing import ROUTER_KEY, RouterConfig, class_stats, feature_width
+from fedpetah.routing.export import ExportError, load_export, main, write_export
+from fedpetah.routing.features import feature_width
+from fedpetah.routing.predict import build_predictor
+from fedpetah.routing.stats import class_stats
 
 ort = pytest.importorskip("onnxruntime")
 ROUTER = RouterConfig(dim=16)
@@ -43,7 +44,7 @@ def _bank(backbone: Backbone, name: str, digest: str = "", router: RouterConfig 
 
 
 def _stats(bank: AdapterBank, backbone: Backbone) -> dict:
-    from fedpetah.export import bank_stats
+    from fedpetah.routing.export import bank_stats
 
     return bank_stats(bank, backbone, ROUTER)
 
@@ -164,7 +165,7 @@ def test_a_version_1_export_and_a_bank_from_before_grids_load_with_the_pooled_ro
     bank = _bank(backbone, "head", router=legacy)
     record = {k: v for k, v in asdict(legacy).items() if k not in ("grid", "joint")}  # what such a bank recorded
     bank.metadata[ROUTER_KEY] = record
-    from fedpetah.export import bank_stats, router_config
+    from fedpetah.routing.export import bank_stats, router_config
 
     assert router_config(bank) == legacy
     predictor = build_predictor(backbone, adapter_config("head"), bank, bank_stats(bank, backbone, legacy),

@@ -11,9 +11,9 @@ import torch
 
 from fedpetah.adapters import ADAPTERS, AdapterConfig
 from fedpetah.artifact import ArtifactError
-from fedpetah.config import TrainConfig
+from fedpetah.config import RouterConfig, TrainConfig
 from fedpetah.device.local import BackboneCache, simulated_shard, train_task
-from fedpetah.routing import RouterConfig, data_stats
+from fedpetah.routing.features import data_stats
 from fedpetah.tasks import ImageSet, PartitionConfig, TaskStreamConfig
 from fedpetah.wire.flatconfig import build_dataclass
 from fedpetah.wire.protocol import NO_PARTITION, HelloReply, HelloRequest, Status, TrainReply, TrainRequest

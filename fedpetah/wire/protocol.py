@@ -46,14 +46,14 @@ MAX_STATS_DIM_CELLS = 16 * MAX_STATS_DIM
 """Bound on ``dim * max(grid, 1)**2`` of a statistics request (the default 512 * 4**2 is an eighth of it): a
 projection is (router features) x dim, and the router features grow with grid**2 (e.g. dim 4096 at grid 16
 asks a mobilevitv2_200 device for a 16 GB matrix). The exact bound on the matrix a device builds is
-``fedpetah.routing.MAX_PROJECTION_BYTES``."""
+``fedpetah.routing.router.MAX_PROJECTION_BYTES``."""
 STATS_REQUEST = "router_stats"
 """Header section of a train request that asks for router statistics (renamed from ``stats`` when ``grid``
 was added, so a client that would ignore ``grid`` sends none and its reply is rejected instead of misread)."""
 DIGEST = re.compile(r"[0-9a-f]{64}")
 ArraySpec = tuple[tuple[int, ...], str]  # (shape, numpy dtype string)
 STATS_KEYS = ("count", "sum", "within")
-"""Arrays of a task-free router's statistics (fedpetah.routing.FeatureStats), in the ``stats`` array record:
+"""Arrays of a task-free router's statistics (fedpetah.routing.stats.FeatureStats), in the ``stats`` array record:
 class counts, class feature sums, and the within-class scatter as a float32 packed upper triangle (the key was
 ``scatter``, the raw float64 matrix at 4x the bytes: a client that still sends it is rejected, not misread)."""
 

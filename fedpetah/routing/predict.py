@@ -11,15 +11,11 @@ import torch
 from fedpetah.adapters import AdapterConfig, build_adapter
 from fedpetah.backbone import Backbone
 from fedpetah.bank import AdapterBank
-from fedpetah.routing import (
-    FeatureStats,
-    FrozenFeatures,
-    RouterConfig,
-    TaskFreeModel,
-    feature_width,
-    fit_router,
-    predict_indices,
-)
+from fedpetah.config import RouterConfig
+from fedpetah.routing.features import FrozenFeatures, feature_width
+from fedpetah.routing.model import TaskFreeModel, predict_indices
+from fedpetah.routing.router import fit_router
+from fedpetah.routing.stats import FeatureStats
 from fedpetah.tasks import Task, batches
 
 

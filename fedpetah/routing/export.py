@@ -34,14 +34,16 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from fedpetah.adapters import ADAPTERS, AdapterConfig, build_adapter
-from fedpetah.artifact import ArtifactError, artifact_digest, load_artifact
+from fedpetah.artifact import ArtifactError, artifact_digest, cached_artifact_dir, load_artifact
 from fedpetah.backbone import Backbone
 from fedpetah.backbone.build import default_cache_dir
 from fedpetah.bank import AdapterBank, BankError
+from fedpetah.config import ROUTER_KEY, RouterConfig
 from fedpetah.experiment import ExperimentConfig, to_experiment
-from fedpetah.pipeline import settings_key
-from fedpetah.predict import TaskFreePredictor, build_predictor
-from fedpetah.routing import ROUTER_KEY, FeatureStats, FrozenFeatures, RouterConfig, TaskFreeModel, feature_width
+from fedpetah.routing.features import FrozenFeatures, feature_width
+from fedpetah.routing.model import TaskFreeModel
+from fedpetah.routing.predict import TaskFreePredictor, build_predictor
+from fedpetah.routing.stats import FeatureStats
 from fedpetah.wire.flatconfig import build_dataclass
 
 EXPORT_FORMAT, EXPORT_VERSION = "fedpetah-task-free", 3
@@ -97,7 +99,7 @@ def find_artifact(config: ExperimentConfig, run_dir: Path) -> Path:
     local = run_dir / BACKBONE_DIR
     if (local / "manifest.json").is_file():
         return local
-    cached = default_cache_dir() / "artifacts" / f"{config.backbone.name}-{settings_key(config)}"
+    cached = cached_artifact_dir(default_cache_dir(), config.backbone, config.pruning)
     if (cached / "manifest.json").is_file():
         return cached
     raise ExportError(f"the run's backbone artifact is in neither {local} nor {cached}; copy it to {local}")

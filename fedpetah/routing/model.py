@@ -1,0 +1,96 @@
+"""The exported model: the router and every task's adapter as one module scoring every learned class
+(:class:`TaskFreeModel`)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn as nn
+
+from fedpetah.model import TaskModel
+from fedpetah.routing.features import FrozenFeatures
+
+
+def joint_scores(router_scores: torch.Tensor, expert_logits: Sequence[torch.Tensor], joint: float = 0.0
+                 ) -> torch.Tensor:
+    """``(1 - joint) log p(t | x) + joint log p(t, c | x) + log softmax(expert_t)_c``: (N, K) scores over every
+    (task, class) pair (log-probabilities when ``joint`` is 0).
+
+    ``router_scores`` are (N, K) task-major; expert ``t`` gives (N, C_t) and ``sum C_t == K``.
+    """
+    widths = [int(e.shape[1]) for e in expert_logits]
+    if sum(widths) != router_scores.shape[1]:
+        raise ValueError(f"router scores {router_scores.shape[1]} classes, experts {widths}")
+    log_joint = torch.log_softmax(router_scores, dim=1)
+    parts, start = [], 0
+    for logits, width in zip(expert_logits, widths, strict=True):
+        own = log_joint[:, start : start + width]
+        log_task = torch.logsumexp(own, dim=1, keepdim=True)
+        router = log_task if joint == 0.0 else (1.0 - joint) * log_task + joint * own
+        parts.append(router + torch.log_softmax(logits, dim=1))
+        start += width
+    return torch.cat(parts, dim=1)
+
+
+def shares_frozen_backbone(expert: nn.Module, backbone: nn.Module) -> bool:
+    """True for a plain :class:`TaskModel` whose backbone tensors equal the frozen backbone's (a head adapter)."""
+    if type(expert) is not TaskModel:
+        return False
+    mine, frozen = expert.backbone.state_dict(), backbone.state_dict()
+    return mine.keys() == frozen.keys() and all(
+        mine[k].shape == frozen[k].shape and torch.equal(mine[k], frozen[k]) for k in mine
+    )
+
+
+class TaskFreeModel(nn.Module):
+    """One model for every learned task: images in [0, 1] -> (N, K) scores over every learned class.
+
+    ``experts[t]`` is task ``t``'s inference model (merged where the adapter allows); an expert that is a
+    plain head on the frozen backbone reuses the router's backbone pass instead of running the backbone again.
+    ``joint``: see :func:`joint_scores`.
+    """
+
+    def __init__(self, features: FrozenFeatures, router: nn.Linear, experts: Sequence[nn.Module],
+                 widths: Sequence[int], shared: Sequence[bool] | None = None, joint: float = 0.0) -> None:
+        super().__init__()
+        if not 0.0 <= joint <= 1.0:
+            raise ValueError(f"joint must be in [0, 1], got {joint}")
+        self.joint = float(joint)
+        if len(experts) != len(widths) or sum(widths) != router.out_features:
+            raise ValueError(f"{len(experts)} experts with widths {list(widths)} for {router.out_features} scores")
+        self.features = features
+        self.router = router
+        self.widths = [int(w) for w in widths]
+        if shared is None:
+            shared = [shares_frozen_backbone(e, features.backbone) for e in experts]
+        if len(shared) != len(experts) or any(s and not isinstance(e, TaskModel) for e, s in zip(experts, shared,
+                                                                                                    strict=True)):
+            raise ValueError("shared: one flag per expert, True only for a TaskModel on the frozen backbone")
+        self.shared = [bool(s) for s in shared]
+        self.experts = nn.ModuleList(
+            [e.head if shared else e for e, shared in zip(experts, self.shared, strict=True)]  # type: ignore[misc]
+        )
+        self.requires_grad_(False)
+        self.eval()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pooled, routed = self.features.routed(x)
+        logits = [expert(pooled) if shared else expert(x)
+                  for expert, shared in zip(self.experts, self.shared, strict=True)]
+        return joint_scores(self.router(routed), logits, self.joint)
+
+    @torch.no_grad()
+    def route(self, x: torch.Tensor) -> torch.Tensor:
+        """(N,) the task the router alone picks for each image."""
+        scores = torch.log_softmax(self.router(self.features.routed(x)[1]), dim=1)
+        per_task = torch.stack([s.logsumexp(1) for s in scores.split(self.widths, dim=1)], dim=1)
+        return per_task.argmax(1)
+
+
+@torch.no_grad()
+def predict_indices(model: nn.Module, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """(N,) index of the best-scoring learned class for float32 images (N, C, H, W) in [0, 1]."""
+    model.eval()
+    out = [model(chunk).argmax(1) for chunk in images.split(batch_size)]
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.int64)
