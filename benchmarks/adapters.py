@@ -14,8 +14,8 @@ from pathlib import Path
 from fedpetah.adapters import ADAPTERS, adapter_config, build_adapter
 from fedpetah.backbone import build_backbone
 from fedpetah.config import BackboneConfig, PruningConfig
-from fedpetah.metrics import tensor_bytes
 from fedpetah.pruning import prune_backbone
+from fedpetah.serving.metrics import tensor_bytes
 
 RESULTS = Path(__file__).parent / "results"
 

@@ -2,7 +2,7 @@
 
 Run: ``.venv/bin/python benchmarks/centralized.py [--stream rotated_mnist --out centralized_rotated]``
 (writes benchmarks/results/<out>.{json,md}). The backbone is the one the server ships, built through
-fedpetah.pipeline (warm-up, pruning and recovery are cached; a fresh build's wall and CPU seconds and the load
+fedpetah.serving.pipeline (warm-up, pruning and recovery are cached; a fresh build's wall and CPU seconds and the load
 average are recorded beside it).
 """
 
@@ -22,7 +22,7 @@ from fedpetah.adapters import ADAPTERS, adapter_config, build_adapter
 from fedpetah.artifact import load_artifact
 from fedpetah.config import BackboneConfig, PruningConfig, TrainConfig, WarmupConfig
 from fedpetah.experiment import ExperimentConfig
-from fedpetah.pipeline import prepare_artifact
+from fedpetah.serving.pipeline import prepare_artifact
 from fedpetah.tasks import TaskStreamConfig, build_stream
 from fedpetah.train import evaluate, train_adapter
 

@@ -145,8 +145,8 @@ def _request_frame(run_dir: Path, clients: int, path: Path) -> None:
     """The run's last task state as a train request (artifact-free: the worker already holds the backbone)."""
     from dataclasses import replace
 
-    from fedpetah.continual import ContinualServer
     from fedpetah.experiment import to_experiment
+    from fedpetah.serving.continual import ContinualServer
     from fedpetah.wire import frames
 
     config = to_experiment(json.loads((run_dir / "config.json").read_text()))

@@ -27,11 +27,11 @@ from fedpetah.adapters import adapter_config, build_adapter
 from fedpetah.artifact import load_artifact
 from fedpetah.bank import AdapterBank
 from fedpetah.config import RouterConfig, TrainConfig
-from fedpetah.pipeline import prepare_artifact
 from fedpetah.routing.export import write_export
 from fedpetah.routing.features import FrozenFeatures, data_stats
 from fedpetah.routing.model import TaskFreeModel
 from fedpetah.routing.predict import build_predictor
+from fedpetah.serving.pipeline import prepare_artifact
 from fedpetah.tasks import TaskStreamConfig, batches, build_stream
 from fedpetah.train import train_adapter
 from server.bundle import compose_experiment

@@ -61,7 +61,8 @@ def latencies_ms(modules: list[torch.nn.Module], batch: int, size: int, repeats:
 
 def shipped_structure(name: str, size: int, ratio: float, warmup_size: int) -> Backbone:
     """The tree the server ships: pruned from the cached warm-up backbone on the proxy calibration
-    batches (as fedpetah.pipeline does; recovery only changes weights), replayed at ``size`` on random weights."""
+    batches (as fedpetah.serving.pipeline does; recovery only changes weights), replayed at ``size`` on random
+    weights."""
     config, pruning = BackboneConfig(name=name, img_size=warmup_size), PruningConfig(ratio=ratio)
     warm = build_backbone(config)
     calibration = calibration_batches(load_proxy(config.warmup.dataset), warmup_size, warm.in_chans,

@@ -50,9 +50,9 @@ def compose(overrides: list[str]) -> Any:
 
 def federated_inprocess(config: Any, run_dir: Path) -> dict[str, Any]:
     """The ServerApp's loop without Flower: sample, encode/decode every request, train, aggregate, evaluate."""
-    from fedpetah.continual import ClientReply, ContinualServer
     from fedpetah.device.client import ClientRuntime, simulated_data
     from fedpetah.device.local import BackboneCache
+    from fedpetah.serving.continual import ClientReply, ContinualServer
     from fedpetah.wire.protocol import TrainReply, TrainRequest, specs
 
     torch.set_num_threads(config.simulation.torch_threads)
@@ -93,7 +93,7 @@ def centralized(config: Any) -> dict[str, Any]:
     from fedpetah.adapters import build_adapter
     from fedpetah.artifact import load_artifact
     from fedpetah.config import TrainConfig
-    from fedpetah.pipeline import prepare_artifact
+    from fedpetah.serving.pipeline import prepare_artifact
     from fedpetah.tasks import load_stream
     from fedpetah.train import evaluate, train_adapter
 

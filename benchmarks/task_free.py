@@ -28,10 +28,10 @@ from fedpetah.adapters import adapter_config, build_adapter
 from fedpetah.artifact import load_artifact
 from fedpetah.bank import AdapterBank
 from fedpetah.config import RouterConfig, TrainConfig
-from fedpetah.pipeline import prepare_artifact
 from fedpetah.routing.features import data_stats
 from fedpetah.routing.predict import build_predictor, evaluate_task_free
 from fedpetah.routing.stats import FeatureStats, aggregate_stats
+from fedpetah.serving.pipeline import prepare_artifact
 from fedpetah.tasks import PartitionConfig, TaskStreamConfig, batches, build_stream, partition
 from fedpetah.train import evaluate, train_adapter
 from server.bundle import compose_experiment

@@ -261,7 +261,7 @@ class AdapterBank:
                     f"{root / BANK_FILE}: task {entry.task}'s router statistics hold NaN or infinite values "
                     f"(a device's statistics overflowed them); drop them and continue the run with "
                     f"`fedpetah-server --resume --drop-stats {entry.task}` (a simulation: "
-                    f"fedpetah.collect.drop_stats('{root}', [{entry.task}]))"
+                    f"fedpetah.serving.collect.drop_stats('{root}', [{entry.task}]))"
                 )
             entry = dataclasses.replace(entry, stats=stats)
             if entry.task in bank._entries:

@@ -13,9 +13,9 @@ from pathlib import Path
 from flwr.app import Context, Message
 from flwr.serverapp import Grid, ServerApp
 
-from fedpetah.continual import ClientReply, ContinualServer, RoundPlan
 from fedpetah.experiment import ExperimentConfig, to_experiment
-from fedpetah.metrics import RoundRecord
+from fedpetah.serving.continual import ClientReply, ContinualServer, RoundPlan
+from fedpetah.serving.metrics import RoundRecord
 from fedpetah.wire.flatconfig import unflatten
 from fedpetah.wire.protocol import HELLO, TRAIN, HelloReply, HelloRequest, ProtocolError, Status, TrainReply, specs
 from fedpetah.wire.reasons import Reason

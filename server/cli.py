@@ -25,8 +25,8 @@ import tomli_w
 
 from fedpetah.atomic import atomic_write_text
 from fedpetah.bank import BankError
-from fedpetah.collect import drop_stats
 from fedpetah.experiment import ExperimentConfig
+from fedpetah.serving.collect import drop_stats
 from flower_glue.launch import (
     LOOPBACK_HOSTS,
     child_env,

@@ -11,7 +11,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsed
 from rich.progress import Progress as RichProgress
 from rich.table import Table
 
-from fedpetah.metrics import RoundRecord
+from fedpetah.serving.metrics import RoundRecord
 
 
 class Progress:

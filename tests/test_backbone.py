@@ -166,7 +166,8 @@ def test_backbone_and_config_modules_import_no_cycle() -> None:
                 todo.append(nxt)
         return False
 
-    mine = [m for m in graph if m.startswith("fedpetah.backbone") or m in ("fedpetah.config", "fedpetah.pipeline")]
+    mine = [m for m in graph
+            if m.startswith("fedpetah.backbone") or m in ("fedpetah.config", "fedpetah.serving.pipeline")]
     assert [m for m in mine if reaches(m, m)] == []
 
 
@@ -175,7 +176,7 @@ def test_pipeline_prunes_recovers_and_packs_once(tmp_path: Path) -> None:
     from fedpetah.artifact import load_artifact
     from fedpetah.config import PruningConfig
     from fedpetah.experiment import ExperimentConfig
-    from fedpetah.pipeline import prepare_artifact
+    from fedpetah.serving.pipeline import prepare_artifact
 
     warmup = WarmupConfig(dataset="glyphs", epochs=1, batch_size=128)
     backbone = BackboneConfig(name="efficientvit_b0", img_size=32, weights="random", warmup=warmup)

@@ -89,7 +89,7 @@ def test_two_devices_tls_node_auth_stop_and_resume(loopback: Loopback) -> None:
     assert refused == (403, REFUSAL + "\n") and inside[0] == 200, (refused, inside)
     assert f"devices connect to {loopback.host}:{loopback.port}" in loopback.log("server")
     from fedpetah.bank import AdapterBank
-    from fedpetah.metrics import read_rounds
+    from fedpetah.serving.metrics import read_rounds
 
     run_dir = loopback.run_dir
     bank, rounds = AdapterBank.load(run_dir / "bank"), read_rounds(run_dir)

@@ -285,8 +285,8 @@ def test_resume_keeps_one_row_per_committed_round_and_refuses_another_backbone(
     tmp_path: Path, cache_dir: Path
 ) -> None:
     from fedpetah.bank import BankError
-    from fedpetah.continual import ContinualServer
-    from fedpetah.metrics import RoundRecord
+    from fedpetah.serving.continual import ContinualServer
+    from fedpetah.serving.metrics import RoundRecord
 
     run = tmp_path / "run"
     # Prepare: round 1 committed; round 2 logged, then the server is killed before the bank commit

@@ -20,13 +20,13 @@ from fedpetah.adapters import adapter_config, build_adapter
 from fedpetah.aggregation import BoundedAggregation, BoundsConfig, aggregator_config, build_aggregator
 from fedpetah.backbone import Backbone
 from fedpetah.bank import AdapterBank, BankError
-from fedpetah.collect import CLIENTS_KEY, StatsCollector, drop_stats
 from fedpetah.config import BackboneConfig, PruningConfig, RouterConfig, TrainConfig
-from fedpetah.continual import ClientReply, ContinualServer
 from fedpetah.experiment import ExperimentConfig, StrategyConfig
 from fedpetah.routing.features import data_stats
 from fedpetah.routing.router import fit_router
 from fedpetah.routing.stats import MAX_FEATURE_NORM, FeatureStats, StatsError, class_stats
+from fedpetah.serving.collect import CLIENTS_KEY, StatsCollector, drop_stats
+from fedpetah.serving.continual import ClientReply, ContinualServer
 from fedpetah.tasks import Task, TaskStreamConfig, build_stream
 from fedpetah.wire.protocol import Status, TrainReply
 from fedpetah.wire.reasons import Reason

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedpetah.metrics import (
+from fedpetah.serving.metrics import (
     AccuracyMatrix,
     RoundRecord,
     RunLog,

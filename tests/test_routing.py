@@ -17,15 +17,15 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from fedpetah.adapters import adapter_config, build_adapter
 from fedpetah.backbone import Backbone
 from fedpetah.bank import AdapterBank
-from fedpetah.collect import StatsCollector
 from fedpetah.config import RouterConfig, TrainConfig
 from fedpetah.device.local import train_task
-from fedpetah.metrics import RoundRecord, RunLog, plot_run, summarize
 from fedpetah.routing.features import FrozenFeatures, data_stats, feature_width
 from fedpetah.routing.model import joint_scores
 from fedpetah.routing.predict import build_predictor, evaluate_task_free
 from fedpetah.routing.router import fit_router, project, projection
 from fedpetah.routing.stats import FeatureStats, StatsError, aggregate_stats, class_stats
+from fedpetah.serving.collect import StatsCollector
+from fedpetah.serving.metrics import RoundRecord, RunLog, plot_run, summarize
 from fedpetah.tasks import Task, TaskStreamConfig, batches, build_stream
 from fedpetah.wire.protocol import (
     STATS_REQUEST,

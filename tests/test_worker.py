@@ -157,8 +157,8 @@ def setup(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> dict[str
     """A tiny random-weight backbone's first train request (artifact attached) and one device's images."""
     from fedpetah.adapters import adapter_config
     from fedpetah.config import BackboneConfig, PruningConfig, TrainConfig
-    from fedpetah.continual import ContinualServer
     from fedpetah.experiment import ExperimentConfig, StrategyConfig
+    from fedpetah.serving.continual import ContinualServer
     from fedpetah.tasks import PartitionConfig, TaskStreamConfig
     from server.loopback import write_device_data
 

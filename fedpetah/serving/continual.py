@@ -23,12 +23,12 @@ from fedpetah.aggregation import BoundedAggregation, RoundResult, build_aggregat
 from fedpetah.artifact import MANIFEST, WEIGHTS, artifact_digest, load_artifact
 from fedpetah.backbone import Backbone
 from fedpetah.bank import AdapterBank, BankError, TaskRecord
-from fedpetah.collect import StatsCollector
 from fedpetah.experiment import ExperimentConfig
-from fedpetah.metrics import RoundRecord, RunLog, plot_run, read_rounds, summarize
-from fedpetah.pipeline import prepare_artifact
-from fedpetah.round import ClientReply, RoundOutcome, RoundTraffic, rejections
 from fedpetah.routing.stats import FeatureStats
+from fedpetah.serving.collect import StatsCollector
+from fedpetah.serving.metrics import RoundRecord, RunLog, plot_run, read_rounds, summarize
+from fedpetah.serving.pipeline import prepare_artifact
+from fedpetah.serving.round import ClientReply, RoundOutcome, RoundTraffic, rejections
 from fedpetah.tasks import Task, load_stream
 from fedpetah.train import evaluate
 from fedpetah.wire.protocol import SECTIONS, Status, TaskInfo, TrainRequest, client_seed
