@@ -34,10 +34,12 @@ import psutil
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
+from loopback import Loopback  # noqa: E402  (tests/loopback.py: the tests' harness)
+
 from flower_glue.launch import child_env  # noqa: E402
-from server.loopback import Loopback  # noqa: E402
 
 TARGETS: dict[str, Any] = {"warm_median_s": {2: 5.0, 4: 6.0}, "cold_s": 10.0, "clientapp_overhead_s": 0.8,
                            "clientapp_peak_mb": 200.0, "device_peak_mb": 1400.0}

@@ -22,6 +22,7 @@ import fcntl
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import asdict
@@ -31,6 +32,7 @@ from typing import Any
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # simulations/ (the Flower engine) lives in the repository, not the wheel
 RESULTS = ROOT / "benchmarks" / "results"
 STREAMS, ADAPTERS = ("split_mnist", "rotated_mnist"), ("lora", "petah", "synqt")
 CENTRAL_EPOCHS, CENTRAL_LR, CENTRAL_BATCH = 2, 5e-3, 32  # benchmarks/centralized.py's settings
@@ -80,7 +82,7 @@ def federated(config: Any, engine: str) -> dict[str, Any]:
     run_dir = Path(tempfile.mkdtemp(prefix="fedpetah-quality-"))
     try:
         if engine == "flower":
-            from flower_glue.simulation import simulate
+            from simulations.engine import simulate  # the repository root is on sys.path (above)
 
             return simulate(config, run_dir)
         return federated_inprocess(config, run_dir)

@@ -1,7 +1,7 @@
 """Robustness benchmark: attack x aggregator on the default simulation (split_mnist, 50 clients, LoRA).
 
 Each case composes the default config with a few overrides and runs it through the simulation code path
-(``flower_glue.simulation.simulate``: the real ClientApp encoding and ServerApp decoding), in a fresh process.
+(``simulations.engine.simulate``: the real ClientApp encoding and ServerApp decoding), in a fresh process.
 A fifth of the partition ids (``simulation.attack_fraction``, chosen from the seed) send the attack's
 corruption of their honest reply in every round they are sampled.
 
@@ -53,7 +53,7 @@ def run_case(case: str) -> dict[str, Any]:
     load_before = os.getloadavg()
     start = time.perf_counter()
     code = ("import sys; from pathlib import Path; from server.bundle import compose_experiment; "
-            "from flower_glue.simulation import simulate; "
+            "from simulations.engine import simulate; "
             "simulate(compose_experiment(sys.argv[2:]), Path(sys.argv[1]))")
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "HF_HUB_OFFLINE": "1",
            "PYTHONPATH": str(ROOT)}

@@ -29,7 +29,7 @@ log = logging.getLogger("fedpetah")
 @hydra.main(version_base=None, config_path="../configs", config_name="config")
 def main(cfg: DictConfig) -> float:
     """Run the experiment; returns the final average accuracy (for sweepers)."""
-    from flower_glue.simulation import simulate
+    from simulations.engine import simulate
 
     experiment = to_experiment(cfg)
     run_dir = Path(HydraConfig.get().runtime.output_dir) / experiment.output_dir

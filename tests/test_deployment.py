@@ -14,13 +14,13 @@ from pathlib import Path
 
 import pytest
 import tomli
+from loopback import Loopback
 
 from clients import cli as client_cli
 from flower_glue.launch import free_port, wait_for_port
 from server import cli as server_cli
 from server.bundle import REPO, compose_experiment, flat_config, stage_app
 from server.certificates import make_node_key, make_tls, node_keys, server_files
-from server.loopback import Loopback
 from server.proxy import REFUSAL, ProxyMissing, find_nginx, probe
 
 OVERRIDES = ["rounds_per_task=1", "tasks.num_tasks=2", "backbone=edgenext_xx_small", "backbone.img_size=32",

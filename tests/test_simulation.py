@@ -35,7 +35,7 @@ def _config(**overrides: object) -> ExperimentConfig:
 
 
 def test_two_clients_one_task_one_round(tmp_path: Path, cache_dir: Path) -> None:
-    from flower_glue.simulation import simulate
+    from simulations.engine import simulate
 
     summary = simulate(_config(), tmp_path / "run", cache_dir)
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -49,7 +49,7 @@ def test_two_clients_one_task_one_round(tmp_path: Path, cache_dir: Path) -> None
 
 
 def test_resume_matches_an_uninterrupted_run(tmp_path: Path, cache_dir: Path) -> None:
-    from flower_glue.simulation import simulate
+    from simulations.engine import simulate
 
     two_tasks = TaskStreamConfig(name="split_mnist", num_tasks=2)
     simulate(_config(tasks=two_tasks), tmp_path / "straight", cache_dir)
@@ -97,7 +97,7 @@ def test_console_shows_flower_lines_once_and_drops_known_chatter(caplog: pytest.
 
     from flwr.common.logger import warn_deprecated_feature
 
-    from flower_glue.simulation import RAY_ACCELERATOR_TIP, _quiet_console
+    from simulations.engine import RAY_ACCELERATOR_TIP, _quiet_console
 
     flwr = logging.getLogger("flwr")
     seen: list[logging.LogRecord] = []

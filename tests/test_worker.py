@@ -155,12 +155,13 @@ def test_listen_refuses_a_shared_directory_and_makes_an_owner_only_socket() -> N
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> dict[str, Any]:
     """A tiny random-weight backbone's first train request (artifact attached) and one device's images."""
+    from loopback import write_device_data
+
     from fedpetah.adapters import adapter_config
     from fedpetah.config import BackboneConfig, PruningConfig, TrainConfig
     from fedpetah.experiment import ExperimentConfig, StrategyConfig
     from fedpetah.serving.continual import ContinualServer
     from fedpetah.tasks import PartitionConfig, TaskStreamConfig
-    from server.loopback import write_device_data
 
     root = tmp_path_factory.mktemp("worker")
     config = ExperimentConfig(
