@@ -52,10 +52,12 @@ class TaskModel(nn.Module):
     std: torch.Tensor
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.backbone((x - self.mean) / self.std)
+        features: torch.Tensor = self.backbone((x - self.mean) / self.std)
+        return features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x))
+        logits: torch.Tensor = self.head(self.features(x))
+        return logits
 
     def train(self, mode: bool = True) -> TaskModel:
         super().train(mode)

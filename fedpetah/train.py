@@ -89,7 +89,7 @@ def label_log_prior(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
     return torch.log(counts / counts.sum())
 
 
-def train_adapter(adapter: Adapter, data: ImageSet, config: TrainConfig) -> TrainResult:
+def train_adapter(adapter: Adapter[Any], data: ImageSet, config: TrainConfig) -> TrainResult:
     """Train ``adapter`` on ``data`` in place; returns examples, mean loss/accuracy, time and memory.
 
     Deterministic for a given ``config.seed``: the batch order comes from a generator seeded with it, and
@@ -104,7 +104,7 @@ def train_adapter(adapter: Adapter, data: ImageSet, config: TrainConfig) -> Trai
         return _train(adapter, data, config, device)
 
 
-def _train(adapter: Adapter, data: ImageSet, config: TrainConfig, device: torch.device) -> TrainResult:
+def _train(adapter: Adapter[Any], data: ImageSet, config: TrainConfig, device: torch.device) -> TrainResult:
     model, backbone = adapter.model.to(device), adapter.backbone
     generator = torch.Generator().manual_seed(config.seed)
     params = list(adapter.trainable().values())

@@ -9,13 +9,15 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
+from typing import Any
 
 from flwr.app import Context, Message
 from flwr.serverapp import Grid, ServerApp
 
 from fedpetah.experiment import ExperimentConfig, to_experiment
-from fedpetah.serving.continual import ClientReply, ContinualServer, RoundPlan
+from fedpetah.serving.continual import ContinualServer, RoundPlan
 from fedpetah.serving.metrics import RoundRecord
+from fedpetah.serving.round import ClientReply
 from fedpetah.wire.flatconfig import unflatten
 from fedpetah.wire.protocol import HELLO, TRAIN, HelloReply, HelloRequest, ProtocolError, Status, TrainReply, specs
 from fedpetah.wire.reasons import Reason
@@ -86,7 +88,7 @@ class Exchange:
         return replies, late
 
 
-def run(grid: Grid, config: ExperimentConfig, run_dir: Path, cache_dir: Path | None = None) -> dict:
+def run(grid: Grid, config: ExperimentConfig, run_dir: Path, cache_dir: Path | None = None) -> dict[str, Any]:
     """The whole federated continual run; returns the summary."""
     server = ContinualServer(config, run_dir, cache_dir)
     exchange = Exchange(grid)

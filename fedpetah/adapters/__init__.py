@@ -15,7 +15,7 @@ def adapter_config(name: str, **fields: Any) -> AdapterConfig:
     return ADAPTERS.get(name).config_class(name=name, **fields)
 
 
-def build_adapter(config: AdapterConfig, backbone: Backbone, num_classes: int) -> Adapter:
+def build_adapter(config: AdapterConfig, backbone: Backbone, num_classes: int) -> Adapter[Any]:
     """Attach adapter ``config.name`` to a private copy of ``backbone`` for one task."""
     return ADAPTERS.get(config.name)(backbone, num_classes, config)
 

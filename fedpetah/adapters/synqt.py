@@ -74,7 +74,8 @@ class CrossRead(nn.Module):
     def forward(self, queries: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         q = self.q(self.norm_q(queries)).unflatten(-1, (self.heads, -1)).transpose(1, 2)
         k, v = self.kv(self.norm_kv(tokens)).unflatten(-1, (2, self.heads, -1)).permute(2, 0, 3, 1, 4)
-        return self.out(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2))
+        read: torch.Tensor = self.out(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2))
+        return read
 
 
 class BlockRead(nn.Module):
@@ -85,7 +86,8 @@ class BlockRead(nn.Module):
         self.inp, self.out = nn.Linear(dim, width), nn.Linear(width, dim)
 
     def forward(self, queries: torch.Tensor, keys_values: torch.Tensor, block: nn.Module) -> torch.Tensor:
-        return self.out(query_block(block, self.inp(queries), keys_values))
+        read: torch.Tensor = self.out(query_block(block, self.inp(queries), keys_values))
+        return read
 
 
 class QueryPath(nn.Module):
@@ -123,7 +125,8 @@ class QueryPath(nn.Module):
             read = reader(queries, features) if block is None else reader(queries, features, block)
             outputs.append(read.mean(dim=1))
             previous = queries + read
-        return self.norm(torch.stack(outputs, dim=1)).flatten(1)
+        normed: torch.Tensor = self.norm(torch.stack(outputs, dim=1))
+        return normed.flatten(1)
 
 
 class SynQTModel(TaskModel):
@@ -167,7 +170,8 @@ class SynQTModel(TaskModel):
             raise ValueError(f"synqt expects {1 + len(self.taps)} feature tensors, got {len(features)}")
         pooled, *stage_features = features
         blocks = [self.backbone.get_submodule(t.module) if t.block else None for t in self.taps]
-        return self.head(torch.cat([pooled, self.synqt(stage_features, blocks)], dim=1))
+        logits: torch.Tensor = self.head(torch.cat([pooled, self.synqt(stage_features, blocks)], dim=1))
+        return logits
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_features(self.frozen_features(x))

@@ -94,7 +94,8 @@ def pool_tokens(x: torch.Tensor, grid: int) -> torch.Tensor:
 
 def _split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
     """(B, N, A) -> (B, N, heads, A / heads)."""
-    return x.unflatten(-1, (heads, x.shape[-1] // heads))
+    split: torch.Tensor = x.unflatten(-1, (heads, x.shape[-1] // heads))
+    return split
 
 
 def block_width(block: nn.Module) -> int:
@@ -138,8 +139,9 @@ def query_block(block: nn.Module, queries: torch.Tensor, keys_values: torch.Tens
     k, v = (_split_heads(t, heads) for t in keys_values.unbind(1))
     read = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
     read = b.attn.proj(_optional(b.attn, "norm")(read.transpose(1, 2).flatten(2)))
-    update = _optional(b, "ls1")(read)
-    return update + _optional(b, "ls2")(b.mlp(b.norm2(queries + update)))
+    update: torch.Tensor = _optional(b, "ls1")(read)
+    mlp_update: torch.Tensor = _optional(b, "ls2")(b.mlp(b.norm2(queries + update)))
+    return update + mlp_update
 
 
 def read_backbone(

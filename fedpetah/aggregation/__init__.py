@@ -27,7 +27,7 @@ def aggregator_config(name: str, **fields: Any) -> AggregatorConfig:
     return AGGREGATORS.get(name).config_class(name=name, **fields)
 
 
-def build_aggregator(config: AggregatorConfig) -> Aggregator:
+def build_aggregator(config: AggregatorConfig) -> Aggregator[Any]:
     """The aggregator ``config.name`` configured by ``config``."""
     return AGGREGATORS.get(config.name)(config)
 

@@ -21,6 +21,7 @@ import math
 import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -107,7 +108,7 @@ class BoundedAggregation:
     -> :meth:`clip` -> :meth:`cap_weights` -> :meth:`aggregate`.
     """
 
-    def __init__(self, aggregator: Aggregator, bounds: BoundsConfig) -> None:
+    def __init__(self, aggregator: Aggregator[Any], bounds: BoundsConfig) -> None:
         self.aggregator = aggregator
         self.bounds = bounds
 

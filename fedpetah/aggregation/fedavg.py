@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from fedpetah.aggregation.base import AGGREGATORS, Aggregate, Aggregator, AggregatorConfig, StateDict, weighted_mean
+from fedpetah.aggregation.base import AGGREGATORS, Aggregate, Aggregator, AggregatorConfig, weighted_mean
+from fedpetah.aggregation.validate import StateDict
 
 
 @AGGREGATORS.register("fedavg")

@@ -21,10 +21,10 @@ from fedpetah.aggregation.base import (
     Aggregate,
     Aggregator,
     AggregatorConfig,
-    StateDict,
     compute_dtype,
     weighted_mean,
 )
+from fedpetah.aggregation.validate import StateDict
 
 
 @dataclass

@@ -31,9 +31,9 @@ from fedpetah.aggregation.base import (
     Aggregate,
     Aggregator,
     AggregatorConfig,
-    StateDict,
     weighted_mean,
 )
+from fedpetah.aggregation.validate import StateDict
 
 _LORA_A = re.compile(r"^(?P<module>.+)\.lora_A\.(?P<adapter>[^.]+)\.weight$")
 _LORA_B = re.compile(r"^(?P<module>.+)\.lora_B\.(?P<adapter>[^.]+)\.weight$")
@@ -74,7 +74,8 @@ def product_svd(b_cat: torch.Tensor, a_cat: torch.Tensor) -> tuple[torch.Tensor,
     ``k`` is the smaller side: QR both factors, then the SVD of the small ``k x k`` core."""
     k = b_cat.shape[1]
     if k >= min(b_cat.shape[0], a_cat.shape[1]):
-        return torch.linalg.svd(b_cat @ a_cat, full_matrices=False)
+        u, s, vh = torch.linalg.svd(b_cat @ a_cat, full_matrices=False)
+        return u, s, vh
     q_b, r_b = torch.linalg.qr(b_cat)
     q_a, r_a = torch.linalg.qr(a_cat.T)
     u, s, vh = torch.linalg.svd(r_b @ r_a.T)

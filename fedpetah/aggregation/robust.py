@@ -17,9 +17,9 @@ from fedpetah.aggregation.base import (
     Aggregate,
     Aggregator,
     AggregatorConfig,
-    StateDict,
     compute_dtype,
 )
+from fedpetah.aggregation.validate import StateDict
 
 
 def _sorted_stack(updates: list[StateDict], key: str, like: torch.Tensor) -> torch.Tensor:

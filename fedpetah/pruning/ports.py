@@ -67,7 +67,7 @@ def opaque(modules: list[nn.Module]) -> Iterator[dict[Any, tp.pruner.BasePruning
     for module in modules:
         pruner = PORT_PRUNERS[type(module).__name__]
         weight = torch.zeros(pruner.get_out_channels(module), pruner.get_in_channels(module), 1, 1)
-        module.forward = _stand_in(weight.requires_grad_(True))  # type: ignore[method-assign]
+        module.forward = _stand_in(weight.requires_grad_(True))
     try:
         yield {type(m): PORT_PRUNERS[type(m).__name__] for m in modules}
     finally:

@@ -38,7 +38,8 @@ class FrozenFeatures(nn.Module):
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.backbone((x - self.mean) / self.std)
+        features: torch.Tensor = self.backbone((x - self.mean) / self.std)
+        return features
 
     def routed(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(pooled features, router features)`` from one backbone pass."""
