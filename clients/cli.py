@@ -18,12 +18,14 @@ import secrets
 import shutil
 import socket
 import ssl
+import stat
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from pathlib import Path
 
 from flower_glue.launch import (
@@ -93,14 +95,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def _inside(path: Path, base: Path, kind: Callable[[int], bool]) -> bool:
+    """Whether ``path`` resolves (symbolic links followed) to a ``kind`` of file inside ``base``: the rule
+    fedpetah.tasks.folder reads images by, so the start-up summary counts what training will read."""
+    try:
+        real = path.resolve(strict=True)
+        return real.is_relative_to(base) and kind(real.stat().st_mode)
+    except (OSError, RuntimeError):  # RuntimeError: a symbolic link loop (Python < 3.13)
+        return False
+
+
 def scan_data(root: Path) -> dict[str, dict[str, int]]:
     """Image files per task and class of ``root/<task>/<class>/``; ClientError if there are none."""
     if not root.is_dir():
         raise ClientError(EXIT_DATA, f"data dir {root} does not exist; lay out images as {root}/<task>/<class>/*.png")
     found: dict[str, dict[str, int]] = {}
-    for task in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        for label in sorted(p for p in task.iterdir() if p.is_dir() and not p.name.startswith(".")):
-            count = sum(1 for f in label.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+    base = root.resolve()
+    for task in sorted(p for p in root.iterdir() if _inside(p, base, stat.S_ISDIR) and not p.name.startswith(".")):
+        for label in sorted(p for p in task.iterdir() if _inside(p, base, stat.S_ISDIR) and not p.name.startswith(".")):
+            images = (f for f in label.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+            count = sum(1 for f in images if _inside(f, base, stat.S_ISREG))
             if count:
                 found.setdefault(task.name, {})[label.name] = count
     if not found:

@@ -89,9 +89,11 @@ def test_device_reads_no_image_file_that_leads_out_of_its_data_dir_or_is_not_a_f
     # Act
     data = device_task_data(device, "digits", ["a", "b"], store_size=8, channels=1)
 
-    # Assert: class a is its own image only (no 77 from outside), class b its image twice
+    # Assert: class a is its own image only (no 77 from outside), class b its image twice; fedpetah-client's
+    # start-up summary counts the same files, and no task or class reached through a link out of the data dir
     assert data is not None and data.labels.tolist() == [0, 1, 1]
     assert data.images[0].unique().tolist() == [10] and data.images[1:].unique().tolist() == [200]
+    assert client_cli.scan_data(device) == {"digits": {"a": 1, "b": 2}}
 
 
 def test_flower_processes_inherit_no_flwr_variable_that_opens_a_port(monkeypatch: pytest.MonkeyPatch) -> None:
