@@ -69,10 +69,12 @@ class Loopback:
         self.processes[name] = process
         return process
 
-    def start_server(self, name: str, overrides: list[str], *extra: str) -> subprocess.Popen[bytes]:
+    def start_server(self, name: str, overrides: list[str], *extra: str, module: str = "server.cli",
+                     **env: str) -> subprocess.Popen[bytes]:
+        """fedpetah-server (``module``: a wrapper taking the same arguments, e.g. benchmarks/flood.py's)."""
         args = ["--state-dir", str(self.state), "--host", self.host, "--port", str(self.port),
                 "--superlink-port", str(self.superlink_port), *extra, *overrides]
-        return self._start(name, "server.cli", args)
+        return self._start(name, module, args, **env)
 
     def start_client(self, device: int, *extra: str) -> subprocess.Popen[bytes]:
         return self._start(f"client{device}", "clients.cli", [
