@@ -32,6 +32,11 @@ CACHE_MAX_BYTES = 1024 * 2**20
 STALE_STAGING_S = 3600.0  # an install directory this old was left by a killed process
 
 
+def _is_digest(name: str) -> bool:
+    """A cache entry's name: lower-case hex (the directories install() creates; nothing else is touched)."""
+    return bool(name) and all(c in "0123456789abcdef" for c in name)
+
+
 class BackboneCache:
     """Backbone artifacts on disk under their digest, plus the last one loaded kept in memory.
 
@@ -62,7 +67,7 @@ class BackboneCache:
         return tuple(stamps)
 
     def path(self, digest: str) -> Path:
-        if not digest or not all(c in "0123456789abcdef" for c in digest):
+        if not _is_digest(digest):
             raise ArtifactError(f"malformed artifact digest {digest!r}")
         return self.root / digest
 
@@ -101,7 +106,7 @@ class BackboneCache:
         """(digest, bytes, last use in ns) of every cached backbone, most recently used first."""
         found = []
         for path in self.root.iterdir() if self.root.is_dir() else ():
-            if path.is_symlink() or not path.is_dir() or not all(c in "0123456789abcdef" for c in path.name):
+            if path.is_symlink() or not path.is_dir() or not _is_digest(path.name):
                 continue
             try:
                 size = sum(f.lstat().st_size for f in path.iterdir())
