@@ -209,6 +209,17 @@ def server_files(directory: Path) -> TlsFiles:
     return files
 
 
+def ec_public_key(path: Path) -> ec.EllipticCurvePublicKey:
+    """The key in an OpenSSH EC public key file (a device's ``*.pub``); ValueError if it is not one."""
+    try:
+        key = serialization.load_ssh_public_key(path.read_bytes())
+    except (ValueError, UnsupportedAlgorithm) as err:
+        raise ValueError(f"{path} is not an OpenSSH public key: {err}") from None
+    if not isinstance(key, ec.EllipticCurvePublicKey):
+        raise ValueError(f"{path} is not an EC (ecdsa-sha2-nistp*) key; Flower needs one")
+    return key
+
+
 def node_keys(directory: Path) -> list[Path]:
     """The devices' public keys (``*.pub``) to register; ValueError if there are none or one is not an EC key."""
     keys = sorted(directory.glob("*.pub")) if directory.is_dir() else []
@@ -217,12 +228,7 @@ def node_keys(directory: Path) -> list[Path]:
                          f"`python -m server.certificates node-key {directory}/<device>` and copy the private "
                          "key (without .pub) to that device")
     for key in keys:
-        try:
-            public = serialization.load_ssh_public_key(key.read_bytes())
-        except (ValueError, UnsupportedAlgorithm) as err:
-            raise ValueError(f"{key} is not an OpenSSH public key: {err}") from None
-        if not isinstance(public, ec.EllipticCurvePublicKey):
-            raise ValueError(f"{key} is not an EC (ecdsa-sha2-nistp*) key; Flower needs one")
+        ec_public_key(key)
     return keys
 
 

@@ -35,13 +35,14 @@ from email.message import Message
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from flwr.common.constant import SYSTEM_TIME_TOLERANCE, TIMESTAMP_HEADER, TIMESTAMP_TOLERANCE
 from flwr.supercore.constant import FLEET_HTTP_PUBLIC_KEY_HEADER, FLEET_HTTP_SIGNATURE_HEADER
 from flwr.supercore.date import now
 from flwr.supercore.primitives.asymmetric import verify_signature
+
+from server.certificates import ec_public_key
 
 HEADERS = (FLEET_HTTP_PUBLIC_KEY_HEADER, TIMESTAMP_HEADER, FLEET_HTTP_SIGNATURE_HEADER)
 REASON_HEADER = "X-Fedpetah-Refusal"  # nginx puts it in its 401 body (server/proxy.py)
@@ -55,12 +56,7 @@ STALE = (f"the request's flwr-timestamp is more than {TIMESTAMP_TOLERANCE + SYST
 def flower_public_key(path: Path) -> tuple[bytes, ec.EllipticCurvePublicKey]:
     """An OpenSSH EC public key file as the PEM bytes a SuperNode sends for it (base64 in ``flwr-public-key``;
     flwr/supercore/primitives/asymmetric.py ``public_key_to_bytes``) and the key; ValueError if it is not one."""
-    try:
-        key = serialization.load_ssh_public_key(path.read_bytes())
-    except (ValueError, UnsupportedAlgorithm) as err:
-        raise ValueError(f"{path} is not an OpenSSH public key: {err}") from None
-    if not isinstance(key, ec.EllipticCurvePublicKey):
-        raise ValueError(f"{path} is not an EC (ecdsa-sha2-nistp*) key; Flower needs one")
+    key = ec_public_key(path)
     return key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo), key
 
 
