@@ -34,7 +34,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from fedpetah.adapters import ADAPTERS, AdapterConfig, build_adapter
-from fedpetah.artifact import ArtifactError, artifact_digest, cached_artifact_dir, load_artifact
+from fedpetah.artifact import MANIFEST, ArtifactError, artifact_digest, cached_artifact_dir, load_artifact
 from fedpetah.backbone import Backbone
 from fedpetah.backbone.build import default_cache_dir
 from fedpetah.bank import AdapterBank, BankError
@@ -97,10 +97,10 @@ def bank_stats(bank: AdapterBank, backbone: Backbone, router: RouterConfig) -> d
 def find_artifact(config: ExperimentConfig, run_dir: Path) -> Path:
     """The backbone artifact of a run: ``RUN_DIR/backbone`` if present, else the settings' cache entry."""
     local = run_dir / BACKBONE_DIR
-    if (local / "manifest.json").is_file():
+    if (local / MANIFEST).is_file():
         return local
     cached = cached_artifact_dir(default_cache_dir(), config.backbone, config.pruning)
-    if (cached / "manifest.json").is_file():
+    if (cached / MANIFEST).is_file():
         return cached
     raise ExportError(f"the run's backbone artifact is in neither {local} nor {cached}; copy it to {local}")
 
