@@ -84,7 +84,7 @@ class Aggregator(ABC, Generic[C]):
         _check_weights(updates, weights)
         for update in updates:
             validate_update(update, current)
-        return self.combine(current, updates, weights, opt_state)
+        return self._combine(current, updates, weights, opt_state)
 
     @torch.no_grad()
     def combine(
@@ -96,6 +96,15 @@ class Aggregator(ABC, Generic[C]):
     ) -> Aggregate:
         """The aggregate of ``updates`` that match ``current`` key for key (shape, dtype, finite values), unchecked."""
         _check_weights(updates, weights)
+        return self._combine(current, updates, weights, opt_state)
+
+    def _combine(
+        self,
+        current: Mapping[str, torch.Tensor],
+        updates: Sequence[Mapping[str, torch.Tensor]],
+        weights: Sequence[float],
+        opt_state: Mapping[str, torch.Tensor] | None,
+    ) -> Aggregate:
         total = float(sum(weights))
         normalized = [float(w) / total for w in weights]
         batch: list[StateDict] = [dict(u) for u in updates]
