@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from fedpetah.adapters import build_adapter
-from fedpetah.aggregation import BoundedAggregation, RoundResult, build_aggregator
+from fedpetah.aggregation import BoundedAggregation, RoundResult, StateDict, build_aggregator
 from fedpetah.artifact import MANIFEST, WEIGHTS, artifact_digest, load_artifact
 from fedpetah.backbone import Backbone
 from fedpetah.bank import AdapterBank, BankError, TaskRecord
@@ -33,7 +33,6 @@ from fedpetah.tasks import Task, load_stream
 from fedpetah.train import evaluate
 from fedpetah.wire.protocol import SECTIONS, Status, TaskInfo, TrainRequest, client_seed
 
-StateDict = dict[str, torch.Tensor]
 log = logging.getLogger(__name__)
 
 
