@@ -68,11 +68,11 @@ from flwr.proto.message_pb2 import PushObjectRequest  # noqa: E402
 from flwr.proto.node_pb2 import Node  # noqa: E402
 from flwr.supercore.date import now  # noqa: E402
 from flwr.supercore.primitives.asymmetric import sign_message  # noqa: E402
-from loopback import Loopback  # noqa: E402  (tests/loopback.py: the deployment test's harness)
+from loopback import Loopback, start_superlink  # noqa: E402  (tests/loopback.py: the deployment test's harness)
 
-from flower_glue.launch import child_env, executable, free_port, start, stop_tree, wait_for_port  # noqa: E402
+from flower_glue.launch import free_port, stop_tree, wait_for_port  # noqa: E402
 from server import proxy as current_proxy  # noqa: E402
-from server.certificates import make_node_key, make_tls, node_keys, server_files  # noqa: E402
+from server.certificates import make_node_key, node_keys  # noqa: E402
 
 DEVICES, STRANGER = "127.0.0.2", "127.0.0.3"
 TARGET_GROWTH_MB = 100.0  # issue 15: the SuperLink's RSS grows by at most this much under the flood
@@ -127,15 +127,8 @@ def load_proxy(rev: str) -> ModuleType:
 @contextmanager
 def stack(root: Path, proxy_module: ModuleType) -> Iterator[tuple[psutil.Process, int, Path, Path]]:
     """SuperLink + proxy on loopback; (SuperLink process, proxy port, ca.pem, the registered key); all stopped."""
-    make_tls(root / "certs", [DEVICES])
     key = make_node_key(root / "nodes" / "node")[1]
-    certs, port = server_files(root / "certs"), free_port()
-    env = child_env({"FLWR_HOME": str(root / "flwr"), "FLWR_DISABLE_UPDATE_CHECK": "1",
-                     "FLWR_TELEMETRY_ENABLED": "0"})
-    link = start([executable("flower-superlink"), "--host", "127.0.0.1", "--port", str(port), "--database",
-                  str(root / "superlink.db"), "--ssl-ca-certfile", str(certs.ca), "--ssl-certfile", str(certs.cert),
-                  "--ssl-keyfile", str(certs.key), "--enable-supernode-auth",
-                  "--disable-runtime-dependency-installation"], env, root / "superlink.log")
+    link, certs, port = start_superlink(root, DEVICES, str(root / "superlink.db"))
     front = []
     try:
         if not wait_for_port("127.0.0.1", port, link, 60.0):

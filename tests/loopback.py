@@ -11,9 +11,24 @@ import time
 from pathlib import Path
 from types import TracebackType
 
-from flower_glue.launch import child_env, free_port, port_is_free, start, stop_tree
+from flower_glue.launch import child_env, executable, free_port, port_is_free, start, stop_tree
 from server.bundle import REPO
-from server.certificates import make_node_key, make_tls
+from server.certificates import TlsFiles, make_node_key, make_tls, server_files
+
+
+def start_superlink(root: Path, host: str, database: str) -> tuple[subprocess.Popen[bytes], TlsFiles, int]:
+    """A bare SuperLink with TLS (a private CA in ``root/certs`` whose certificate names ``host``) and node
+    authentication on a free port of 127.0.0.1, its log ``root/superlink.log``: (process, certificates, port).
+    The caller waits for its port and stops it (``stop_tree``)."""
+    make_tls(root / "certs", [host])
+    certs, port = server_files(root / "certs"), free_port()
+    env = child_env({"FLWR_HOME": str(root / "flwr"), "FLWR_DISABLE_UPDATE_CHECK": "1",
+                     "FLWR_TELEMETRY_ENABLED": "0"})
+    link = start([executable("flower-superlink"), "--host", "127.0.0.1", "--port", str(port), "--database",
+                  database, "--ssl-ca-certfile", str(certs.ca), "--ssl-certfile", str(certs.cert),
+                  "--ssl-keyfile", str(certs.key), "--enable-supernode-auth",
+                  "--disable-runtime-dependency-installation"], env, root / "superlink.log")
+    return link, certs, port
 
 
 def write_device_data(root: Path, clients: int, per_class: int, num_tasks: int = 2) -> list[Path]:

@@ -26,8 +26,9 @@ from flwr.supercore.date import now
 from flwr.supercore.primitives.asymmetric import sign_message
 from flwr.supercore.protobuf.client import ProtobufRequestContext
 from flwr.supernode.node_auth_http_interceptor import NodeAuthHttpInterceptor
+from loopback import start_superlink
 
-from flower_glue.launch import child_env, executable, free_port, start, stop_tree, wait_for_port
+from flower_glue.launch import free_port, stop_tree, wait_for_port
 from server import keycheck
 from server.certificates import TlsFiles, make_node_key, make_tls, server_files
 from server.proxy import (
@@ -63,14 +64,7 @@ def require_nginx() -> str:
 def superlink(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[TlsFiles, int]]:
     """A SuperLink with TLS and node authentication on 127.0.0.1 (in-memory state); its certificate names 127.0.0.2."""
     root = tmp_path_factory.mktemp("superlink")
-    make_tls(root / "certs", [DEVICES])
-    certs, port = server_files(root / "certs"), free_port()
-    env = child_env({"FLWR_HOME": str(root / "flwr"), "FLWR_DISABLE_UPDATE_CHECK": "1",
-                     "FLWR_TELEMETRY_ENABLED": "0"})
-    link = start([executable("flower-superlink"), "--host", "127.0.0.1", "--port", str(port), "--database",
-                  ":flwr-in-memory:", "--ssl-ca-certfile", str(certs.ca), "--ssl-certfile", str(certs.cert),
-                  "--ssl-keyfile", str(certs.key), "--enable-supernode-auth",
-                  "--disable-runtime-dependency-installation"], env, root / "superlink.log")
+    link, certs, port = start_superlink(root, DEVICES, ":flwr-in-memory:")
     try:
         assert wait_for_port("127.0.0.1", port, link, 60.0), (root / "superlink.log").read_text()
         yield certs, port
