@@ -21,13 +21,11 @@ class Registry(Generic[T]):
         (written only here: a class that sets its own ``name`` is refused)."""
 
         def add(item: T) -> T:
+            if isinstance(item, type) and "name" in vars(item):
+                raise ValueError(f"{item.__name__} sets its own name; {self.kind} names come from register()")
+            self.add(name, item)
             if isinstance(item, type):
-                if "name" in vars(item):
-                    raise ValueError(f"{item.__name__} sets its own name; {self.kind} names come from register()")
-                self.add(name, item)
                 setattr(item, "name", name)  # noqa: B010 (the class declares name: ClassVar[str])
-            else:
-                self.add(name, item)
             return item
 
         return add
