@@ -110,6 +110,12 @@ SCENARIOS = {s.name: s for s in [
 ]}
 
 
+def head_commit() -> str:
+    """The checkout's short commit id, for a report's provenance ('' outside a git checkout)."""
+    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                          check=False).stdout.strip()
+
+
 def load_proxy(rev: str) -> ModuleType:
     """server/proxy.py as it was at commit ``rev``, as a module of its own."""
     source = subprocess.run(["git", "show", f"{rev}:server/proxy.py"], cwd=REPO, capture_output=True, text=True,
@@ -533,8 +539,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=600.0, help="with devices: seconds to wait for rounds")
     args = parser.parse_args(argv)
     command = "python benchmarks/flood.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                            check=False).stdout.strip()
+    commit = head_commit()
     machine = f"{platform.machine()}, {psutil.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB"
     if args.with_devices:
         return main_devices(args, command, commit, machine)

@@ -24,7 +24,6 @@ import os
 import platform
 import ssl
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -41,7 +40,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
-from flood import load_proxy, stack  # noqa: E402
+from flood import head_commit, load_proxy, stack  # noqa: E402
 from flwr.supercore.date import now  # noqa: E402
 from flwr.supercore.primitives.asymmetric import sign_message  # noqa: E402
 
@@ -157,10 +156,8 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(through_nginx(f"before ({args.before}, key named in a map)", load_proxy(args.before),
                                   args.requests, "127.0.0.6"))
     rows.append(through_nginx("after (auth_request to the check)", current_proxy, args.requests, "127.0.0.7"))
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                            check=False).stdout.strip()
     report = {"command": "python benchmarks/signature_check.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-              "commit": commit, "machine": f"{platform.machine()}, {psutil.cpu_count()} cores", "rows": rows}
+              "commit": head_commit(), "machine": f"{platform.machine()}, {psutil.cpu_count()} cores", "rows": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
     args.out.with_suffix(".md").write_text(markdown(report))
