@@ -76,9 +76,6 @@ class Keyring:
         self.refresh()
         return self._keys.get(pem)
 
-    def __len__(self) -> int:
-        return len(self._keys)
-
     def refresh(self) -> None:
         try:
             dir_mtime = self.directory.stat().st_mtime_ns
