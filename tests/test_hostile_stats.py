@@ -87,7 +87,7 @@ def test_huge_but_finite_statistics_are_a_counted_rejection_and_the_run_goes_on(
     replies = [_through_flower(HONEST, honest, collector), _through_flower(HOSTILE, hostile, collector)]
     with_stats = [(r.client, r.stats) for r in replies if r.stats is not None]
     assert len(with_stats) == 2  # the protocol's checks (shapes, finite, counts) let both through
-    # what ContinualServer.complete_round does with them
+    # the library entries of what ContinualServer.complete_round does with them (check_stats, collect_stats)
     bad = collector.check(0, with_stats)
     assert set(bad) == {HOSTILE}, bad
     assert collector.collect(0, [(c, s) for c, s in with_stats if c not in bad]) == {}

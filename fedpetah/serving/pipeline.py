@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from fedpetah.artifact import ArtifactError, cached_artifact_dir, load_artifact, pack_artifact
+from fedpetah.artifact import MANIFEST, ArtifactError, cached_artifact_dir, load_artifact, pack_artifact
 from fedpetah.backbone import Backbone, build_backbone
 from fedpetah.backbone.base import default_cache_dir
 from fedpetah.backbone.proxy import calibration_batches, load_proxy
@@ -38,7 +38,7 @@ def prepare_artifact(config: ExperimentConfig, cache_dir: Path | None = None) ->
     """5. Pack: the directory of the packed, frozen (and pruned) backbone for ``config``, built once per settings."""
     root = Path(cache_dir or default_cache_dir())
     target = cached_artifact_dir(root, config.backbone, config.pruning)
-    if (target / "manifest.json").is_file():
+    if (target / MANIFEST).is_file():
         try:
             load_artifact(target)
             return target
