@@ -234,42 +234,117 @@ def specs(state: Mapping[str, np.ndarray]) -> dict[str, ArraySpec]:
 # ---------------------------------------------------------------------------------------------- hello
 
 
+MAX_TASKS = 1024
+"""The most tasks a catalogue (and so a hello or an evaluation) may hold."""
+MAX_CATALOG_CLASSES = 65_536
+"""The most class names a catalogue may hold over all its tasks (bounds a hello reply's table too)."""
+HOLDINGS = "holdings"
+"""Array record of a hello reply: per catalogue task ``t<index>``, int64 (classes, 2) images [train, held out]."""
+
+
+def task_key(index: int) -> str:
+    """The array key of task ``index`` in a per-task array record (hello holdings, evaluation counts)."""
+    return f"t{index}"
+
+
+def encode_tasks(tasks: tuple[TaskInfo, ...]) -> dict[str, Any]:
+    """Tasks as a nested config section ``{"<index>": {"name", "classes"}}`` (flattened by the caller)."""
+    return {str(t.index): {"name": t.name, "classes": list(t.classes)} for t in tasks}
+
+
+def decode_tasks(section: object) -> tuple[TaskInfo, ...]:
+    """The tasks of :func:`encode_tasks`' section, bounded (at most :data:`MAX_TASKS` tasks and
+    :data:`MAX_CATALOG_CLASSES` classes in all, names of 1..:data:`MAX_NAME_CHARS` characters), by index."""
+    if section is None:
+        return ()
+    if not isinstance(section, dict) or len(section) > MAX_TASKS:
+        raise ProtocolError(Reason.MALFORMED, f"the task list must map indices to tasks (at most {MAX_TASKS})")
+    tasks, total = [], 0
+    for key, task in section.items():
+        if not (isinstance(key, str) and key.isdigit() and len(key) <= 6) or not isinstance(task, dict):
+            raise ProtocolError(Reason.MALFORMED, f"task entry {key!r:.40} is not '<index>': {{name, classes}}")
+        classes = task.get("classes")
+        if not isinstance(classes, list) or not 1 <= len(classes) <= MAX_CLASSES or \
+                not all(isinstance(c, str) and 0 < len(c) <= MAX_NAME_CHARS for c in classes):
+            raise ProtocolError(Reason.MALFORMED, f"task {key}: classes must be 1..{MAX_CLASSES} non-empty names")
+        total += len(classes)
+        if total > MAX_CATALOG_CLASSES:
+            raise ProtocolError(Reason.SIZE, f"the task list holds more than {MAX_CATALOG_CLASSES} classes")
+        tasks.append(TaskInfo(int(key), _str(task, "name"), tuple(classes)))
+    return tuple(sorted(tasks, key=lambda t: t.index))
+
+
 @dataclass(frozen=True)
 class HelloRequest:
-    """Who are you, and do you hold backbone ``digest`` already?"""
+    """Who are you, do you hold backbone ``digest`` already, and which images of the catalogue's ``tasks``?"""
 
     digest: str
+    tasks: tuple[TaskInfo, ...] = ()
 
     def encode(self) -> Records:
-        return Records(configs={"config": {"digest": self.digest}})
+        return Records(configs={"config": flatten({"digest": self.digest, "catalog": encode_tasks(self.tasks)})})
 
     @classmethod
     def decode(cls, records: Records) -> HelloRequest:
-        return cls(_digest(_record(records, "configs", "config")))
+        config = _record(records, "configs", "config")
+        return cls(_digest(config), decode_tasks(_nested(config).get("catalog")))
+
+
+def holdings_specs(tasks: tuple[TaskInfo, ...]) -> dict[str, ArraySpec]:
+    """What a hello reply's :data:`HOLDINGS` may hold: per task ``(classes, 2)`` int64 (train, held out)."""
+    return {task_key(t.index): ((t.num_classes, 2), "<i8") for t in tasks}
 
 
 @dataclass(frozen=True)
 class HelloReply:
-    """A simulated client's partition id (:data:`NO_PARTITION` on a device) and whether it holds the backbone."""
+    """A simulated client's partition id (:data:`NO_PARTITION` on a device), whether it holds the backbone, and
+    per catalogue task (by index) it holds images of: images per class, [train, held out] (counts only)."""
 
     partition: int
     has_backbone: bool
+    holdings: dict[int, np.ndarray] = field(default_factory=dict)
 
     def encode(self) -> Records:
-        return Records(configs={"config": {"partition-id": self.partition, "has-backbone": self.has_backbone}})
+        records = Records(configs={"config": {"partition-id": self.partition, "has-backbone": self.has_backbone}})
+        if self.holdings:
+            records.arrays[HOLDINGS] = {task_key(t): np.asarray(v, dtype="<i8") for t, v in self.holdings.items()}
+        return records
 
     @staticmethod
-    def layout() -> Layout:
-        return Layout(configs=frozenset({"config"}), max_bytes=64 * 2**10)
+    def layout(tasks: tuple[TaskInfo, ...] = ()) -> Layout:
+        arrays = {HOLDINGS: holdings_specs(tasks)} if tasks else {}
+        return Layout(arrays, frozenset({"config"}), max_bytes=64 * 2**10 + 2 * 8 * sum(t.num_classes for t in tasks)
+                      + NPY_HEADER_BYTES * len(tasks), reasons={HOLDINGS: Reason.HOLDINGS})
 
     @classmethod
-    def decode(cls, records: Records) -> HelloReply:
-        HelloReply.layout().check_names(records.arrays, records.configs, records.metrics)
+    def decode(cls, records: Records, tasks: tuple[TaskInfo, ...] = ()) -> HelloReply:
+        """Bounded: holdings only for the asked ``tasks`` (any subset), exact shapes, 0..:data:`MAX_EXAMPLES`."""
+        HelloReply.layout(tasks).check_names(records.arrays, records.configs, records.metrics)
         config = _record(records, "configs", "config")
         has = config.get("has-backbone")
         if not isinstance(has, bool):
             raise ProtocolError(Reason.MALFORMED, "has-backbone must be a boolean")
-        return cls(_int(config, "partition-id", NO_PARTITION, 2**31), has)
+        holdings: dict[int, np.ndarray] = {}
+        if HOLDINGS in records.arrays:
+            expected = holdings_specs(tasks)
+            arrays = records.arrays[HOLDINGS]
+            try:
+                checked = _arrays(records, HOLDINGS, {k: expected[k] for k in arrays if k in expected}) \
+                    if set(arrays) <= set(expected) else None
+            except ProtocolError as error:
+                raise ProtocolError(Reason.HOLDINGS, error.detail) from None
+            if checked is None:
+                raise ProtocolError(Reason.HOLDINGS, f"holdings of tasks that were not asked about: "
+                                                     f"{sorted(set(arrays) - set(expected))[:3]!r:.120}")
+            for t in tasks:
+                counts = checked.get(task_key(t.index))
+                if counts is None:
+                    continue
+                if int(counts.min(initial=0)) < 0 or int(counts.max(initial=0)) > MAX_EXAMPLES:
+                    raise ProtocolError(Reason.HOLDINGS, f"task {t.index}: image counts outside [0, {MAX_EXAMPLES}]")
+                if int(counts.sum()) > 0:
+                    holdings[t.index] = counts.copy()
+        return cls(_int(config, "partition-id", NO_PARTITION, 2**31), has, holdings)
 
 
 # ---------------------------------------------------------------------------------------------- train

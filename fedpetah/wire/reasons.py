@@ -26,6 +26,8 @@ class Reason(StrEnum):
     STATS = "stats"  # router statistics that were not asked for, are missing or are invalid
     UNEXPECTED = "unexpected"  # a record that was not asked for
     TIMEOUT = "timeout"  # no reply before the round's deadline
+    EVALUATION = "evaluation"  # evaluation counts that are inconsistent or exceed the device's reported holdout
+    HOLDINGS = "holdings"  # image counts in a hello reply that are not a bounded table of the catalogue's tasks
     # the update does not aggregate (fedpetah.aggregation)
     TYPE = "type"  # no update, or not a map of names to tensors
     MISSING_KEYS = "missing_keys"
