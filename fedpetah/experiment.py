@@ -85,6 +85,15 @@ class ExperimentConfig:
     the bank stays resumable, and ``resume=true`` with the same ``output_dir`` continues from there.
 
     ``output_dir``: relative to Hydra's run dir (``simulations/run.py``); fedpetah-server sets an absolute one.
+
+    ``min_devices``: a round starts once at least this many connected devices hold images of its task (devices
+    come and go; each round samples among those connected then). ``clients`` is how many the run expects: the
+    simulation starts that many, and a deployment starts as soon as they are connected, or with the
+    ``min_devices`` it has once ``start_wait_s`` has passed.
+
+    ``exit_when_idle_s``: end the run cleanly after this long with nothing to train (every task trained, or too
+    few devices). Unset, a live task list (``tasks=catalog``) waits for new tasks for ever, and a fixed stream
+    ends once its last task is trained.
     """
 
     clients: int = 50
@@ -95,6 +104,9 @@ class ExperimentConfig:
     output_dir: str = "."
     evaluate_every_round: bool = True
     reply_timeout_s: float = 600.0
+    min_devices: int = 1
+    start_wait_s: float = 30.0
+    exit_when_idle_s: float | None = None
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     pruning: PruningConfig = field(default_factory=PruningConfig)
     adapter: AdapterConfig = field(default_factory=lambda: adapter_config("lora"))
@@ -110,6 +122,11 @@ class ExperimentConfig:
             raise ValueError("clients and rounds_per_task must be >= 1")
         if not self.reply_timeout_s > 0:
             raise ValueError(f"reply_timeout_s must be positive, got {self.reply_timeout_s}")
+        if self.min_devices < 1 or not self.start_wait_s >= 0:
+            raise ValueError(f"min_devices must be >= 1 and start_wait_s >= 0, got {self.min_devices}, "
+                             f"{self.start_wait_s}")
+        if self.exit_when_idle_s is not None and not self.exit_when_idle_s >= 0:
+            raise ValueError(f"exit_when_idle_s must be >= 0 when set, got {self.exit_when_idle_s}")
         if self.stop_after is not None and self.stop_after < 1:
             raise ValueError(f"stop_after must be >= 1 when set, got {self.stop_after}")
 

@@ -9,7 +9,7 @@ import logging
 import math
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -26,10 +26,11 @@ from fedpetah.bank import AdapterBank, BankError, TaskRecord
 from fedpetah.experiment import ExperimentConfig
 from fedpetah.routing.stats import FeatureStats
 from fedpetah.serving.collect import StatsCollector
+from fedpetah.serving.fleet import FLEET_KEY, Fleet
 from fedpetah.serving.metrics import RoundRecord, RunLog, plot_run, read_rounds, summarize
 from fedpetah.serving.pipeline import prepare_artifact
 from fedpetah.serving.round import ClientReply, RoundOutcome, RoundTraffic, rejections
-from fedpetah.tasks import Task, load_stream
+from fedpetah.tasks import Task, build_stream, load_stream
 from fedpetah.train import evaluate
 from fedpetah.wire.protocol import SECTIONS, Status, TaskInfo, TrainRequest, client_seed
 
@@ -72,8 +73,19 @@ class RunRecord:
             raise BankError(f"the bank's {RUN_KEY!r} record is malformed: {error}") from None
 
 
+LIVE_STREAMS = frozenset({"catalog"})
+"""Streams whose tasks may grow while the server runs (read again by :meth:`ContinualServer.refresh_tasks`)."""
+
+FederatedHook = Callable[["RoundPlan"], dict[str, Any]]
+"""Called after a task's last round is aggregated: the federated evaluation's fields of the round's row."""
+
+
 class ContinualServer:
-    """Owns the run: backbone artifact, task stream (test splits), adapter bank and metrics."""
+    """Owns the run: backbone artifact, task stream (test splits where the server has them), adapter bank, the
+    device ledger and metrics.
+
+    A live stream (``tasks=catalog``) holds no images on the server: its tasks are names and classes, read again
+    by :meth:`refresh_tasks`; its accuracies come from the devices (``federated``, set by the transport)."""
 
     def __init__(self, config: ExperimentConfig, run_dir: Path, cache_dir: Path | None = None) -> None:
         self.config = config
@@ -89,8 +101,52 @@ class ContinualServer:
         self.bank = AdapterBank.load(self.bank_dir) if resuming else AdapterBank()
         self.bank.check_backbone(self.digest)  # a resumed bank's adapters must fit this backbone
         self.state = RunRecord.from_json(self.bank.metadata.get(RUN_KEY)) if resuming else RunRecord()
+        self.check_learned(self.tasks)  # a resumed bank's tasks must be this stream's first ones, unchanged
+        self.fleet = Fleet.from_json(self.bank.metadata.get(FLEET_KEY)) if resuming else Fleet()
         self.router = StatsCollector(self.bank, self.backbone, self.config.router)
+        self.federated: FederatedHook | None = None
         self.log = RunLog(self.run_dir, committed_rounds=self.state.completed_rounds)  # drops uncommitted rows
+
+    @property
+    def live(self) -> bool:
+        """Whether tasks may still be added while the server runs."""
+        return self.config.tasks.name in LIVE_STREAMS
+
+    def check_learned(self, tasks: tuple[Task, ...]) -> None:
+        """BankError naming the first bank task that ``tasks`` drop, rename or give other classes (a stream may
+        only grow at its end)."""
+        for index in self.bank.tasks():
+            entry = self.bank[index]
+            learned = (entry.record.task_name, list(entry.class_names))
+            if index >= len(tasks):
+                raise BankError(f"the bank holds task {index} {learned[0]!r} but the task list has only "
+                                f"{len(tasks)} task(s): tasks may be appended, never removed")
+            now = (tasks[index].name, list(tasks[index].classes))
+            if (learned[0] is not None and learned[0] != now[0]) or (learned[1] and learned[1] != now[1]):
+                raise BankError(f"task {index} was learned as {learned[0]!r} with classes {learned[1]}, the task list "
+                                f"now says {now[0]!r} with {now[1]}: a learned task cannot change")
+
+    def refresh_tasks(self) -> list[Task]:
+        """Read a live stream's task list again; returns the tasks appended since the last read. A list that
+        fails to read or changes a learned task is logged and ignored (the tasks stay as they were)."""
+        if not self.live:
+            return []
+        try:
+            tasks = tuple(build_stream(self.config.tasks))
+            self.check_learned(tasks)
+        except (ValueError, OSError, RuntimeError, BankError) as error:
+            log.error("the task list is unusable, keeping the %d task(s) read before: %s", len(self.tasks), error)
+            return []
+        if [(t.name, t.classes) for t in tasks[: len(self.tasks)]] != [(t.name, t.classes) for t in self.tasks]:
+            log.error("the task list changed a task that is not learned yet; only appending is allowed: ignored")
+            return []
+        added = list(tasks[len(self.tasks):])
+        self.tasks = tasks
+        return added
+
+    def next_plan(self) -> RoundPlan | None:
+        """The next round to run (None: every known task is trained, or ``stop_after`` is reached)."""
+        return next(self.schedule(), None)
 
     @property
     def artifact_bytes(self) -> int:
@@ -167,8 +223,12 @@ class ContinualServer:
         outcome = RoundOutcome(replies, trained, [r for r in trained if r.client not in refused], result,
                                rejections(replies, trained, result, bad_stats))
         accuracies, task_free = self.evaluate_round(plan)
+        if self.federated is not None and plan.round_in_task == self.config.rounds_per_task:
+            task_free = {**task_free, **self.federated(plan)}  # the devices' evaluation of every learned task
         traffic = RoundTraffic(bytes_down, bytes_up, bytes_backbone, started, extra or {})
         record = self.record_round(plan, outcome, accuracies, task_free, traffic)
+        self.fleet.count_round([r.client for r in outcome.aggregated],
+                               [(r.client, str(r.reason)) for r in outcome.rejected])
         self.commit(plan, traffic)
         return record
 
@@ -182,8 +242,9 @@ class ContinualServer:
     def aggregate_round(self, plan: RoundPlan, current: StateDict, trained: list[ClientReply]) -> RoundResult:
         """The bounded aggregation of the trained replies' updates (checked at the decode, so only their values
         are checked here), from the task's optimizer state, counts capped at the task's size."""
+        size = len(self.tasks[plan.task].train)  # 0: the server holds no images of the task (a live stream)
         return self.aggregate.decoded(current, [r.update for r in trained], self.bank[plan.task].opt_state,
-                                      task_size=len(self.tasks[plan.task].train))
+                                      task_size=size or None)
 
     def collect_stats(self, plan: RoundPlan, valid: list[tuple[int, FeatureStats]], cap: float) -> dict[int, str]:
         """Add the aggregated clients' statistics to the task's in the bank, weighted like their updates (a client
@@ -194,8 +255,10 @@ class ContinualServer:
         """The seen tasks' accuracies (every round when configured, else after a task's last round) and, after a
         task's last round, the task-free accuracies."""
         last_of_task = plan.round_in_task == self.config.rounds_per_task
-        accuracies = self.evaluate_seen(plan.task) if (self.config.evaluate_every_round or last_of_task) else []
-        task_free = self.router.evaluate(self.config.adapter, self.tasks, plan.task) if last_of_task else {}
+        held = len(self.tasks[plan.task].test) > 0  # a live stream's server holds no test images
+        accuracies = self.evaluate_seen(plan.task) if held and (self.config.evaluate_every_round or last_of_task) \
+            else []
+        task_free = self.router.evaluate(self.config.adapter, self.tasks, plan.task) if held and last_of_task else {}
         return accuracies, task_free
 
     def record_round(self, plan: RoundPlan, outcome: RoundOutcome, accuracies: list[float],
@@ -243,6 +306,7 @@ class ContinualServer:
         self.state.bytes_up += traffic.bytes_up
         self.state.bytes_backbone += traffic.bytes_backbone
         self.bank.metadata[RUN_KEY] = self.state.to_json()
+        self.bank.metadata[FLEET_KEY] = self.fleet.to_json()
         self.bank.save(self.bank_dir)
 
     def evaluate_seen(self, upto: int) -> list[float]:
@@ -261,7 +325,8 @@ class ContinualServer:
 
     def finish(self, extra: dict[str, Any] | None = None) -> dict[str, Any]:
         """Write summary.json and the plots; returns the summary."""
-        trainable = build_adapter(self.config.adapter, self.backbone, self.tasks[0].num_classes).num_trainable()
+        classes = self.tasks[0].num_classes if self.tasks else 2
+        trainable = build_adapter(self.config.adapter, self.backbone, classes).num_trainable()
         summary = {
             **summarize(read_rounds(self.run_dir), len(self.tasks)),
             "tasks": [t.name for t in self.tasks],
