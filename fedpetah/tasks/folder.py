@@ -5,36 +5,22 @@ from __future__ import annotations
 import stat
 import warnings
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image
 
 from fedpetah.tasks.data import Task, split_task
+from fedpetah.tasks.names import MAX_NAME_BYTES as MAX_NAME_BYTES  # re-exported: devices and tests name them here
+from fedpetah.tasks.names import UnsafeNameError as UnsafeNameError
+from fedpetah.tasks.names import check_name
 from fedpetah.tasks.streams import STREAMS, TaskStreamConfig
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg"})
-MAX_NAME_BYTES = 255  # NAME_MAX of Linux file systems
 # What PIL raises on unreadable, truncated or hostile files (SyntaxError: some broken PNG chunks).
 _READ_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
-
-
-class UnsafeNameError(ValueError):
-    """A task or class name from elsewhere (a server) that is not one plain folder name inside the data dir."""
-
-
-def _check_name(name: object, what: str) -> str:
-    if not isinstance(name, str):
-        raise UnsafeNameError(f"{what} name must be a string, got {type(name).__name__}")
-    try:
-        size = len(name.encode("utf-8"))
-    except UnicodeEncodeError:
-        raise UnsafeNameError(f"{what} name {name!r:.80} is not valid UTF-8") from None
-    if not 0 < size <= MAX_NAME_BYTES:
-        raise UnsafeNameError(f"{what} name of {size} bytes: a folder name has 1 to {MAX_NAME_BYTES} bytes")
-    if name in (".", "..") or any(c in name for c in "/\\") or any(ord(c) < 32 or ord(c) == 127 for c in name):
-        raise UnsafeNameError(f"{what} name {name!r:.80} is not a plain folder name (no '.', '..', path "
-                              "separator, NUL or control character)")
-    return name
+READ_ERRORS = (*_READ_ERRORS, RuntimeError)
+"""What reading one image file may raise (RuntimeError: a symbolic link loop, Python < 3.13): skip the file."""
 
 
 def safe_path(root: Path, *names: object) -> Path:
@@ -44,7 +30,7 @@ def safe_path(root: Path, *names: object) -> Path:
     Raises :class:`UnsafeNameError`."""
     path = root
     for index, name in enumerate(names):
-        path = path / _check_name(name, "task" if index == 0 else "class")
+        path = path / check_name(name, "task" if index == 0 else "class")
     try:
         base, resolved = root.resolve(), path.resolve()
     except (OSError, RuntimeError) as err:  # a symbolic link loop
@@ -55,13 +41,28 @@ def safe_path(root: Path, *names: object) -> Path:
     return path
 
 
+def image_files(directory: Path) -> list[Path]:
+    """The image files of a class directory (by suffix), in sorted order."""
+    return sorted(p for p in directory.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.is_dir())
+
+
+def regular_file(path: Path, base: Path) -> Path:
+    """``path`` resolved (symbolic links followed), if that is a regular file inside the resolved ``base``:
+    ``ValueError`` otherwise (a link out of the data dir, a FIFO or device whose read could block)."""
+    real = path.resolve(strict=True)
+    if not real.is_relative_to(base) or not stat.S_ISREG(real.stat().st_mode):
+        raise ValueError(f"{path} is not a regular file inside {base}")
+    return real
+
+
 def _subdirs(path: Path) -> list[Path]:
     """Visible sub-directories in sorted (stable, locale-independent) order."""
     return sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
-def load_image(path: Path, channels: int, size: int) -> np.ndarray:
-    """One image converted to L or RGB and resized (bilinear) to size x size, as uint8 (C, size, size)."""
+def load_image(path: Path | BinaryIO, channels: int, size: int) -> np.ndarray:
+    """One image (a file, or its bytes in a binary stream) converted to L or RGB and resized (bilinear) to
+    size x size, as uint8 (C, size, size)."""
     with Image.open(path) as image:
         image.load()
         converted = image.convert("L" if channels == 1 else "RGB")
@@ -78,14 +79,11 @@ def load_class(directory: Path, channels: int, size: int, root: Path) -> tuple[l
     """
     images, skipped = [], []
     base = root.resolve()
-    files = sorted(p for p in directory.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.is_dir())
+    files = image_files(directory)
     for path in files:
         try:
-            real = path.resolve(strict=True)
-            if not real.is_relative_to(base) or not stat.S_ISREG(real.stat().st_mode):
-                raise ValueError(f"{path} is not a regular file inside {base}")
-            images.append(load_image(real, channels, size))
-        except (*_READ_ERRORS, RuntimeError):  # RuntimeError: a symbolic link loop (Python < 3.13)
+            images.append(load_image(regular_file(path, base), channels, size))
+        except READ_ERRORS:
             skipped.append(str(path.relative_to(root)))
     if not images:
         raise ValueError(
