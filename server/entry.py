@@ -20,6 +20,15 @@ def missing_modules() -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if args[:1] == ["task"]:  # the catalogue needs neither the server extra nor torch
+        from server.tasks_cli import main as task
+
+        return task(args[1:])
+    if args[:1] == ["status"]:  # reads the state dir only: works on a device-less, extra-less machine too
+        from server.status import main as status
+
+        return status(args[1:])
     missing = missing_modules()
     if missing:
         print(HINT.format(missing=", ".join(missing)), file=sys.stderr)
@@ -27,3 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     from server.cli import main as serve
 
     return serve(argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -31,7 +31,7 @@ class TaskStreamConfig:
     num_tasks: int | None = None  # None: the stream's natural length (split_mnist: 5)
     test_fraction: float = 0.2  # stratified per class; torchvision uses the official test split
     seed: int = 0
-    root: str | None = None  # folder, torchvision: where the data lives
+    root: str | None = None  # folder, torchvision: where the data lives; catalog: the tasks.yaml file
     classes_per_task: int = 2  # split_mnist, digits, torchvision: classes per task
     rotation_step: float = 45.0  # rotated_mnist: degrees added per task (task 0 unrotated)
     channels: int = 3  # folder: 1 (grayscale) or 3 (RGB), every image converted to it
@@ -55,7 +55,7 @@ class TaskStreamConfig:
             raise ValueError(f"tasks.channels must be 1 or 3, got {self.channels}")
         if self.store_size < 8:
             raise ValueError(f"tasks.store_size must be >= 8, got {self.store_size}")
-        if self.name in ("folder", "torchvision") and not self.root:
+        if self.name in ("folder", "torchvision", "catalog") and not self.root:
             raise ValueError(f"tasks.name={self.name} needs tasks.root=PATH")
         if self.name == "torchvision" and not self.dataset:
             raise ValueError("tasks.name=torchvision needs tasks.dataset (e.g. cifar10)")
