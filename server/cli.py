@@ -27,6 +27,7 @@ from fedpetah.atomic import atomic_write_text
 from fedpetah.bank import BankError
 from fedpetah.experiment import ExperimentConfig
 from fedpetah.serving.collect import drop_stats
+from fedpetah.tasks.catalog import CatalogError, catalog_path, check_extends, format_catalog, read_catalog
 from flower_glue.launch import (
     LOOPBACK_HOSTS,
     child_env,
@@ -46,7 +47,8 @@ from server.proxy import FleetProxy, ProxyCertificate, ProxyError, ProxyMissing,
 EXIT_CONFIG, EXIT_TLS, EXIT_NODES, EXIT_SUPERLINK, EXIT_RUN, EXIT_RUN_DIR = 2, 3, 4, 5, 6, 7
 EXIT_NO_PROXY, EXIT_PROXY = 8, 9
 CONNECTION = "fedpetah"
-RESUMABLE = frozenset({"resume", "stop_after"})  # settings that may change between a stop and its resume
+RESUMABLE = frozenset({"resume", "stop_after", "exit_when_idle_s", "min_devices", "start_wait_s"})
+"""Settings that may change between a stop and its resume (the task list may grow: it lives in tasks.yaml)."""
 
 
 class ServerError(Exception):
@@ -84,6 +86,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="with --resume: first drop task TASK's router statistics from the bank (repeatable), "
                              "e.g. when the bank refuses to load them; its devices are asked again in the task's "
                              "remaining rounds")
+    parser.add_argument("--exit-when-idle", type=float, metavar="SECONDS",
+                        help="end cleanly (exit 0) after SECONDS with nothing to train; without it a server on a "
+                             "task list (tasks=catalog) waits for new tasks for ever")
     parser.add_argument("--insecure", action="store_true", help="no TLS, no node authentication: loopback demo only")
     parser.add_argument("--config-dir", type=Path, default=REPO / "configs")
     parser.add_argument("--config-name", default="config")
@@ -98,6 +103,10 @@ def _experiment(args: argparse.Namespace, run_dir: Path, node_keys: int) -> Expe
             raise ServerError(EXIT_CONFIG, "say how many devices to wait for: add the override clients=N")
         overrides.append(f"clients={node_keys}")
     overrides += [f"output_dir={run_dir}", f"resume={str(args.resume).lower()}"]
+    if args.exit_when_idle is not None:
+        overrides.append(f"exit_when_idle_s={args.exit_when_idle}")
+    if "tasks=catalog" in overrides and not any(o.startswith("tasks.root=") for o in overrides):
+        overrides.append(f"tasks.root={catalog_path(args.state_dir.expanduser().resolve())}")
     try:
         return compose_experiment(overrides, args.config_dir, args.config_name)
     except Exception as err:  # Hydra's and our dataclasses' validation errors, shown as they are
@@ -122,6 +131,26 @@ def _check_run_dir(run_dir: Path, config_text: str, resume: bool) -> None:
               file=sys.stderr)
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(saved, config_text)
+
+
+def _check_catalog(config: ExperimentConfig, run_dir: Path) -> None:
+    """``tasks=catalog``: the task list must read, and on ``--resume`` start with the bank's learned tasks (it may
+    only grow). A missing one starts empty: the server then waits for ``fedpetah-server task add``."""
+    if config.tasks.name != "catalog" or not config.tasks.root:
+        return
+    path = Path(config.tasks.root)
+    if not path.exists():
+        atomic_write_text(path, format_catalog([]))
+        print(f"fedpetah-server: no task declared yet; the server waits for `fedpetah-server task add NAME "
+              f"--classes a,b --state-dir {path.parent}` ({path})", file=sys.stderr)
+    try:
+        catalog = read_catalog(path)
+        bank = run_dir / "bank" / "bank.json"
+        if config.resume and bank.is_file():
+            tasks = sorted(json.loads(bank.read_text()).get("tasks", []), key=lambda t: int(t["task"]))
+            check_extends([(str(t["metadata"].get("task_name")), list(t["class_names"])) for t in tasks], catalog)
+    except (CatalogError, OSError, ValueError, KeyError, TypeError) as err:
+        raise ServerError(EXIT_CONFIG, f"the task list cannot be used: {err}") from None
 
 
 def _drop_stats(args: argparse.Namespace, run_dir: Path) -> None:
@@ -315,6 +344,7 @@ def serve(args: argparse.Namespace) -> int:
     proxy = _proxy(args, state, certs)
     config = _experiment(args, run_dir, len(keys))
     _check_run_dir(run_dir, config_json(config), args.resume)
+    _check_catalog(config, run_dir)
     _drop_stats(args, run_dir)
     ports = [(args.host, args.port, "--port")]
     if _proxied(args):

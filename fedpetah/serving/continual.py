@@ -94,7 +94,8 @@ class ContinualServer:
         self.artifact_dir = prepare_artifact(config, cache_dir)
         self.digest = artifact_digest(self.artifact_dir)
         self.backbone: Backbone = load_artifact(self.artifact_dir, expected_digest=self.digest)
-        self.tasks: tuple[Task, ...] = load_stream(config.tasks)
+        live = config.tasks.name in LIVE_STREAMS  # read afresh: load_stream keeps what it read once per process
+        self.tasks: tuple[Task, ...] = tuple(build_stream(config.tasks)) if live else load_stream(config.tasks)
         self.aggregate = BoundedAggregation(build_aggregator(config.strategy.aggregator), config.strategy.bounds)
         self.bank_dir = self.run_dir / "bank"
         resuming = config.resume and (self.bank_dir / "bank.json").is_file()
@@ -143,6 +144,11 @@ class ContinualServer:
         added = list(tasks[len(self.tasks):])
         self.tasks = tasks
         return added
+
+    @property
+    def stopped(self) -> bool:
+        """Whether ``stop_after`` rounds are complete (this invocation ends; the run stays resumable)."""
+        return self.config.stop_after is not None and self.state.completed_rounds >= self.config.stop_after
 
     def next_plan(self) -> RoundPlan | None:
         """The next round to run (None: every known task is trained, or ``stop_after`` is reached)."""

@@ -1,0 +1,99 @@
+"""``fedpetah-server status --state-dir DIR [--json]``: what the server is doing, while it runs and after.
+
+Reads ``<run-dir>/status.json`` (rewritten by the ServerApp whenever it starts a round or waits) and the bank's
+commit point; never talks to the server, so it works on a stopped one too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from fedpetah.serving.status import read_status
+
+EXIT_NO_STATUS = 2
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="fedpetah-server status", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--state-dir", type=Path, default=Path("fedpetah-state"))
+    parser.add_argument("--run-dir", type=Path, help="the run dir (default STATE/run)")
+    parser.add_argument("--json", action="store_true", help="print the status document as JSON")
+    return parser.parse_args(argv)
+
+
+def _alive(pid: object) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _ago(stamp: object) -> str:
+    if not isinstance(stamp, int | float):
+        return "never"
+    seconds = max(0.0, time.time() - float(stamp))
+    return f"{seconds:.0f} s ago" if seconds < 120 else f"{seconds / 60:.0f} min ago" if seconds < 7200 \
+        else f"{seconds / 3600:.1f} h ago"
+
+
+def _percent(value: object) -> str:
+    return f"{100 * value:.1f}%" if isinstance(value, int | float) else "-"
+
+
+def render(status: dict[str, Any]) -> str:
+    """The status document as a few plain tables."""
+    running = _alive(status.get("pid")) and status.get("state") != "finished"
+    state = status.get("state") if running else f"stopped (last: {status.get('state')})"
+    lines = [f"server: {state}, updated {_ago(status.get('updated'))}; bank version {status.get('bank_version')} "
+             f"({status.get('completed_rounds')} rounds committed)"]
+    if running and status.get("waiting_for"):
+        lines.append(f"waiting for: {status['waiting_for']}")
+    lines.append("")
+    lines.append(f"{'task':<4} {'name':<24} {'state':<9} {'rounds':>7} {'devices':>8} {'images':>8} "
+                 f"{'held out':>9} {'federated':>10}")
+    for task in status.get("tasks", []):
+        lines.append(f"{task['index']:<4} {task['name'][:24]:<24} {task['state']:<9} "
+                     f"{task['rounds']:>3}/{task['rounds_total']:<3} {task['devices_with_data']:>8} "
+                     f"{task['images']:>8} {task['held_out']:>9} {_percent(task.get('federated_accuracy')):>10}")
+    if status.get("federated_task_free_accuracy") is not None:
+        lines.append(f"task-free (federated): {_percent(status['federated_task_free_accuracy'])}")
+    lines.append("")
+    lines.append(f"{'device':<22} {'connected':<16} {'rounds':>6} {'kept':>5}  images per task; rejections")
+    for device in status.get("devices", []):
+        seen = "yes" if device.get("connected") and running else _ago(device.get("last_seen"))
+        images = " ".join(f"{t}:{n}" for t, n in sorted(device.get("images", {}).items())) or "-"
+        rejected = ", ".join(f"{r} {n}" for r, n in sorted(device.get("rejections", {}).items())) or "none"
+        kept = device.get("kept_version", -1)
+        lines.append(f"{device['client']!s:<22} {seen:<16} {device.get('rounds_trained', 0):>6} "
+                     f"{kept if kept >= 0 else '-'!s:>5}  {images}; {rejected}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    state = args.state_dir.expanduser().resolve()
+    run_dir = (args.run_dir or state / "run").expanduser().resolve()
+    try:
+        status = read_status(run_dir)
+    except (OSError, ValueError) as error:
+        print(f"fedpetah-server status: error: {error}", file=sys.stderr)
+        return EXIT_NO_STATUS
+    if status is None:
+        print(f"fedpetah-server status: no status in {run_dir}: the server has not started a run there",
+              file=sys.stderr)
+        return EXIT_NO_STATUS
+    status["running"] = _alive(status.get("pid")) and status.get("state") != "finished"
+    print(json.dumps(status, indent=1) if args.json else render(status))
+    return 0
