@@ -75,10 +75,14 @@ class TaskFreeModel(nn.Module):
         self.eval()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.outputs(x)[0]
+
+    def outputs(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The (N, K) scores and each expert's own (N, C_t) logits (its task-aware prediction), in one pass."""
         pooled, routed = self.features.routed(x)
         logits = [expert(pooled) if shared else expert(x)
                   for expert, shared in zip(self.experts, self.shared, strict=True)]
-        return joint_scores(self.router(routed), logits, self.joint)
+        return joint_scores(self.router(routed), logits, self.joint), logits
 
     @torch.no_grad()
     def route(self, x: torch.Tensor) -> torch.Tensor:

@@ -276,18 +276,34 @@ def decode_tasks(section: object) -> tuple[TaskInfo, ...]:
 
 @dataclass(frozen=True)
 class HelloRequest:
-    """Who are you, do you hold backbone ``digest`` already, and which images of the catalogue's ``tasks``?"""
+    """Who are you, do you hold backbone ``digest`` already, and which images of the catalogue's ``tasks``?
+
+    In simulation the run's ``seed``, ``clients`` and config ``sections`` (as a train request's) come too, so a
+    simulated client can count its shard and its share of the test split; ``clients`` 0: not sent (a device
+    needs none of them)."""
 
     digest: str
     tasks: tuple[TaskInfo, ...] = ()
+    seed: int = 0
+    clients: int = 0
+    sections: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def encode(self) -> Records:
-        return Records(configs={"config": flatten({"digest": self.digest, "catalog": encode_tasks(self.tasks)})})
+        header: dict[str, Any] = {"digest": self.digest, "catalog": encode_tasks(self.tasks)}
+        if self.clients:
+            header |= {"seed": self.seed, "clients": self.clients, **self.sections}
+        return Records(configs={"config": flatten(header)})
 
     @classmethod
     def decode(cls, records: Records) -> HelloRequest:
         config = _record(records, "configs", "config")
-        return cls(_digest(config), decode_tasks(_nested(config).get("catalog")))
+        nested = _nested(config)
+        tasks = decode_tasks(nested.get("catalog"))
+        if "clients" not in nested:
+            return cls(_digest(config), tasks)
+        sections = {s: nested[s] for s in SECTIONS if isinstance(nested.get(s), dict)}
+        return cls(_digest(config), tasks, _int(nested, "seed", -2**62, 2**62), _int(nested, "clients", 1, 2**31),
+                   sections)
 
 
 def holdings_specs(tasks: tuple[TaskInfo, ...]) -> dict[str, ArraySpec]:
