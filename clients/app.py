@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING, Any
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from clients.worker import WorkerUnavailable, answer, call
+from clients.worker import WorkerUnavailable, answer, call, error_reply
+from fedpetah.wire.evaluation import EVALUATE, EvaluateReply
 from fedpetah.wire.protocol import (
     ATTACK_ENV,
     HELLO,
@@ -35,7 +36,7 @@ from fedpetah.wire.protocol import (
 from flower_glue.records import records_of, reply
 
 if TYPE_CHECKING:
-    from fedpetah.device.client import ClientRuntime, DataSource
+    from fedpetah.device.client import ClientRuntime, Sources
 
 log = logging.getLogger("fedpetah.client")
 app = ClientApp()
@@ -48,6 +49,7 @@ def _runtime(context: Context) -> ClientRuntime:
     """One runtime per cache dir and partition in this process (it survives across messages in a Ray worker)."""
     from fedpetah.backbone.build import default_cache_dir
     from fedpetah.device.client import ClientRuntime
+    from fedpetah.device.keep import BANK_MAX_BYTES
     from fedpetah.device.local import CACHE_KEEP, CACHE_MAX_BYTES, BackboneCache
 
     config = context.node_config
@@ -55,7 +57,8 @@ def _runtime(context: Context) -> ClientRuntime:
     key = (root, _partition(context))
     if key not in _RUNTIMES:
         keep, max_mb = int(config.get("cache-keep", CACHE_KEEP)), int(config.get("cache-max-mb", CACHE_MAX_BYTES >> 20))
-        _RUNTIMES[key] = ClientRuntime(BackboneCache(Path(root), keep, max_mb * 2**20), key[1])
+        bank_mb = int(config.get("bank-max-mb", BANK_MAX_BYTES >> 20))
+        _RUNTIMES[key] = ClientRuntime(BackboneCache(Path(root), keep, max_mb * 2**20), key[1], bank_mb * 2**20)
     return _RUNTIMES[key]
 
 
@@ -71,17 +74,20 @@ def _set_threads() -> None:
         torch.set_num_threads(threads)
 
 
-def _data(context: Context) -> DataSource:
+def _sources(context: Context) -> Sources:
     partition = _partition(context)
     if partition != NO_PARTITION:
-        from fedpetah.device.client import simulated_data
+        from fedpetah.device.client import simulated_sources
 
-        return simulated_data(partition)
+        return simulated_sources(partition)
     from clients.device_data import data_dir
-    from clients.worker import device_source
+    from clients.worker import device_sources
+    from fedpetah.device.client import Sources
 
-    value = str(context.node_config.get("data-dir", ""))
-    return lambda settings: device_source(data_dir(value))(settings)  # a missing dir fails the request only
+    value = str(context.node_config.get("data-dir", ""))  # a missing dir fails the request only (a hello: no counts)
+    return Sources(lambda settings: device_sources(data_dir(value)).train(settings),
+                   lambda settings, task: device_sources(data_dir(value)).holdout(settings, task),
+                   lambda request, task: device_sources(data_dir(value)).holdings(request, task))
 
 
 def _seconds(config: dict[str, Any], key: str, default: float) -> float:
@@ -94,9 +100,9 @@ def handle(kind: str, records: Records, context: Context) -> Records:
     config = dict(context.node_config)
     path = str(config.get("worker-socket", "") or os.environ.get("FEDPETAH_WORKER_SOCKET", ""))
     if not path:
-        if kind == TRAIN:
+        if kind in (TRAIN, EVALUATE):
             _set_threads()
-        return answer(_runtime(context), _data(context), kind, records)
+        return answer(_runtime(context), _sources(context), kind, records)
     try:
         return call(path, kind, records, _seconds(config, "worker-timeout-s", WORKER_TIMEOUT_S),
                     _seconds(config, "worker-connect-s", WORKER_CONNECT_S))
@@ -104,13 +110,24 @@ def handle(kind: str, records: Records, context: Context) -> Records:
         log.error("%s", error)
         if kind == HELLO:  # take part anyway: the server sends the backbone with the first request
             return HelloReply(NO_PARTITION, False).encode()
-        return TrainReply(Status.ERROR, f"device worker unavailable: {error}").encode()
+        return error_reply(kind, f"device worker unavailable: {error}")
 
 
 @app.query(HELLO.removeprefix("query."))
 def hello(message: Message, context: Context) -> Message:
     """Who we are (partition id, or -1 on a device) and whether the backbone is cached here."""
     return reply(handle(HELLO, records_of(message), context), message)
+
+
+@app.query(EVALUATE.removeprefix("query."))
+def evaluate(message: Message, context: Context) -> Message:
+    """Evaluate the learned tasks' snapshot on this client's held-out images (counts only) and/or keep it."""
+    try:
+        records = records_of(message)
+    except ProtocolError as error:
+        log.warning("refusing a malformed evaluate request: %s", error)
+        return reply(EvaluateReply(Status.ERROR, f"malformed request: {error}").encode(), message)
+    return reply(handle(EVALUATE, records, context), message)
 
 
 @app.train()

@@ -28,10 +28,11 @@ from types import FrameType
 from typing import TYPE_CHECKING
 
 from fedpetah.wire import frames
+from fedpetah.wire.evaluation import EVALUATE, EvaluateReply, EvaluateRequest
 from fedpetah.wire.protocol import HELLO, TRAIN, HelloRequest, ProtocolError, Records, Status, TrainReply, TrainRequest
 
 if TYPE_CHECKING:
-    from fedpetah.device.client import ClientRuntime, DataSource
+    from fedpetah.device.client import ClientRuntime, Sources
 
 log = logging.getLogger("fedpetah.worker")
 
@@ -45,12 +46,19 @@ class WorkerUnavailable(Exception):
     """No answer from the worker: nothing listens, the peer is not ours, or it did not answer in time."""
 
 
-def answer(runtime: ClientRuntime, data: DataSource, kind: str, records: Records) -> Records:
+def answer(runtime: ClientRuntime, sources: Sources, kind: str, records: Records) -> Records:
     """The reply records to request ``records`` of type ``kind``; a bad request becomes an error reply."""
     if kind == PING:
         return Records()
     if kind == HELLO:
-        return runtime.hello(HelloRequest.decode(records)).encode()
+        return runtime.hello(HelloRequest.decode(records), sources.holdings).encode()
+    if kind == EVALUATE:
+        try:
+            evaluation = EvaluateRequest.decode(records)
+        except ProtocolError as error:
+            log.warning("refusing a malformed evaluate request: %s", error)
+            return EvaluateReply(Status.ERROR, f"malformed request: {error}").encode()
+        return runtime.evaluate(evaluation, sources.holdout).encode()
     if kind != TRAIN:
         return TrainReply(Status.ERROR, f"unknown message type {kind!r:.60}").encode()
     try:
@@ -58,14 +66,26 @@ def answer(runtime: ClientRuntime, data: DataSource, kind: str, records: Records
     except ProtocolError as error:
         log.warning("refusing a malformed train request: %s", error)
         return TrainReply(Status.ERROR, f"malformed request: {error}").encode()
-    return runtime.train(request, data).encode()
+    return runtime.train(request, sources.train).encode()
 
 
-def device_source(root: Path) -> DataSource:
-    """A device's own images under ``root`` (``<task>/<class>/*.png``), read once per task and kept."""
-    from clients.device_data import device_task_data
+def error_reply(kind: str, reason: str) -> Records:
+    """An error reply of the kind a ``kind`` request expects (its decoder reads the status and the reason)."""
+    if kind == EVALUATE:
+        return EvaluateReply(Status.ERROR, reason).encode()
+    return TrainReply(Status.ERROR, reason).encode()
 
-    return lambda settings: device_task_data(root, settings.request.task.name, list(settings.request.task.classes))
+
+def device_sources(root: Path) -> Sources:
+    """A device's own images under ``root`` (``<task>/<class>/*.png``), read once per task and kept: training
+    images, held-out images, and their counts per class (a hello's holdings)."""
+    from clients.device_data import device_holdings, device_holdout_data, device_task_data
+    from fedpetah.device.client import Sources
+
+    return Sources(
+        lambda settings: device_task_data(root, settings.request.task.name, list(settings.request.task.classes)),
+        lambda settings, task: device_holdout_data(root, task.name, list(task.classes)),
+        lambda request, task: device_holdings(root, task.name, list(task.classes)))
 
 
 # ---------------------------------------------------------------------------------------------- the socket
@@ -113,7 +133,7 @@ def _own_peer(conn: socket.socket) -> bool:
     return uid is None or uid == os.getuid()
 
 
-def serve(listener: socket.socket, runtime: ClientRuntime, data: DataSource) -> None:
+def serve(listener: socket.socket, runtime: ClientRuntime, sources: Sources) -> None:
     """Answer one connection at a time, forever: a request frame in, a reply frame out."""
     while True:
         conn, _ = listener.accept()
@@ -126,16 +146,16 @@ def serve(listener: socket.socket, runtime: ClientRuntime, data: DataSource) -> 
                 kind, records = frames.receive(conn)
             except (ProtocolError, OSError) as error:
                 log.warning("refused a request: %s", error)
-                _send_quietly(conn, TrainReply(Status.ERROR, f"bad request frame: {error}").encode())
+                _send_quietly(conn, error_reply(TRAIN, f"bad request frame: {error}"))
                 continue
             started = time.perf_counter()
             try:
-                reply = answer(runtime, data, kind, records)
+                reply = answer(runtime, sources, kind, records)
             except ProtocolError as error:
-                reply = TrainReply(Status.ERROR, f"malformed request: {error}").encode()
+                reply = error_reply(kind, f"malformed request: {error}")
             except Exception as error:  # a bug must not take the device's worker down with it
                 log.exception("request %s failed", kind)
-                reply = TrainReply(Status.ERROR, f"worker error: {type(error).__name__}: {error}").encode()
+                reply = error_reply(kind, f"worker error: {type(error).__name__}: {error}")
             if kind != PING:
                 log.info("answered %s in %.2f s", kind, time.perf_counter() - started)
             _send_quietly(conn, reply)
@@ -201,6 +221,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--cache-keep", type=int, help="backbones the cache keeps, least recently used evicted")
     parser.add_argument("--cache-max-mb", type=int, help="disk the cached backbones may take")
+    parser.add_argument("--bank-max-mb", type=int, help="the largest learned-tasks snapshot this device keeps "
+                        "for fedpetah-client predict (default 256)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="fedpetah-worker %(levelname)s: %(message)s")
     signal.signal(signal.SIGTERM, _stop)
@@ -209,13 +231,16 @@ def main(argv: list[str] | None = None) -> int:
 
     from clients.device_data import data_dir
     from fedpetah.device.client import ClientRuntime
+    from fedpetah.device.keep import BANK_MAX_BYTES
     from fedpetah.device.local import CACHE_KEEP, CACHE_MAX_BYTES, BackboneCache
 
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     root = data_dir(str(args.data))
     max_bytes = CACHE_MAX_BYTES if args.cache_max_mb is None else args.cache_max_mb * 2**20
-    runtime = ClientRuntime(BackboneCache(args.cache.expanduser(), args.cache_keep or CACHE_KEEP, max_bytes))
+    bank_bytes = BANK_MAX_BYTES if args.bank_max_mb is None else args.bank_max_mb * 2**20
+    runtime = ClientRuntime(BackboneCache(args.cache.expanduser(), args.cache_keep or CACHE_KEEP, max_bytes),
+                            bank_max_bytes=bank_bytes)
     try:
         listener = listen(args.socket)
     except (OSError, ValueError) as error:
@@ -223,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     log.info("ready on %s after %.1f s (pid %d)", args.socket, time.perf_counter() - started, os.getpid())
     try:
-        serve(listener, runtime, device_source(root))
+        serve(listener, runtime, device_sources(root))
     except (KeyboardInterrupt, SystemExit):
         log.info("stopping")
     finally:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+import shutil
+import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -12,16 +14,34 @@ import torch
 from fedpetah.adapters import ADAPTERS, AdapterConfig
 from fedpetah.artifact import ArtifactError
 from fedpetah.config import RouterConfig, TrainConfig
+from fedpetah.device.holdout import evaluate_holdout, simulated_holdings, simulated_holdout
+from fedpetah.device.keep import BANK_MAX_BYTES, SnapshotError, check_tasks, commit, open_snapshot, stage
 from fedpetah.device.local import BackboneCache, simulated_shard, train_task
+from fedpetah.routing.export import ExportError
 from fedpetah.routing.features import data_stats
 from fedpetah.tasks import ImageSet, PartitionConfig, TaskStreamConfig
+from fedpetah.wire.evaluation import MAX_CONFUSION_CLASSES, EvaluateReply, EvaluateRequest
 from fedpetah.wire.flatconfig import build_dataclass
-from fedpetah.wire.protocol import NO_PARTITION, HelloReply, HelloRequest, Status, TrainReply, TrainRequest
+from fedpetah.wire.protocol import (
+    NO_PARTITION,
+    HelloReply,
+    HelloRequest,
+    Status,
+    TaskInfo,
+    TrainReply,
+    TrainRequest,
+)
 
 log = logging.getLogger("fedpetah.client")
 
 DataSource = Callable[["TrainSettings"], "ImageSet | None"]
 """Where a client's training images for a request come from: its simulated shard, or a device's own folder."""
+HoldoutSource = Callable[["EvaluateSettings", TaskInfo], "ImageSet | None"]
+"""A client's held-out images of a learned task, labelled in its class order (None: it holds none)."""
+HoldingsSource = Callable[[HelloRequest, TaskInfo], "np.ndarray | None"]
+"""A client's (classes, 2) int64 [training, held-out] images per class of a catalogue task (None: none)."""
+MAX_EVALUATE_SECONDS = 240.0
+"""The longest an evaluation may run (below the ClientApp's wait for the device worker, 300 s)."""
 
 
 @dataclass(frozen=True)
@@ -45,6 +65,50 @@ class TrainSettings:
                    build_dataclass(PartitionConfig, sections["partition"]))
 
 
+@dataclass(frozen=True)
+class EvaluateSettings:
+    """An evaluation request with the config sections a client needs rebuilt into (validated) dataclasses."""
+
+    request: EvaluateRequest
+    train: TrainConfig
+    tasks: TaskStreamConfig
+    partition: PartitionConfig
+
+    @classmethod
+    def of(cls, request: EvaluateRequest) -> EvaluateSettings:
+        sections = request.sections
+        return cls(request, build_dataclass(TrainConfig, sections["train"]),
+                   build_dataclass(TaskStreamConfig, sections["tasks"]),
+                   build_dataclass(PartitionConfig, sections["partition"]))
+
+
+@dataclass(frozen=True)
+class Sources:
+    """Where a client's images come from: training data, held-out data, and the counts of both a hello reports."""
+
+    train: DataSource
+    holdout: HoldoutSource = field(default=lambda settings, task: None)
+    holdings: HoldingsSource = field(default=lambda request, task: None)
+
+
+def simulated_sources(partition: int) -> Sources:
+    """Simulated client ``partition``: its training shard, its share of each task's test split as its holdout,
+    and their class counts (in a hello that carries the run's sections, seed and clients)."""
+
+    def holdout(settings: EvaluateSettings, task: TaskInfo) -> ImageSet | None:
+        request = settings.request
+        return simulated_holdout(settings.tasks, request.clients, partition, task, request.seed)
+
+    def holdings(request: HelloRequest, task: TaskInfo) -> np.ndarray | None:
+        if request.clients < 1 or "tasks" not in request.sections or "partition" not in request.sections:
+            return None  # an older server: it sends no stream config with its hello
+        stream = build_dataclass(TaskStreamConfig, request.sections["tasks"])
+        split = build_dataclass(PartitionConfig, request.sections["partition"])
+        return simulated_holdings(stream, split, request.clients, partition, task, request.seed)
+
+    return Sources(simulated_data(partition), holdout, holdings)
+
+
 def simulated_data(partition: int) -> DataSource:
     """The data source of simulated client ``partition``: its seeded share of the task's training split."""
 
@@ -59,12 +123,65 @@ def simulated_data(partition: int) -> DataSource:
 class ClientRuntime:
     """A client's state across messages: its verified backbone cache and its partition id (simulation)."""
 
-    def __init__(self, cache: BackboneCache, partition: int = NO_PARTITION) -> None:
+    def __init__(self, cache: BackboneCache, partition: int = NO_PARTITION,
+                 bank_max_bytes: int = BANK_MAX_BYTES) -> None:
         self.cache = cache
         self.partition = partition
+        self.bank_max_bytes = bank_max_bytes
 
-    def hello(self, request: HelloRequest) -> HelloReply:
-        return HelloReply(self.partition, self.cache.has(request.digest))
+    def hello(self, request: HelloRequest, holdings: HoldingsSource | None = None) -> HelloReply:
+        """Partition, whether the backbone is cached, and per catalogue task the images held (counts only); a
+        task whose images cannot be counted is left out, never an error."""
+        held: dict[int, np.ndarray] = {}
+        for task in request.tasks:
+            if holdings is None:
+                break
+            try:
+                counts = holdings(request, task)
+            except (ValueError, TypeError, KeyError, IndexError, OSError, RuntimeError) as error:
+                log.warning("cannot count the images of task %r: %s", task.name, error)
+                continue
+            if counts is not None and counts.shape == (task.num_classes, 2) and int(counts.sum()) > 0:
+                held[task.index] = counts.astype(np.int64)
+        return HelloReply(self.partition, self.cache.has(request.digest), held)
+
+    def evaluate(self, request: EvaluateRequest, holdout: HoldoutSource) -> EvaluateReply:
+        """Install the attached backbone if any; rebuild and verify the snapshot; keep it (``request.keep``);
+        count its predictions on the held-out images of every learned task (``request.evaluate``). Every failure
+        becomes an error reply, never an exception; a snapshot that cannot be kept is an error."""
+        staging, kept = None, False
+        try:
+            if request.artifact is not None:
+                self.cache.install(request.digest, *request.artifact)
+            backbone = self.cache.get(request.digest)
+            settings = EvaluateSettings.of(request)
+            staging = stage(self.cache.root, request.model, request.manifest,
+                            self.bank_max_bytes if request.keep else None)
+            snapshot = open_snapshot(staging, backbone, request.digest)
+            check_tasks(snapshot, request.tasks)
+            if request.keep:
+                commit(self.cache.root, staging)
+                staging, kept = None, True
+            counts, confusion = {}, {}
+            deadline = time.monotonic() + MAX_EVALUATE_SECONDS
+            for position, task in enumerate(request.tasks if request.evaluate else ()):
+                data = holdout(settings, task)
+                if data is None or len(data) == 0:
+                    continue
+                counts[task.index], table = evaluate_holdout(snapshot.predictor, position, task, data,
+                                                             settings.train.batch_size, deadline)
+                if task.num_classes <= MAX_CONFUSION_CLASSES:
+                    confusion[task.index] = table
+        except ArtifactError as error:
+            return EvaluateReply(Status.NEEDS_BACKBONE, str(error), kept=kept)
+        except (SnapshotError, ExportError, ValueError, TypeError, KeyError, IndexError, OSError, RuntimeError,
+                TimeoutError) as error:
+            log.warning("evaluate request failed: %s", error)
+            return EvaluateReply(Status.ERROR, f"{type(error).__name__}: {error}", kept=kept)
+        finally:
+            if staging is not None:
+                shutil.rmtree(staging, ignore_errors=True)
+        return EvaluateReply(Status.OK, "", counts, confusion, kept)
 
     def train(self, request: TrainRequest, data: DataSource) -> TrainReply:
         """Install the attached backbone if any, then train; every failure becomes a reply, never an exception."""

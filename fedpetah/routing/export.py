@@ -25,7 +25,7 @@ import json
 import shutil
 import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -205,22 +205,18 @@ def export_run(run_dir: str | Path, out_dir: str | Path, artifact: str | Path | 
     return write_export(predictor, run.backbone, run.config.adapter, Path(out_dir), onnx=onnx, pte=pte)
 
 
-def write_export(predictor: TaskFreePredictor, backbone: Backbone, adapter: AdapterConfig, out: Path,
-                 onnx: bool = True, pte: bool = False) -> dict[str, Any]:
-    """The files of an export (see the module docstring) for a built predictor."""
-    if onnx:
-        require_onnx()  # before any file is written
-    out.mkdir(parents=True, exist_ok=True)
+def export_payload(predictor: TaskFreePredictor, backbone: Backbone, adapter: AdapterConfig, version: int | None,
+                   digest: str) -> tuple[bytes, bytes]:
+    """The torch form of an export as bytes: ``model.safetensors`` and ``model.json`` (``onnx`` and ``pte`` null).
+
+    This is the snapshot a server sends a device (``query.evaluate``), and what :func:`write_export` writes (one
+    writer). ``model.json`` names the backbone it builds on by its artifact ``digest`` (``"backbone"``; the
+    backbone itself is not included) and carries the bank ``version`` it was built from (``"version"``; null when
+    it is not a bank snapshot). :func:`load_export` reads both forms: the two keys only add to the manifest.
+    """
     model = predictor.model
     tensors, aliases = _deduplicated(model.state_dict())
     data = save_safetensors(tensors, metadata={ALIASES_KEY: json.dumps(aliases, sort_keys=True)})
-    (out / WEIGHTS_FILE).write_bytes(data)
-    (out / LABELS_FILE).write_text(json.dumps(predictor.labels, indent=1))
-    if (out / BACKBONE_DIR).exists():
-        shutil.rmtree(out / BACKBONE_DIR)
-    from fedpetah.artifact import pack_artifact
-
-    pack_artifact(backbone, out / BACKBONE_DIR)
     info = {
         "format": EXPORT_FORMAT,
         "format_version": EXPORT_VERSION,
@@ -236,9 +232,55 @@ def write_export(predictor: TaskFreePredictor, backbone: Backbone, adapter: Adap
         "output": "scores [N, K]: (1 - joint) log p(task | x) + joint log p(task, class | x) "
                   "+ log softmax(adapter_task(x)), K = len(labels)",
         "sha256": hashlib.sha256(data).hexdigest(),
-        "onnx": ONNX_FILE if onnx else None,
+        "onnx": None,
         "pte": None,
+        "backbone": digest,
+        "version": version,
     }
+    return data, json.dumps(info, indent=2, allow_nan=False).encode()
+
+
+def snapshot(backbone: Backbone, digest: str, adapter: AdapterConfig, bank: AdapterBank,
+             tasks: Sequence[int] | None, router: RouterConfig, version: int,
+             stats: Mapping[int, FeatureStats] | None = None) -> tuple[bytes, bytes]:
+    """The server's snapshot of the learned ``tasks`` (None: every bank task) at bank ``version``:
+    :func:`export_payload` of their task-free predictor. ``stats``: the tasks' router statistics (None: validated
+    from the bank). Raises :class:`ExportError` when a task has no statistics or cannot be built (the server
+    logs it and skips that evaluation)."""
+    chosen = list(bank.tasks() if tasks is None else tasks)
+    unknown = [t for t in chosen if t not in bank]
+    if not chosen or unknown:
+        raise ExportError(f"a snapshot needs learned tasks; not in the bank: {unknown or 'all'}")
+    if stats is None:
+        stats = bank_stats(bank, backbone, router)
+    missing = [t for t in chosen if t not in stats]
+    if missing:
+        raise ExportError(f"tasks {missing} have no router statistics: no snapshot for task-free prediction")
+    try:
+        predictor = build_predictor(backbone, adapter, bank, stats, tasks=chosen, router=router)
+    except (ValueError, RuntimeError) as error:
+        raise ExportError(f"the snapshot cannot be built: {type(error).__name__}: {str(error)[:300]}") from None
+    return export_payload(predictor, backbone, adapter, version, digest)
+
+
+def write_export(predictor: TaskFreePredictor, backbone: Backbone, adapter: AdapterConfig, out: Path,
+                 onnx: bool = True, pte: bool = False, version: int | None = None) -> dict[str, Any]:
+    """The files of an export (see the module docstring) for a built predictor: :func:`export_payload`'s two
+    files (``version`` in ``model.json``), the backbone artifact it names, labels and the runtime forms."""
+    if onnx:
+        require_onnx()  # before any file is written
+    out.mkdir(parents=True, exist_ok=True)
+    model = predictor.model
+    if (out / BACKBONE_DIR).exists():
+        shutil.rmtree(out / BACKBONE_DIR)
+    from fedpetah.artifact import pack_artifact
+
+    digest = pack_artifact(backbone, out / BACKBONE_DIR).manifest_sha256
+    data, manifest = export_payload(predictor, backbone, adapter, version, digest)
+    (out / WEIGHTS_FILE).write_bytes(data)
+    (out / LABELS_FILE).write_text(json.dumps(predictor.labels, indent=1))
+    info: dict[str, Any] = json.loads(manifest)
+    info["onnx"] = ONNX_FILE if onnx else None
     if onnx:
         example = torch.rand(2, backbone.in_chans, backbone.img_size, backbone.img_size)
         export_onnx(model, example, out / ONNX_FILE)
@@ -280,8 +322,11 @@ def _aliases(data: bytes) -> dict[str, str]:
     return aliases
 
 
-def load_export(out_dir: str | Path) -> TaskFreePredictor:
-    """The torch form of an export: rebuilt from the backbone artifact and ``model.json``, tensors verified."""
+def load_export(out_dir: str | Path, backbone: Backbone | None = None) -> TaskFreePredictor:
+    """The torch form of an export: rebuilt from the backbone artifact and ``model.json``, tensors verified.
+
+    ``backbone``: the verified backbone to build on instead of ``out_dir/backbone`` (a device's snapshot, which
+    comes without one; the caller checks it is the one the snapshot names)."""
     root = Path(out_dir)
     try:
         info = json.loads((root / MODEL_FILE).read_text())
@@ -296,7 +341,8 @@ def load_export(out_dir: str | Path) -> TaskFreePredictor:
     if hashlib.sha256(data).hexdigest() != info.get("sha256"):
         raise ExportError(f"{root / WEIGHTS_FILE}: SHA-256 does not match model.json (corrupted or tampered)")
     try:
-        backbone = load_artifact(root / BACKBONE_DIR)
+        if backbone is None:
+            backbone = load_artifact(root / BACKBONE_DIR)
         raw = dict(info["adapter"])
         adapter = build_dataclass(ADAPTERS.get(str(raw.get("name"))).config_class, raw)
         widths, shared, labels = list(info["widths"]), list(info["shared"]), list(info["labels"])
