@@ -2,6 +2,7 @@
 
     fedpetah-client --server fl.lab.example:8000 --data ~/fedpetah-data \\
         --root-certificates ~/.fedpetah/ca.pem --auth-key ~/.fedpetah/node
+    fedpetah-client predict IMAGE...      (offline, with the learned tasks this device keeps: see clients.predict)
 
 Checked before Flower's SuperNode starts: the data dir (``DIR/<task>/<class>/*.png|jpg``), free disk for the
 backbone cache, the CA and node key files, that the server is reachable (retried with exponential backoff) and
@@ -28,6 +29,7 @@ from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 
+from clients.predict import default_cache
 from flower_glue.launch import (
     LOOPBACK_HOSTS,
     child_env,
@@ -59,11 +61,12 @@ class ClientError(Exception):
 REFUSED = ("[code: 2004]", "Failed to activate SuperNode")  # Flower: this key is not registered (yet)
 KEY_RETRIES = 3  # a device may connect while the server is still registering keys at its start
 CACHE_KEEP, CACHE_MAX_MB = 4, 1024  # fedpetah.device.local's defaults (a test keeps them equal; no torch import here)
+BANK_MAX_MB = 256  # fedpetah.device.keep's default
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     env = os.environ.get
-    cache = Path(env("FEDPETAH_CACHE", str(Path.home() / ".cache" / "fedpetah"))) / "backbones"
+    cache = default_cache()
     parser = argparse.ArgumentParser(prog="fedpetah-client", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--server", required=True, help="HOST:PORT of fedpetah-server")
@@ -75,6 +78,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help=f"backbones the cache keeps, least recently used evicted first (default {CACHE_KEEP})")
     parser.add_argument("--cache-max-mb", type=int, default=CACHE_MAX_MB,
                         help=f"disk the cached backbones may take (default {CACHE_MAX_MB}; the one in use is kept)")
+    parser.add_argument("--bank-max-mb", type=int, default=BANK_MAX_MB,
+                        help=f"the largest snapshot of the learned tasks this device keeps for `fedpetah-client "
+                        f"predict` (default {BANK_MAX_MB})")
     parser.add_argument("--insecure", action="store_true", help="no TLS: only for a loopback demo server "
                         "(refused for any other host)")
     parser.add_argument("--runtime-port", type=int, default=9094, help="local port of the SuperNode's app API")
@@ -192,7 +198,8 @@ def supernode_command(args: argparse.Namespace, address: str, secret: Path, work
     data, cache = args.data.expanduser().resolve(), args.cache.expanduser().resolve()
     if "'" in f"{data}{cache}":
         raise ClientError(EXIT_USAGE, "paths for --data and --cache must not contain a single quote")
-    node_config = f"data-dir='{data}' cache-dir='{cache}' cache-keep={args.cache_keep} cache-max-mb={args.cache_max_mb}"
+    node_config = (f"data-dir='{data}' cache-dir='{cache}' cache-keep={args.cache_keep} "
+                   f"cache-max-mb={args.cache_max_mb} bank-max-mb={args.bank_max_mb}")
     if worker is not None:
         node_config += f" worker-socket='{worker}' worker-timeout-s={float(args.worker_timeout)}"
     # Isolation "process": we start the SuperExec ourselves, because only then does Flower 1.42 check the secret
@@ -305,7 +312,7 @@ def worker_command(args: argparse.Namespace, socket_path: Path) -> list[str]:
     return [sys.executable, "-m", "clients.worker", "--socket", str(socket_path),
             "--data", str(args.data.expanduser().resolve()), "--cache", str(args.cache.expanduser().resolve()),
             "--threads", str(args.threads), "--cache-keep", str(args.cache_keep),
-            "--cache-max-mb", str(args.cache_max_mb)]
+            "--cache-max-mb", str(args.cache_max_mb), "--bank-max-mb", str(args.bank_max_mb)]
 
 
 class Supervisor:
@@ -422,9 +429,10 @@ def check_and_join(args: argparse.Namespace) -> int:
         host, port = split_address(args.server)
     except ValueError as err:
         raise ClientError(EXIT_USAGE, f"--server: {err}") from None
-    if min(args.retries, args.key_retries, args.cache_max_mb) < 0 or args.backoff < 0 or args.cache_keep < 1:
-        raise ClientError(EXIT_USAGE, "--retries, --key-retries, --backoff and --cache-max-mb must not be negative, "
-                                      "--cache-keep must be at least 1")
+    if min(args.retries, args.key_retries, args.cache_max_mb, args.bank_max_mb) < 0 or args.backoff < 0 or \
+            args.cache_keep < 1:
+        raise ClientError(EXIT_USAGE, "--retries, --key-retries, --backoff, --cache-max-mb and --bank-max-mb must "
+                                      "not be negative, --cache-keep must be at least 1")
     if args.insecure:
         if host not in LOOPBACK_HOSTS:
             loopback = ", ".join(sorted(LOOPBACK_HOSTS))
@@ -446,6 +454,11 @@ def check_and_join(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["predict"]:  # offline: no server, no Flower
+        from clients.predict import main as predict
+
+        return predict(argv[1:])
     args = parse_args(argv)
     try:
         with sigterm_interrupts():

@@ -1,0 +1,134 @@
+"""``fedpetah-client predict``: label images on this device with the learned tasks it keeps, offline.
+
+    fedpetah-client predict --cache ~/.cache/fedpetah/backbones photo1.jpg photo2.png
+    fedpetah-client predict --task flowers --top 3 photo.jpg
+
+One JSON line per image: ``{"image", "label": "<task>/<class>", "task", "score", "top": [{"label", "score"}, ...]}``.
+Task-free by default (scores: the softmax of the model's joint scores over every learned class); with ``--task``
+task-aware (that task's adapter's softmax over its classes). The snapshot is the one the device worker keeps in its
+cache dir after a finished task, verified on load (its digests and its backbone's). Nothing here contacts the server
+or imports Flower. Exit codes: 0 every image labelled, 1 some image unreadable (its line has an ``"error"``),
+2 no usable kept bank or a usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+    from fedpetah.device.keep import Snapshot
+
+EXIT_UNREADABLE, EXIT_NO_BANK = 1, 2
+
+
+def default_cache() -> Path:
+    """The backbone cache dir ``fedpetah-client`` and its worker use (``$FEDPETAH_CACHE/backbones``, by default
+    ``~/.cache/fedpetah/backbones``): the device keeps its snapshot there."""
+    return Path(os.environ.get("FEDPETAH_CACHE", str(Path.home() / ".cache" / "fedpetah"))) / "backbones"
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    cache = default_cache()
+    parser = argparse.ArgumentParser(prog="fedpetah-client predict", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("images", nargs="+", type=Path, metavar="IMAGE", help="image files (png, jpg)")
+    parser.add_argument("--cache", type=Path, default=cache, help=f"the device's cache dir (default {cache})")
+    parser.add_argument("--task", help="predict task-aware within this learned task (default: task-free)")
+    parser.add_argument("--top", type=int, default=5, help="alternatives listed per image (default 5)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1; 0: torch's default)")
+    return parser.parse_args(argv)
+
+
+class Predictor:
+    """A kept snapshot ready to label images one at a time (task-free, or within one task)."""
+
+    def __init__(self, snapshot: Snapshot, task: str | None = None) -> None:
+        predictor = snapshot.predictor
+        self.snapshot = snapshot
+        self.model = predictor.model.eval()
+        self.img_size, self.in_chans = predictor.img_size, predictor.in_chans
+        self.task_names = [label.split("/", 1)[0] for label in predictor.labels]
+        order = list(dict.fromkeys(self.task_names))  # the tasks in model order
+        self.position: int | None = None
+        self.labels = list(predictor.labels)
+        if task is not None:
+            if task not in order:
+                raise ValueError(f"--task {task!r} is not a learned task; the kept bank holds {order}")
+            self.position = order.index(task)
+            self.labels = [label for label, owner in zip(predictor.labels, self.task_names, strict=True)
+                           if owner == task]
+
+    def tensor(self, path: Path) -> torch.Tensor:
+        """One image as training reads a device's images: stored size, then resized to the backbone's input."""
+        import torch
+
+        from clients.device_data import CHANNELS, STORE_SIZE
+        from fedpetah.tasks import ImageSet, batches
+        from fedpetah.tasks.folder import load_image
+
+        if not path.is_file():  # a FIFO or device could block the read
+            raise OSError(f"{path} is not a regular file")
+        pixels = load_image(path, CHANNELS, STORE_SIZE)
+        data = ImageSet(torch.tensor(pixels[None]), torch.zeros(1, dtype=torch.int64))
+        return next(batches(data, self.img_size, self.in_chans, 1))[0]
+
+    def probabilities(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, labels) probabilities of this predictor's labels for float32 images in [0, 1]."""
+        import torch
+
+        with torch.no_grad():
+            scores, logits = self.model.outputs(x)
+            chosen = scores if self.position is None else logits[self.position]
+            return torch.softmax(chosen, dim=1)
+
+    def describe(self, image: Path, probabilities: torch.Tensor, top: int) -> dict[str, Any]:
+        values, indices = probabilities.topk(min(max(top, 1), probabilities.shape[0]))
+        best = int(indices[0])
+        return {"image": str(image), "label": self.labels[best], "task": self.labels[best].split("/", 1)[0],
+                "score": round(float(values[0]), 6),
+                "top": [{"label": self.labels[int(i)], "score": round(float(v), 6)}
+                        for v, i in zip(values.tolist(), indices.tolist(), strict=True)][:top]}
+
+    def predict(self, image: Path, top: int = 5) -> dict[str, Any]:
+        return self.describe(image, self.probabilities(self.tensor(image))[0], top)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.top < 0 or args.threads < 0:
+        print("fedpetah-client predict: --top and --threads must not be negative", file=sys.stderr)
+        return EXIT_NO_BANK
+    import torch
+
+    from fedpetah.device.keep import SnapshotError, load_kept
+    from fedpetah.device.local import BackboneCache
+    from fedpetah.tasks.folder import READ_ERRORS
+
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    cache = args.cache.expanduser()
+    try:
+        predictor = Predictor(load_kept(BackboneCache(cache)), args.task)
+    except (SnapshotError, ValueError) as error:
+        print(f"fedpetah-client predict: {error}", file=sys.stderr)
+        return EXIT_NO_BANK
+    code = 0
+    for image in args.images:
+        try:
+            line = predictor.predict(image, args.top)
+        except READ_ERRORS as error:
+            line, code = {"image": str(image), "error": f"{type(error).__name__}: {error}"}, EXIT_UNREADABLE
+        print(json.dumps(line), flush=True)
+    return code
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
