@@ -181,3 +181,51 @@ def test_a_version_1_export_and_a_bank_from_before_grids_load_with_the_pooled_ro
     (tmp_path / "model.json").write_text(json.dumps({**info, "format_version": 7}))
     with pytest.raises(ExportError, match="version"):
         load_export(tmp_path)
+
+
+def test_the_snapshot_payload_round_trips_and_is_what_write_export_writes(
+        tiny_backbone: Callable[..., Backbone], tmp_path: Path) -> None:
+    from fedpetah.routing.export import export_payload, snapshot
+
+    backbone = tiny_backbone()
+    bank = _bank(backbone, "lora")
+    stats = _stats(bank, backbone)
+    predictor = build_predictor(backbone, adapter_config("lora"), bank, stats, router=ROUTER)
+    exported = tmp_path / "export"
+    info = write_export(predictor, backbone, adapter_config("lora"), exported, onnx=False, version=7)
+    digest = artifact_digest(exported / "backbone")
+    model, manifest = export_payload(predictor, backbone, adapter_config("lora"), 7, digest)
+    # one writer: the export's two files are the payload's bytes
+    assert (exported / "model.safetensors").read_bytes() == model
+    assert (exported / "model.json").read_bytes() == manifest and json.loads(manifest) == info
+    assert (info["backbone"], info["version"], info["onnx"], info["pte"]) == (digest, 7, None, None)
+    # the server's snapshot of the bank is the same payload
+    assert snapshot(backbone, digest, adapter_config("lora"), bank, None, ROUTER, 7, stats) == (model, manifest)
+    assert snapshot(backbone, digest, adapter_config("lora"), bank, [0, 1], ROUTER, 7) == (model, manifest)
+    # a device rebuilds the predictor from the payload and a backbone artifact
+    device = tmp_path / "device"
+    device.mkdir()
+    (device / "model.safetensors").write_bytes(model)
+    (device / "model.json").write_bytes(manifest)
+    pack_artifact(backbone, device / "backbone")
+    reloaded = load_export(device)
+    assert (reloaded.labels, reloaded.task_order) == (predictor.labels, predictor.task_order)
+    x = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(reloaded.model(x), predictor.model(x), rtol=0, atol=1e-6)
+
+
+def test_a_snapshot_of_a_task_without_statistics_is_an_export_error(tiny_backbone: Callable[..., Backbone]) -> None:
+    from fedpetah.routing.export import snapshot
+
+    backbone = tiny_backbone()
+    bank = _bank(backbone, "head")
+    stats = _stats(bank, backbone)
+    _, manifest = snapshot(backbone, "d" * 64, adapter_config("head"), bank, [0], ROUTER, 1, stats)
+    assert json.loads(manifest)["tasks"] == [0]  # only the chosen tasks
+    with pytest.raises(ExportError, match=r"tasks \[1\] have no router statistics"):
+        snapshot(backbone, "d" * 64, adapter_config("head"), bank, None, ROUTER, 1, {0: stats[0]})
+    bank.set_stats(1, {})
+    with pytest.raises(ExportError, match=r"tasks \[1\] have no router statistics"):
+        snapshot(backbone, "d" * 64, adapter_config("head"), bank, None, ROUTER, 1)
+    with pytest.raises(ExportError, match=r"not in the bank: \[5\]"):
+        snapshot(backbone, "d" * 64, adapter_config("head"), bank, [0, 5], ROUTER, 1, stats)
