@@ -94,6 +94,10 @@ class ExperimentConfig:
     ``exit_when_idle_s``: end the run cleanly after this long with nothing to train (every task trained, or too
     few devices). Unset, a live task list (``tasks=catalog``) waits for new tasks for ever, and a fixed stream
     ends once its last task is trained.
+
+    ``evaluation_max_share``: in the devices' federated evaluation, the most of a figure's weight one device may
+    carry (in (0, 1]); unset: twice an equal share of the devices behind the figure (``min(1, 2 / devices)``, see
+    :func:`fedpetah.serving.federated.default_max_share`).
     """
 
     clients: int = 50
@@ -107,6 +111,7 @@ class ExperimentConfig:
     min_devices: int = 1
     start_wait_s: float = 30.0
     exit_when_idle_s: float | None = None
+    evaluation_max_share: float | None = None
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     pruning: PruningConfig = field(default_factory=PruningConfig)
     adapter: AdapterConfig = field(default_factory=lambda: adapter_config("lora"))
@@ -129,6 +134,8 @@ class ExperimentConfig:
             raise ValueError(f"exit_when_idle_s must be >= 0 when set, got {self.exit_when_idle_s}")
         if self.stop_after is not None and self.stop_after < 1:
             raise ValueError(f"stop_after must be >= 1 when set, got {self.stop_after}")
+        if self.evaluation_max_share is not None and not 0 < self.evaluation_max_share <= 1:
+            raise ValueError(f"evaluation_max_share must be in (0, 1] when set, got {self.evaluation_max_share}")
 
 
 def register_configs() -> None:

@@ -266,6 +266,53 @@ def task_free_summary(records: Sequence[RoundRecord], num_tasks: int) -> dict[st
     }
 
 
+def federated_rows(records: Sequence[RoundRecord]) -> dict[int, RoundRecord]:
+    """Per task, its last round with the devices' federated evaluation (extra ``federated_images``, see
+    :meth:`fedpetah.serving.federated.FederatedTally.figures`)."""
+    return {r.task: r for r in records if "federated_images" in r.extra}
+
+
+def federated_summary(records: Sequence[RoundRecord], num_tasks: int) -> dict[str, Any]:
+    """The devices' evaluation (empty without any): ``federated_accuracy_matrix`` (task-aware, row i after
+    learning task i) with its average accuracy, BWT and forgetting (over its complete rows, None before one),
+    ``federated_task_free_matrix``, and the devices and images behind each cell (``federated_devices_matrix``,
+    ``federated_images_matrix``); ``federated_task_free_accuracy`` over every learned task's held-out images
+    after the last evaluated task, with the devices and images behind it."""
+    rows = federated_rows(records)
+    if not rows:
+        return {}
+    num_tasks = max(num_tasks, max(rows) + 1)
+    aware = AccuracyMatrix(num_tasks)
+    free, devices, images = (np.full((num_tasks, num_tasks), np.nan) for _ in range(3))
+    for i, record in rows.items():
+        for j in range(i + 1):
+            accuracy = record.extra.get(f"federated_accuracy_{j}", math.nan)
+            if not math.isnan(accuracy):
+                aware.record(i, j, accuracy)
+            free[i, j] = record.extra.get(f"federated_task_free_{j}", math.nan)
+            devices[i, j] = record.extra.get(f"federated_devices_{j}", math.nan)
+            images[i, j] = record.extra.get(f"federated_images_{j}", math.nan)
+    learned, last = aware.complete_rows(), rows[max(rows)]
+
+    def cells(values: np.ndarray, kind: type[float] | type[int]) -> list[list[float | int | None]]:
+        return [[None if math.isnan(v) else kind(v) for v in row] for row in values]
+
+    return {
+        "federated_accuracy_matrix": aware.to_list(),
+        "federated_tasks_learned": learned,
+        "federated_average_accuracy": aware.average_accuracy() if learned else None,
+        "federated_bwt": aware.backward_transfer() if learned else None,
+        "federated_forgetting": aware.forgetting() if learned else None,
+        "federated_task_free_matrix": cells(free, float),
+        "federated_devices_matrix": cells(devices, int),
+        "federated_images_matrix": cells(images, int),
+        "federated_task_free_accuracy": last.extra.get("federated_task_free_accuracy"),
+        "federated_after_task": last.task,
+        "federated_devices": int(last.extra["federated_devices"]),
+        "federated_images": int(last.extra["federated_images"]),
+    }
+
+
 def summarize(records: Sequence[RoundRecord], num_tasks: int | None = None) -> dict[str, Any]:
     """Run totals and continual-learning metrics from the round records."""
     matrix = AccuracyMatrix.from_rounds(records, num_tasks)
@@ -291,6 +338,7 @@ def summarize(records: Sequence[RoundRecord], num_tasks: int | None = None) -> d
         "step_time_s": percentiles(steps) if steps else None,
         "peak_memory_mb": max(memory) if memory else None,
         **task_free_summary(records, matrix.num_tasks),
+        **federated_summary(records, matrix.num_tasks),
     }
 
 
