@@ -6,7 +6,10 @@
 One JSON line per image: ``{"image", "label": "<task>/<class>", "task", "score", "top": [{"label", "score"}, ...]}``.
 Task-free by default (scores: the softmax of the model's joint scores over every learned class); with ``--task``
 task-aware (that task's adapter's softmax over its classes). The snapshot is the one the device worker keeps in its
-cache dir after a finished task, verified on load (its digests and its backbone's). Nothing here contacts the server
+cache dir after a finished task, verified on load (its digests and its backbone's). Where onnxruntime is installed
+(and the first time, onnx + onnxscript to export it), the kept model runs as ONNX: exported once and cached beside the
+snapshot with its digest (``predict.onnx``), many times faster per image than eager PyTorch on a small CPU
+(benchmarks/results/predict.md); ``--backend torch`` forces PyTorch. Nothing here contacts the server
 or imports Flower. Exit codes: 0 every image labelled, 1 some image unreadable (its line has an ``"error"``),
 2 no usable kept bank or a usage error.
 """
@@ -14,6 +17,8 @@ or imports Flower. Exit codes: 0 every image labelled, 1 some image unreadable (
 from __future__ import annotations
 
 import argparse
+import hashlib
+import importlib.util
 import json
 import os
 import sys
@@ -27,6 +32,9 @@ if TYPE_CHECKING:
     from fedpetah.device.keep import Snapshot
 
 EXIT_UNREADABLE, EXIT_NO_BANK = 1, 2
+ONNX_FILE, ONNX_RECORD = "predict.onnx", "predict.onnx.json"
+"""The kept model as ONNX (images -> [scores | every expert's logits]) and its record: the SHA-256 of the ONNX file
+and of the ``model.json`` it was exported from (a stale or changed file is exported again)."""
 
 
 def default_cache() -> Path:
@@ -43,16 +51,20 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--cache", type=Path, default=cache, help=f"the device's cache dir (default {cache})")
     parser.add_argument("--task", help="predict task-aware within this learned task (default: task-free)")
     parser.add_argument("--top", type=int, default=5, help="alternatives listed per image (default 5)")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1; 0: torch's default)")
+    parser.add_argument("--threads", type=int, default=1, help="threads (default 1; 0: the runtime's default)")
+    parser.add_argument("--backend", choices=("auto", "onnx", "torch"), default="auto",
+                        help="auto (default): ONNX Runtime where installed, else PyTorch")
     return parser.parse_args(argv)
 
 
 class Predictor:
     """A kept snapshot ready to label images one at a time (task-free, or within one task)."""
 
-    def __init__(self, snapshot: Snapshot, task: str | None = None) -> None:
+    def __init__(self, snapshot: Snapshot, task: str | None = None, backend: str = "torch", threads: int = 1) -> None:
         predictor = snapshot.predictor
         self.snapshot = snapshot
+        self.session = None if backend == "torch" else onnx_session(snapshot, threads, required=backend == "onnx")
+        self.width = len(predictor.labels)
         self.model = predictor.model.eval()
         self.img_size, self.in_chans = predictor.img_size, predictor.in_chans
         self.task_names = [label.split("/", 1)[0] for label in predictor.labels]
@@ -84,10 +96,15 @@ class Predictor:
         """(N, labels) probabilities of this predictor's labels for float32 images in [0, 1]."""
         import torch
 
-        with torch.no_grad():
-            scores, logits = self.model.outputs(x)
-            chosen = scores if self.position is None else logits[self.position]
-            return torch.softmax(chosen, dim=1)
+        if self.session is not None:
+            both = torch.from_numpy(self.session.run(None, {"images": x.numpy()})[0])
+            scores = both[:, : self.width]
+            logits = list(both[:, self.width :].split(self.model.widths, dim=1))
+        else:
+            with torch.no_grad():
+                scores, logits = self.model.outputs(x)
+        chosen = scores if self.position is None else logits[self.position]
+        return torch.softmax(chosen, dim=1)
 
     def describe(self, image: Path, probabilities: torch.Tensor, top: int) -> dict[str, Any]:
         values, indices = probabilities.topk(min(max(top, 1), probabilities.shape[0]))
@@ -99,6 +116,91 @@ class Predictor:
 
     def predict(self, image: Path, top: int = 5) -> dict[str, Any]:
         return self.describe(image, self.probabilities(self.tensor(image))[0], top)
+
+
+def onnx_session(snapshot: Snapshot, threads: int, required: bool = False) -> Any:
+    """An ONNX Runtime session of the kept model (scores and every expert's logits in one output), exported once
+    and cached beside the snapshot; None where onnxruntime (or, for a first export, onnx/onnxscript) is missing,
+    unless ``required`` (then ``ValueError``)."""
+    if importlib.util.find_spec("onnxruntime") is None:
+        if required:
+            raise ValueError("--backend onnx needs onnxruntime: pip install onnxruntime")
+        return None
+    import onnxruntime as ort  # type: ignore[import-untyped]
+
+    model = _cached_onnx(snapshot) or _export_onnx(snapshot, required)
+    if model is None:
+        return None
+    options = ort.SessionOptions()
+    if threads > 0:
+        options.intra_op_num_threads = options.inter_op_num_threads = threads
+    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+
+
+def _model_json_sha256(snapshot: Snapshot) -> str:
+    from fedpetah.routing.export import MODEL_FILE
+
+    return hashlib.sha256((snapshot.directory / MODEL_FILE).read_bytes()).hexdigest()
+
+
+def _cached_onnx(snapshot: Snapshot) -> bytes | None:
+    """The cached ONNX model if its record matches it and the snapshot's ``model.json``."""
+    try:
+        record = json.loads((snapshot.directory / ONNX_RECORD).read_text())
+        model = (snapshot.directory / ONNX_FILE).read_bytes()
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict) or record.get("onnx_sha256") != hashlib.sha256(model).hexdigest() or \
+            record.get("model_json_sha256") != _model_json_sha256(snapshot):
+        return None
+    return model
+
+
+def _export_onnx(snapshot: Snapshot, required: bool) -> bytes | None:
+    """Export the kept model (scores and expert logits concatenated) and cache it beside the snapshot."""
+    import tempfile
+
+    import torch
+
+    from fedpetah.atomic import atomic_write_bytes, atomic_write_text
+    from fedpetah.routing.export import ExportError, export_onnx, require_onnx
+
+    try:
+        require_onnx()
+    except ExportError as error:
+        if required:
+            raise ValueError(str(error)) from None
+        return None
+    model = snapshot.predictor.model
+
+    class Joined(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            scores, logits = self.model.outputs(x)
+            return torch.cat([scores, *logits], dim=1)
+
+    predictor = snapshot.predictor
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / ONNX_FILE
+        try:
+            export_onnx(Joined().eval(), torch.rand(2, predictor.in_chans, predictor.img_size, predictor.img_size),
+                        path)
+        except ExportError as error:
+            if required:
+                raise ValueError(str(error)) from None
+            print(f"fedpetah-client predict: using PyTorch ({error})", file=sys.stderr)
+            return None
+        data = path.read_bytes()
+    try:  # a cache only: a snapshot replaced meanwhile, or a read-only cache, just exports again next time
+        atomic_write_bytes(snapshot.directory / ONNX_FILE, data)
+        atomic_write_text(snapshot.directory / ONNX_RECORD, json.dumps(
+            {"onnx_sha256": hashlib.sha256(data).hexdigest(), "model_json_sha256": _model_json_sha256(snapshot)}))
+    except OSError:
+        pass
+    return data
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -116,7 +218,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     cache = args.cache.expanduser()
     try:
-        predictor = Predictor(load_kept(BackboneCache(cache)), args.task)
+        predictor = Predictor(load_kept(BackboneCache(cache)), args.task, args.backend, args.threads)
     except (SnapshotError, ValueError) as error:
         print(f"fedpetah-client predict: {error}", file=sys.stderr)
         return EXIT_NO_BANK

@@ -51,9 +51,10 @@ def test_predict_prints_the_predictors_labels_task_free_and_task_aware(kept: tup
                                                                       capsys: pytest.CaptureFixture[str]) -> None:
     snapshot, cache = kept
     # Act
-    code = client_main(["predict", "--cache", str(cache), "--top", "3", *map(str, images)])
+    code = client_main(["predict", "--cache", str(cache), "--top", "3", "--backend", "torch", *map(str, images)])
     free = _lines(capsys.readouterr().out)
-    aware_code = client_main(["predict", "--cache", str(cache), "--task", "t1", *map(str, images)])
+    aware_code = client_main(["predict", "--cache", str(cache), "--task", "t1", "--backend", "torch",
+                              *map(str, images)])
     aware = _lines(capsys.readouterr().out)
 
     # Assert: one line per image, the label the snapshot's predictor gives the image as training would read it
@@ -114,3 +115,23 @@ def test_predict_imports_no_flower_and_contacts_nothing(kept: tuple[Learned, Pat
     report = json.loads(done.stderr.strip().splitlines()[-1])
     assert report == {"code": 0, "flwr": []}, done.stderr
     assert json.loads(done.stdout)["label"].startswith("t")
+
+
+def test_predict_with_onnx_runtime_gives_the_torch_probabilities_and_caches_the_export(
+        kept: tuple[Learned, Path], images: list[Path], tmp_path: Path) -> None:
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    copy = tmp_path / "copy"
+    subprocess.run(["cp", "-a", str(kept[1]), str(copy)], check=True)
+    snapshot = load_kept(BackboneCache(copy))
+    torch_form = Predictor(snapshot, "t1", "torch")
+    onnx_form = Predictor(snapshot, "t1", "onnx")
+    cached = snapshot.directory / "predict.onnx"
+    assert onnx_form.session is not None and cached.is_file()
+    x = torch.cat([torch_form.tensor(p) for p in images])
+    for task in (None, "t1"):
+        torch_form.position = onnx_form.position = None if task is None else 1
+        torch.testing.assert_close(onnx_form.probabilities(x), torch_form.probabilities(x), atol=1e-4, rtol=1e-3)
+    # a changed cached file is not used: exported again
+    cached.write_bytes(b"garbage")
+    assert Predictor(snapshot, None, "onnx").session is not None and cached.read_bytes() != b"garbage"

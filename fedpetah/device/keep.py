@@ -47,6 +47,7 @@ class Snapshot:
     predictor: TaskFreePredictor
     info: dict[str, Any]
     digest: str
+    directory: Path
 
     @property
     def version(self) -> int:
@@ -78,7 +79,7 @@ def open_snapshot(directory: Path, backbone: Backbone, digest: str) -> Snapshot:
         predictor = load_export(directory, backbone=backbone)
     except ExportError as error:
         raise SnapshotError(str(error)) from None
-    return Snapshot(predictor, info, digest)
+    return Snapshot(predictor, info, digest, directory)
 
 
 def check_tasks(snapshot: Snapshot, tasks: tuple[TaskInfo, ...]) -> None:
