@@ -182,11 +182,14 @@ def test_client_image_suffixes_match_the_folder_reader() -> None:
 
 
 def test_client_cache_bounds_are_the_library_defaults() -> None:
+    from fedpetah.device.keep import BANK_MAX_BYTES
     from fedpetah.device.local import CACHE_KEEP, CACHE_MAX_BYTES
 
     assert (client_cli.CACHE_KEEP, client_cli.CACHE_MAX_MB * 2**20) == (CACHE_KEEP, CACHE_MAX_BYTES)
+    assert client_cli.BANK_MAX_MB * 2**20 == BANK_MAX_BYTES
     args = client_cli.parse_args(["--server", "h:1", "--data", "d"])
-    assert (args.cache_keep, args.cache_max_mb) == (CACHE_KEEP, CACHE_MAX_BYTES >> 20)
+    assert (args.cache_keep, args.cache_max_mb, args.bank_max_mb) == (CACHE_KEEP, CACHE_MAX_BYTES >> 20,
+                                                                       BANK_MAX_BYTES >> 20)
 
 
 def test_certificates_chain_and_node_keys(tmp_path: Path) -> None:
