@@ -7,7 +7,10 @@ rejection with its reason, never an exception here.
 from __future__ import annotations
 
 import logging
+import math
 import time
+from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -15,17 +18,35 @@ from flwr.app import Context, Message
 from flwr.serverapp import Grid, ServerApp
 
 from fedpetah.experiment import ExperimentConfig, to_experiment
+from fedpetah.routing.export import ExportError, snapshot
 from fedpetah.serving.continual import ContinualServer, RoundPlan
+from fedpetah.serving.federated import FederatedTally
 from fedpetah.serving.metrics import RoundRecord
 from fedpetah.serving.round import ClientReply
+from fedpetah.serving.status import build_status, write_status
+from fedpetah.tasks import Task
+from fedpetah.wire.evaluation import EVALUATE, EvaluateReply, EvaluateRequest
 from fedpetah.wire.flatconfig import unflatten
-from fedpetah.wire.protocol import HELLO, TRAIN, HelloReply, HelloRequest, ProtocolError, Status, TrainReply, specs
+from fedpetah.wire.protocol import (
+    HELLO,
+    SECTIONS,
+    TRAIN,
+    HelloReply,
+    HelloRequest,
+    ProtocolError,
+    Status,
+    TaskInfo,
+    TrainReply,
+    specs,
+)
 from fedpetah.wire.reasons import Reason
 from flower_glue.records import records_of, to_recorddict
 from server.progress import Progress
 
 log = logging.getLogger("fedpetah.server")
 POLL_S = 0.2  # how often replies are pulled (Flower's own send_and_receive waits 3 s between pulls)
+IDLE_POLL_S = 2.0  # how often a waiting server looks at the task list and the connected nodes again
+HELLO_TIMEOUT_S = 120.0  # the longest a hello waits (a node that misses it is greeted again later)
 
 
 def make_server_app(config: ExperimentConfig, run_dir: Path, cache_dir: Path | None = None) -> ServerApp:
@@ -90,57 +111,222 @@ class Exchange:
 
 def run(grid: Grid, config: ExperimentConfig, run_dir: Path, cache_dir: Path | None = None) -> dict[str, Any]:
     """The whole federated continual run; returns the summary."""
-    server = ContinualServer(config, run_dir, cache_dir)
-    exchange = Exchange(grid)
-    nodes = _wait_for_nodes(grid, config.clients)
-    clients = _hello(exchange, server, nodes)
-    progress = Progress(len(server.tasks) * config.rounds_per_task, [t.name for t in server.tasks])
-    with progress:
-        for plan in server.schedule():
-            progress.update(_round(exchange, server, plan, clients))
-    summary = server.finish({"clients": config.clients})
-    progress.final(summary)
-    return summary
+    return Federation(grid, ContinualServer(config, run_dir, cache_dir)).run()
 
 
-def _wait_for_nodes(grid: Grid, expected: int, timeout: float = 600.0) -> list[int]:
-    start = time.monotonic()
-    while True:
-        nodes = sorted(grid.get_node_ids())
-        if len(nodes) >= expected or (nodes and time.monotonic() - start > timeout):
-            return nodes
-        if time.monotonic() - start > timeout:
-            raise TimeoutError(f"no client connected within {timeout:.0f} s")
-        time.sleep(1.0)
+class Federation:
+    """The live loop over Flower's Grid: greet the nodes connected now, train the next task's rounds among those
+    that hold its images, evaluate on the devices and hand them the learned tasks after each task, and wait
+    (saying for what) when there is nothing to do."""
+
+    def __init__(self, grid: Grid, server: ContinualServer) -> None:
+        self.grid, self.server, self.config = grid, server, server.config
+        self.exchange = Exchange(grid)
+        self.refused: set[int] = set()  # nodes whose hello did not decode: not greeted again while connected
+        self.federated: dict[int, float] = {}  # the latest federated accuracy per task (status)
+        self.task_free: float | None = None
+        self.snapshots: dict[int, tuple[bytes, bytes]] = {}  # bank version -> snapshot (the latest only)
+        self.offered: dict[int, int] = {}  # client -> the latest snapshot version sent to it (sent once each)
+        self.server.federated = self.evaluate
+
+    def run(self) -> dict[str, Any]:
+        server, config = self.server, self.config
+        self.status("starting", "devices to connect")
+        for device in server.fleet.devices.values():
+            device.catalog_size = 0  # a restarted server asks every device again what it holds
+        self.wait_for_start()
+        progress = Progress(config.rounds_per_task, [])
+        idle_since: float | None = None
+        with progress:
+            while True:
+                self.refresh(progress)
+                plan = server.next_plan()
+                if plan is None and (not server.live or server.stopped):
+                    break  # a fixed stream is trained, or stop_after is reached
+                if plan is None:
+                    waiting = "a new task in the task list (fedpetah-server task add)" if server.live else \
+                        "devices to hand the learned tasks to"
+                    self.sync()
+                else:
+                    eligible = server.fleet.eligible(plan.task)
+                    if len(eligible) >= config.min_devices:
+                        self.sync()  # a device that joined gets the learned tasks before it trains
+                        self.status("training", None)
+                        progress.update(_round(self.exchange, server, plan, eligible))
+                        idle_since = None
+                        continue
+                    waiting = (f"{config.min_devices} connected device(s) holding images of task {plan.task} "
+                               f"({server.tasks[plan.task].name}); {len(eligible)} now (min_devices)")
+                if idle_since is None:
+                    idle_since = time.monotonic()
+                    log.info("waiting for %s", waiting)
+                self.status("waiting", waiting)
+                if config.exit_when_idle_s is not None and time.monotonic() - idle_since >= config.exit_when_idle_s:
+                    log.info("nothing to train for %.0f s (exit_when_idle_s): stopping", config.exit_when_idle_s)
+                    break
+                time.sleep(IDLE_POLL_S)
+        summary = server.finish({"clients": config.clients})
+        self.status("finished", None)
+        progress.final(summary)
+        return summary
+
+    def wait_for_start(self) -> None:
+        """Until ``clients`` nodes are connected, or ``start_wait_s`` has passed (then the loop starts with the
+        nodes it has, and rounds wait for ``min_devices``); says what it waits for every 10 s."""
+        started, said = time.monotonic(), -math.inf
+        while True:
+            count, waited = len(list(self.grid.get_node_ids())), time.monotonic() - started
+            if count >= self.config.clients or waited >= self.config.start_wait_s:
+                if count < self.config.clients:
+                    log.warning("starting with %d connected node(s) of the %d the config names (clients); rounds "
+                                "start once %d hold a task's images (min_devices)", count, self.config.clients,
+                                self.config.min_devices)
+                return
+            if waited - said >= 10.0:
+                said = waited
+                log.info("waiting for devices: %d of %d connected (clients=%d); starting with those connected "
+                         "after %.0f s (start_wait_s)", count, self.config.clients, self.config.clients,
+                         self.config.start_wait_s)
+            time.sleep(1.0)
+
+    def refresh(self, progress: Progress) -> None:
+        """Read the task list again, learn who is connected, greet new nodes (and every node when the task list
+        grew, for their images of the new tasks)."""
+        server = self.server
+        for task in server.refresh_tasks():
+            log.info("task %d %r added (%d classes)", task.index, task.name, task.num_classes)
+        progress.tasks([t.name for t in server.tasks])
+        new, left = server.fleet.connect(self.grid.get_node_ids())
+        self.refused &= {d.node for d in server.fleet.connected()} | set(new)
+        for client in left:
+            log.info("device %s left", client)
+        greet = [n for n in new if n not in self.refused] + server.fleet.stale(len(server.tasks))
+        if greet:
+            self.hello(sorted(set(greet)))
+
+    def hello(self, nodes: list[int]) -> None:
+        server = self.server
+        tasks = task_infos(server.tasks)
+        sections = {name: asdict(getattr(self.config, name)) for name in SECTIONS}  # a simulated client's shard
+        content = HelloRequest(server.digest, tasks, self.config.seed, self.config.clients, sections).encode()
+        replies, _ = self.exchange([Message(to_recorddict(content), node, HELLO) for node in nodes],
+                                   min(self.config.reply_timeout_s, HELLO_TIMEOUT_S))
+        for node, message in sorted(replies.items()):
+            try:
+                hello = HelloReply.decode(records_of(message, HelloReply.layout(tasks)), tasks)
+            except ProtocolError as error:
+                log.warning("node %s: bad hello reply (%s); it takes no part while connected", node, error)
+                self.refused.add(node)
+                continue
+            client = hello.partition if hello.partition >= 0 else node
+            known = client in server.fleet.devices
+            server.fleet.greeted(client, node, hello.has_backbone, hello.holdings, len(tasks))
+            if not known:
+                held = {server.tasks[t].name: int(v[:, 0].sum()) for t, v in hello.holdings.items()}
+                log.info("device %s joined%s", client, f": images {held}" if held else " (no images of any task)")
+            _track_install(server, node, Status.NEEDS_BACKBONE if not hello.has_backbone else Status.OK)
+
+    # ------------------------------------------------------------------------------------------- evaluation
+
+    def learned(self) -> int:
+        """How many tasks are completely trained (the first ones)."""
+        return min(len(self.server.tasks), self.server.state.completed_rounds // self.config.rounds_per_task)
+
+    def unsynced(self) -> list[int]:
+        """Client ids of connected devices that do not keep the latest learned tasks yet."""
+        version = self.learned() * self.config.rounds_per_task
+        if not self.learned():
+            return []
+        return [d.client for d in self.server.fleet.connected()
+                if d.kept_version < version and not d.simulated and self.offered.get(d.client, -1) < version]
+
+    def sync(self) -> None:
+        """Hand the learned tasks to each connected device that does not keep them yet (a late joiner)."""
+        clients = self.unsynced()
+        if clients:
+            count = self.learned()
+            self.send_snapshot(count - 1, count * self.config.rounds_per_task, clients, evaluate=False)
+
+    def evaluate(self, plan: RoundPlan) -> dict[str, float]:
+        """After a task's last round: every connected device evaluates every learned task on its held-out images
+        and keeps them; the round's federated figures (the ContinualServer's hook)."""
+        clients = [d.client for d in self.server.fleet.connected() if not d.simulated or d.images(plan.task, 1) or
+                   any(d.images(t, 1) for t in range(plan.task))]  # simulated clients without a holdout: nothing to do
+        return self.send_snapshot(plan.task, plan.round, clients, evaluate=True)
+
+    def send_snapshot(self, upto: int, version: int, clients: list[int], evaluate: bool) -> dict[str, float]:
+        server = self.server
+        snapshot = self.snapshot(upto, version)
+        if snapshot is None:
+            return {}
+        tasks = task_infos(server.tasks[: upto + 1])
+        sections = {name: asdict(getattr(self.config, name)) for name in SECTIONS}
+        messages, client_of = [], {}
+        for client in clients:
+            device = server.fleet.devices[client]
+            asks = evaluate and any(device.images(t.index, 1) > 0 for t in tasks)
+            artifact = None if device.node in server.state.installed else server.artifact_payload
+            request = EvaluateRequest(server.digest, version, tasks, *snapshot, keep=not device.simulated,
+                                      evaluate=asks, seed=self.config.seed, clients=self.config.clients,
+                                      sections=sections, artifact=artifact)
+            messages.append(Message(to_recorddict(request.encode()), device.node, EVALUATE))
+            self.offered[client] = version
+            client_of[device.node] = client
+        answers, _ = self.exchange(messages, self.config.reply_timeout_s)
+        tally = FederatedTally(tasks, self.config.evaluation_max_share)
+        for node, message in sorted(answers.items(), key=lambda item: client_of[item[0]]):
+            client = client_of[node]
+            try:
+                reply = EvaluateReply.decode(records_of(message, EvaluateReply.layout(tasks)), tasks)
+                tally.add(client, reply, server.fleet.devices[client].holdings)
+            except ProtocolError as error:
+                log.warning("round %d: rejected the evaluation of device %s: %s", version, client, error)
+                server.fleet.count_round([], [(client, str(error.reason))])
+                continue
+            _track_install(server, node, reply.status)
+            if reply.kept:
+                server.fleet.devices[client].kept_version = version
+            elif reply.status is not Status.OK:
+                log.warning("device %s did not keep the learned tasks: %s %s", client, reply.status, reply.reason)
+        if not evaluate:
+            return {}
+        figures = tally.figures()
+        self.federated = {t: figures[f"federated_accuracy_{t}"] for t in range(upto + 1)
+                          if f"federated_accuracy_{t}" in figures}
+        self.task_free = figures.get("federated_task_free_accuracy")
+        return figures
+
+    def snapshot(self, upto: int, version: int) -> tuple[bytes, bytes] | None:
+        """Tasks 0..upto as the devices keep them (None, logged, when they cannot be built: e.g. a task without
+        router statistics)."""
+        if version not in self.snapshots:
+            server = self.server
+            try:
+                payload = snapshot(server.backbone, server.digest, self.config.adapter, server.bank,
+                                   list(range(upto + 1)), server.router.config, version)
+            except (ExportError, ValueError) as error:
+                log.warning("cannot hand out the learned tasks: %s", error)
+                return None
+            self.snapshots = {version: payload}
+        return self.snapshots[version]
+
+    def status(self, state: str, waiting: str | None) -> None:
+        write_status(self.server.run_dir, build_status(self.server, state, waiting, self.federated, self.task_free))
 
 
-def _hello(exchange: Exchange, server: ContinualServer, nodes: list[int]) -> dict[int, int]:
-    """Map each client id (partition id in simulation, node id on devices) to its Flower node id."""
-    content = HelloRequest(server.digest).encode()
-    replies, _ = exchange([Message(to_recorddict(content), node, HELLO) for node in nodes],
-                          server.config.reply_timeout_s)
-    clients: dict[int, int] = {}
-    for node, message in sorted(replies.items()):
-        try:
-            hello = HelloReply.decode(records_of(message, HelloReply.layout()))
-        except ProtocolError as error:
-            log.warning("node %s: bad hello reply (%s); it takes no part in this run", node, error)
-            continue
-        clients[hello.partition if hello.partition >= 0 else node] = node
-        if hello.has_backbone and node not in server.state.installed:
-            server.state.installed.append(node)
-    return clients
+def task_infos(tasks: Sequence[Task]) -> tuple[TaskInfo, ...]:
+    return tuple(TaskInfo(t.index, t.name, tuple(t.classes)) for t in tasks)
 
 
-def _round(exchange: Exchange, server: ContinualServer, plan: RoundPlan, clients: dict[int, int]) -> RoundRecord:
+def _round(exchange: Exchange, server: ContinualServer, plan: RoundPlan, eligible: list[int]) -> RoundRecord:
     started = time.perf_counter()
-    sampled = server.sample(list(clients), plan)
+    sampled = server.sample(eligible, plan)
     current = server.global_state(plan.task)
     messages, artifact_bytes, bytes_down = [], 0, 0
     client_of: dict[int, int] = {}
     asked: set[int] = set()  # nodes asked for the task-free router's statistics
     for client in sampled:
-        node = clients[client]
+        node = server.fleet.node_of(client)
         request = server.train_request(plan, client, current, with_artifact=node not in server.state.installed)
         if request.artifact is not None:
             artifact_bytes += sum(len(part) for part in request.artifact)

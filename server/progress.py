@@ -18,14 +18,15 @@ class Progress:
     """A progress bar with the last round's accuracy line on a terminal, one plain line per round elsewhere (logs,
     CI, ``flwr log``); a summary table at the end."""
 
-    def __init__(self, total_rounds: int, task_names: list[str]) -> None:
+    def __init__(self, rounds_per_task: int, task_names: list[str]) -> None:
         self.console = Console(stderr=True)
         self.live = self.console.is_terminal
-        self.total_rounds = total_rounds
-        self.task_names = task_names
+        self.rounds_per_task = rounds_per_task
+        self.total_rounds = rounds_per_task * len(task_names)
+        self.task_names = list(task_names)
         self.bar = RichProgress(TextColumn("[bold]round"), MofNCompleteColumn(), BarColumn(), TimeElapsedColumn(),
                                 TextColumn("{task.description}"), console=self.console)
-        self.task_id = self.bar.add_task("", total=total_rounds)
+        self.task_id = self.bar.add_task("", total=self.total_rounds)
 
     def __enter__(self) -> Progress:
         if self.live:
@@ -36,6 +37,13 @@ class Progress:
                  tb: TracebackType | None) -> None:
         if self.live:
             self.bar.__exit__(kind, value, tb)
+
+    def tasks(self, names: list[str]) -> None:
+        """The task list as it grows (a live stream): the total rounds follow it."""
+        if names != self.task_names:
+            self.task_names = list(names)
+            self.total_rounds = self.rounds_per_task * len(names)
+            self.bar.update(self.task_id, total=self.total_rounds)
 
     def update(self, record: RoundRecord) -> None:
         accs = " ".join(f"{100 * a:.0f}" for a in record.accuracy.values() if not math.isnan(a))

@@ -21,7 +21,17 @@ from fedpetah.bank import AdapterBank
 from fedpetah.config import BackboneConfig, PruningConfig, TrainConfig, WarmupConfig
 from fedpetah.experiment import ExperimentConfig, StrategyConfig
 from fedpetah.tasks import PartitionConfig, TaskStreamConfig
-from fedpetah.wire.protocol import NO_PARTITION, HelloReply, Records, Status, TrainReply, TrainRequest
+from fedpetah.wire.evaluation import EVALUATE, EvaluateReply
+from fedpetah.wire.protocol import (
+    HELLO,
+    NO_PARTITION,
+    HelloReply,
+    HelloRequest,
+    Records,
+    Status,
+    TrainReply,
+    TrainRequest,
+)
 from fedpetah.wire.reasons import Reason
 from flower_glue.records import records_of, to_recorddict
 from server.app import run
@@ -62,7 +72,8 @@ class ScriptedGrid(Grid):
             ids.append(f"m{self.counter}")
             node = message.metadata.dst_node_id
             if node in self.honest:
-                handler = client_app.hello if message.metadata.message_type.startswith("query") else client_app.train
+                kind = message.metadata.message_type
+                handler = {HELLO: client_app.hello, EVALUATE: client_app.evaluate}.get(kind, client_app.train)
                 self.outbox.append((0.0, handler(message, self.honest[node])))
             else:
                 answer = self.scripts[node](message)
@@ -111,7 +122,10 @@ def _contexts(cache: Path) -> dict[int, Context]:
 
 
 def _hello_as_device(message: Message) -> Message:
-    return Message(to_recorddict(HelloReply(NO_PARTITION, True).encode()), reply_to=message)
+    """A device that claims 10 training images of each class of every task it is asked about."""
+    tasks = HelloRequest.decode(records_of(message)).tasks
+    holdings = {t.index: np.full((t.num_classes, 2), [10, 0], np.int64) for t in tasks}
+    return Message(to_recorddict(HelloReply(NO_PARTITION, True, holdings).encode()), reply_to=message)
 
 
 def _valid_reply(message: Message) -> Records:
@@ -130,8 +144,10 @@ def _hostile(changes: list[str], malform: Callable[[Records, str], Records]) -> 
     queue = iter(changes)
 
     def answer(message: Message) -> Message | None:
-        if message.metadata.message_type.startswith("query"):
+        if message.metadata.message_type == HELLO:
             return _hello_as_device(message)
+        if message.metadata.message_type == EVALUATE:  # no held-out images: nothing to count
+            return Message(to_recorddict(EvaluateReply(Status.OK, "", kept=True).encode()), reply_to=message)
         change = next(queue)
         if change == "error-reply":
             return Message(Error(code=0, reason="boom"), reply_to=message)
@@ -185,6 +201,8 @@ def test_hostile_replies_are_counted_and_change_nothing(tmp_path: Path, cache_di
 
 
 def _no_data(message: Message) -> Message:
-    if message.metadata.message_type.startswith("query"):
+    if message.metadata.message_type == HELLO:
         return _hello_as_device(message)
+    if message.metadata.message_type == EVALUATE:
+        return Message(to_recorddict(EvaluateReply(Status.OK, "", kept=True).encode()), reply_to=message)
     return Message(to_recorddict(TrainReply(Status.NO_DATA, "none here").encode()), reply_to=message)

@@ -39,6 +39,11 @@ class DeviceRecord:
     kept_version: int = -1  # the bank version of the snapshot it keeps (-1: none)
     connected: bool = False  # runtime only: not saved
 
+    @property
+    def simulated(self) -> bool:
+        """A simulated client (its client id is a partition id, not its node id): it keeps no snapshot."""
+        return self.client != self.node
+
     def images(self, task: int, column: int = 0) -> int:
         """Images of ``task`` held for training (column 0) or held out (column 1)."""
         return int(sum(row[column] for row in self.holdings.get(task, [])))
