@@ -1,15 +1,20 @@
 """A whole federation on loopback (for tests, benchmarks and demos): a private CA, device keys, image folders from
 the offline MNIST sample, ``fedpetah-server`` and ``fedpetah-client`` processes on free ports, all stopped together
 (process trees included) by :meth:`Loopback.stop`. Devices use 127.0.0.2, where only the server's nginx proxy
-listens (the Fleet API); the SuperLink and everything else stay on 127.0.0.1."""
+listens (the Fleet API); the SuperLink and everything else stay on 127.0.0.1. With ``sources`` each device also
+connects from an address of its own (tests/loopback_site/sitecustomize.py), as devices on separate hosts do."""
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
+
+import psutil
 
 from flower_glue.launch import child_env, executable, free_port, port_is_free, start, stop_tree
 from server.bundle import REPO
@@ -51,13 +56,27 @@ def write_device_data(root: Path, clients: int, per_class: int, num_tasks: int =
     return dirs
 
 
+def running(pid: int) -> bool:
+    """Whether process ``pid`` exists and is not a zombie."""
+    try:
+        return bool(psutil.Process(pid).status() != psutil.STATUS_ZOMBIE)
+    except psutil.NoSuchProcess:
+        return False
+
+
+SOURCE_SITE = Path(__file__).with_name("loopback_site")  # its sitecustomize binds a device's source address
+
+
 class Loopback:
     """Certificates, keys (the first ``registered`` of ``devices`` are registered), data and processes in ``root``;
-    devices connect to ``host`` (127.0.0.1: straight to the SuperLink, no proxy)."""
+    devices connect to ``host`` (127.0.0.1: straight to the SuperLink, no proxy), device i from ``sources[i]`` when
+    given (a loopback address of its own; else the kernel's choice, 127.0.0.1)."""
 
     def __init__(self, root: Path, devices: int, registered: int | None = None, per_class: int = 40,
-                 num_tasks: int = 2, host: str = "127.0.0.2") -> None:
-        self.root, self.state, self.host = root, root / "state", host
+                 num_tasks: int = 2, host: str = "127.0.0.2", sources: Sequence[str] = ()) -> None:
+        if sources and len(sources) != devices:
+            raise ValueError(f"{len(sources)} source addresses for {devices} devices")
+        self.root, self.state, self.host, self.sources = root, root / "state", host, list(sources)
         self.run_dir = self.state / "run"
         make_tls(self.state / "certs", [host])
         self.keys = [make_node_key(root / "keys" / f"node{i}")[0] for i in range(devices)]
@@ -92,12 +111,49 @@ class Loopback:
         return self._start(name, module, args, **env)
 
     def start_client(self, device: int, *extra: str) -> subprocess.Popen[bytes]:
+        source = {}
+        if self.sources:  # every Python process of this device (its supervisor, SuperNode, worker) binds it
+            source = {"PYTHONPATH": f"{SOURCE_SITE}:{REPO}",
+                      "FEDPETAH_LOOPBACK_SOURCE": f"{self.sources[device]} {self.host} {self.port}"}
         return self._start(f"client{device}", "clients.cli", [
             "--server", f"{self.host}:{self.port}", "--data", str(self.data[device]),
             "--root-certificates", str(self.state / "certs" / "ca.pem"), "--auth-key", str(self.keys[device]),
             "--cache", str(self.cache(device)), "--runtime-port", str(self.runtime_ports[device]),
             "--retries", "20", "--backoff", "0.25", "--threads", "1", *extra,
-        ], FLWR_HOME=str(self.root / f"flwr{device}"))
+        ], FLWR_HOME=str(self.root / f"flwr{device}"), **source)
+
+    def command(self, module: str, *args: str, timeout: float = 300.0) -> subprocess.CompletedProcess[str]:
+        """Run ``python -m module args`` to its end as an operator or a device owner would (``server.entry task
+        add ...``, ``clients.cli predict ...``): its exit code, stdout and stderr."""
+        environment = child_env({"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
+        return subprocess.run([sys.executable, "-m", module, *args], env=environment, capture_output=True,
+                              text=True, timeout=timeout, check=False)
+
+    def kill(self, name: str) -> set[int]:
+        """SIGKILL process ``name`` and all its descendants, with no chance of a graceful shutdown (a power cut):
+        the tree is frozen with SIGSTOP until no new process appears, then killed at once; the pids killed."""
+        frozen: dict[int, psutil.Process] = {}
+        with contextlib.suppress(psutil.NoSuchProcess):
+            frozen[self.processes[name].pid] = psutil.Process(self.processes[name].pid)
+        while True:
+            for proc in list(frozen.values()):
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    proc.suspend()
+            found = {}
+            for proc in list(frozen.values()):
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    found.update({child.pid: child for child in proc.children(recursive=True)})
+            if found.keys() <= frozen.keys():
+                break
+            frozen.update(found)
+        for proc in frozen.values():
+            with contextlib.suppress(psutil.NoSuchProcess):
+                proc.kill()
+        self.processes[name].wait(timeout=10.0)
+        deadline = time.monotonic() + 10.0  # the others are not our children: a zombie counts as gone
+        while any(running(pid) for pid in frozen) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        return set(frozen)
 
     def log(self, name: str) -> str:
         path = self.root / "logs" / f"{name}.log"
