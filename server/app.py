@@ -66,8 +66,21 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Entry for ``flwr run`` / the deployment engine: the run config carries the flat experiment config."""
+    _say_what_happens()
     config = to_experiment(unflatten(dict(context.run_config)))
     run(grid, config, Path(config.output_dir))
+
+
+def _say_what_happens() -> None:
+    """Our INFO lines (a device joined, a task added, what the server waits for) on stderr, which Flower streams
+    to ``flwr log`` and fedpetah-server prints; without a handler Python drops everything below WARNING."""
+    logger = logging.getLogger("fedpetah")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("fedpetah %(levelname)s: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
 
 
 class Exchange:
@@ -250,6 +263,9 @@ class Federation:
     def evaluate(self, plan: RoundPlan) -> dict[str, float]:
         """After a task's last round: every connected device evaluates every learned task on its held-out images
         and keeps them; the round's federated figures (the ContinualServer's hook)."""
+        devices = [d.node for d in self.server.fleet.connected() if not d.simulated]
+        if devices:  # their held-out images may have changed since they said (a simulated client's cannot)
+            self.hello(devices)
         clients = [d.client for d in self.server.fleet.connected() if not d.simulated or d.images(plan.task, 1) or
                    any(d.images(t, 1) for t in range(plan.task))]  # simulated clients without a holdout: nothing to do
         return self.send_snapshot(plan.task, plan.round, clients, evaluate=True)
@@ -261,7 +277,7 @@ class Federation:
             return {}
         tasks = task_infos(server.tasks[: upto + 1])
         sections = {name: asdict(getattr(self.config, name)) for name in SECTIONS}
-        messages, client_of = [], {}
+        messages, client_of, sent, backbone = [], {}, 0, 0
         for client in clients:
             device = server.fleet.devices[client]
             asks = evaluate and any(device.images(t.index, 1) > 0 for t in tasks)
@@ -271,7 +287,10 @@ class Federation:
                                       sections=sections, artifact=artifact)
             messages.append(Message(to_recorddict(request.encode()), device.node, EVALUATE))
             self.offered[client] = version
+            sent += len(snapshot[0]) + len(snapshot[1])
+            backbone += sum(len(part) for part in artifact) if artifact else 0
             client_of[device.node] = client
+        server.state.bytes_backbone += backbone  # committed with the next round (the round's row counts its own)
         answers, _ = self.exchange(messages, self.config.reply_timeout_s)
         tally = FederatedTally(tasks, self.config.evaluation_max_share)
         for node, message in sorted(answers.items(), key=lambda item: client_of[item[0]]):
@@ -290,7 +309,7 @@ class Federation:
                 log.warning("device %s did not keep the learned tasks: %s %s", client, reply.status, reply.reason)
         if not evaluate:
             return {}
-        figures = tally.figures()
+        figures = {**tally.figures(), "bytes_snapshot_down": float(sent)}
         self.federated = {t: figures[f"federated_accuracy_{t}"] for t in range(upto + 1)
                           if f"federated_accuracy_{t}" in figures}
         self.task_free = figures.get("federated_task_free_accuracy")

@@ -145,12 +145,15 @@ def _check_catalog(config: ExperimentConfig, run_dir: Path) -> None:
               f"--classes a,b --state-dir {path.parent}` ({path})", file=sys.stderr)
     try:
         catalog = read_catalog(path)
-        bank = run_dir / "bank" / "bank.json"
-        if config.resume and bank.is_file():
+    except CatalogError as err:
+        raise ServerError(EXIT_CONFIG, f"the task list cannot be used: {err}") from None
+    bank = run_dir / "bank" / "bank.json"
+    if config.resume and bank.is_file():
+        try:
             tasks = sorted(json.loads(bank.read_text()).get("tasks", []), key=lambda t: int(t["task"]))
             check_extends([(str(t["metadata"].get("task_name")), list(t["class_names"])) for t in tasks], catalog)
-    except (CatalogError, OSError, ValueError, KeyError, TypeError) as err:
-        raise ServerError(EXIT_CONFIG, f"the task list cannot be used: {err}") from None
+        except (CatalogError, OSError, ValueError, KeyError, TypeError) as err:
+            raise ServerError(EXIT_RUN_DIR, f"--resume: the task list does not extend the run's: {err}") from None
 
 
 def _drop_stats(args: argparse.Namespace, run_dir: Path) -> None:

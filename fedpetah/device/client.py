@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import shutil
 import time
@@ -15,7 +16,7 @@ from fedpetah.adapters import ADAPTERS, AdapterConfig
 from fedpetah.artifact import ArtifactError
 from fedpetah.config import RouterConfig, TrainConfig
 from fedpetah.device.holdout import evaluate_holdout, simulated_holdings, simulated_holdout
-from fedpetah.device.keep import BANK_MAX_BYTES, SnapshotError, check_tasks, commit, open_snapshot, stage
+from fedpetah.device.keep import BANK_MAX_BYTES, Snapshot, SnapshotError, check_tasks, commit, open_snapshot, stage
 from fedpetah.device.local import BackboneCache, simulated_shard, train_task
 from fedpetah.routing.export import ExportError
 from fedpetah.routing.features import data_stats
@@ -120,6 +121,10 @@ def simulated_data(partition: int) -> DataSource:
     return load
 
 
+_OPENED: dict[tuple[str, str], Snapshot] = {}
+"""The last snapshot this process rebuilt for an evaluation that keeps nothing, by (backbone, model.json digest)."""
+
+
 class ClientRuntime:
     """A client's state across messages: its verified backbone cache and its partition id (simulation)."""
 
@@ -155,13 +160,21 @@ class ClientRuntime:
                 self.cache.install(request.digest, *request.artifact)
             backbone = self.cache.get(request.digest)
             settings = EvaluateSettings.of(request)
-            staging = stage(self.cache.root, request.model, request.manifest,
-                            self.bank_max_bytes if request.keep else None)
-            snapshot = open_snapshot(staging, backbone, request.digest)
+            key = (request.digest, hashlib.sha256(request.manifest).hexdigest())  # model.json holds the tensors'
+            opened = _OPENED.get(key) if not request.keep else None  # SHA-256: the key names the whole snapshot
+            if opened is None:
+                staging = stage(self.cache.root, request.model, request.manifest,
+                                self.bank_max_bytes if request.keep else None)
+                opened = open_snapshot(staging, backbone, request.digest)
+            snapshot = opened
             check_tasks(snapshot, request.tasks)
             if request.keep:
+                assert staging is not None  # a kept snapshot is always staged afresh
                 commit(self.cache.root, staging)
                 staging, kept = None, True
+            else:  # simulated clients in one process evaluate the same snapshot: rebuilt once per process
+                _OPENED.clear()
+                _OPENED[key] = snapshot
             counts, confusion = {}, {}
             deadline = time.monotonic() + MAX_EVALUATE_SECONDS
             for position, task in enumerate(request.tasks if request.evaluate else ()):

@@ -81,17 +81,20 @@ class Fleet:
         return [d.to_json() for d in sorted(kept, key=lambda d: d.client)]
 
     def connect(self, nodes: Iterable[int]) -> tuple[list[int], list[int]]:
-        """Mark exactly ``nodes`` as connected now; returns (nodes never greeted, devices that left)."""
+        """Mark exactly ``nodes`` as connected now; returns (nodes to greet: never greeted or back after leaving,
+        devices that left). A device that comes back is asked again what it holds (its images may have changed)."""
         now, current = time.time(), set(nodes)
         known = {d.node: d for d in self.devices.values()}
-        left = []
+        left, back = [], []
         for device in self.devices.values():
             if device.connected and device.node not in current:
                 left.append(device.client)
+            elif not device.connected and device.node in current:
+                back.append(device.node)
             device.connected = device.node in current
             if device.connected:
                 device.last_seen = now
-        return sorted(n for n in current if n not in known), left
+        return sorted({n for n in current if n not in known} | set(back)), left
 
     def greeted(self, client: int, node: int, has_backbone: bool, holdings: Mapping[int, np.ndarray],
                 catalog_size: int) -> DeviceRecord:
