@@ -57,16 +57,21 @@ class Progress:
             self.console.print(f"round {record.round}/{self.total_rounds} {text}", highlight=False)
 
     def final(self, summary: dict[str, Any]) -> None:
-        table = Table(title="accuracy matrix R[i][j] (%), row = after task i")
+        rows = summary.get("accuracy_matrix", [])
+        kind = ""
+        if not any(v is not None for row in rows for v in row) and "federated_accuracy_matrix" in summary:
+            rows, kind = summary["federated_accuracy_matrix"], "federated "  # the server holds no test images
+        table = Table(title=f"{kind}accuracy matrix R[i][j] (%), row = after task i")
         table.add_column("after")
         for name in self.task_names:
             table.add_column(name, justify="right")
-        for i, row in enumerate(summary.get("accuracy_matrix", [])):
+        for i, row in enumerate(rows):
             cells = ["" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.1f}" for v in row]
             table.add_row(self.task_names[i], *cells)
         self.console.print(table)
-        keys = ("average_accuracy", "backward_transfer", "forgetting", "bytes_up_total", "bytes_down_total",
-                "bytes_backbone_total", "trainable_params")
+        keys = ("average_accuracy", "backward_transfer", "forgetting", "federated_average_accuracy",
+                "federated_task_free_accuracy", "bytes_up_total", "bytes_down_total", "bytes_backbone_total",
+                "trainable_params")
         for key in keys:
             if key in summary:
                 self.console.print(f"{key}: {summary[key]}")
