@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -46,6 +47,7 @@ from server.progress import Progress
 log = logging.getLogger("fedpetah.server")
 POLL_S = 0.2  # how often replies are pulled (Flower's own send_and_receive waits 3 s between pulls)
 IDLE_POLL_S = 2.0  # how often a waiting server looks at the task list and the connected nodes again
+STATUS_REFRESH_S = 30.0  # the longest status.json goes unwritten while the server waits
 HELLO_TIMEOUT_S = 120.0  # the longest a hello waits (a node that misses it is greeted again later)
 
 
@@ -140,6 +142,7 @@ class Federation:
         self.task_free: float | None = None
         self.snapshots: dict[int, tuple[bytes, bytes]] = {}  # bank version -> snapshot (the latest only)
         self.offered: dict[int, int] = {}  # client -> the latest snapshot version sent to it (sent once each)
+        self.written: tuple[dict[str, Any], float] = ({}, -math.inf)  # the status last written, and when
         self.server.federated = self.evaluate
 
     def run(self) -> dict[str, Any]:
@@ -293,6 +296,7 @@ class Federation:
         server.state.bytes_backbone += backbone  # committed with the next round (the round's row counts its own)
         answers, _ = self.exchange(messages, self.config.reply_timeout_s)
         tally = FederatedTally(tasks, self.config.evaluation_max_share)
+        rejected: Counter[str] = Counter()
         for node, message in sorted(answers.items(), key=lambda item: client_of[item[0]]):
             client = client_of[node]
             try:
@@ -301,6 +305,7 @@ class Federation:
             except ProtocolError as error:
                 log.warning("round %d: rejected the evaluation of device %s: %s", version, client, error)
                 server.fleet.count_round([], [(client, str(error.reason))])
+                rejected[str(error.reason)] += 1
                 continue
             _track_install(server, node, reply.status)
             if reply.kept:
@@ -309,7 +314,8 @@ class Federation:
                 log.warning("device %s did not keep the learned tasks: %s %s", client, reply.status, reply.reason)
         if not evaluate:
             return {}
-        figures = {**tally.figures(), "bytes_snapshot_down": float(sent)}
+        figures = {**tally.figures(), "bytes_snapshot_down": float(sent), "federated_replies": float(len(answers)),
+                   **{f"federated_rejected_{reason}": float(n) for reason, n in sorted(rejected.items())}}
         self.federated = {t: figures[f"federated_accuracy_{t}"] for t in range(upto + 1)
                           if f"federated_accuracy_{t}" in figures}
         self.task_free = figures.get("federated_task_free_accuracy")
@@ -330,7 +336,14 @@ class Federation:
         return self.snapshots[version]
 
     def status(self, state: str, waiting: str | None) -> None:
-        write_status(self.server.run_dir, build_status(self.server, state, waiting, self.federated, self.task_free))
+        """Rewrite status.json when something changed, and at least every :data:`STATUS_REFRESH_S` (its
+        ``updated`` time tells a reader that the server is alive)."""
+        status = build_status(self.server, state, waiting, self.federated, self.task_free)
+        content = {**status, "updated": None,  # a device's last_seen moves on every poll: not a change by itself
+                   "devices": [{**d, "last_seen": None} for d in status["devices"]]}
+        if content != self.written[0] or time.monotonic() - self.written[1] >= STATUS_REFRESH_S:
+            write_status(self.server.run_dir, status)
+            self.written = (content, time.monotonic())
 
 
 def task_infos(tasks: Sequence[Task]) -> tuple[TaskInfo, ...]:

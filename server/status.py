@@ -55,7 +55,8 @@ def _percent(value: object) -> str:
 def render(status: dict[str, Any]) -> str:
     """The status document as a few plain tables."""
     running = _alive(status.get("pid")) and status.get("state") != "finished"
-    state = status.get("state") if running else f"stopped (last: {status.get('state')})"
+    state = status.get("state") if running or status.get("state") == "finished" else \
+        f"stopped while {status.get('state')} (continue with --resume)"
     lines = [f"server: {state}, updated {_ago(status.get('updated'))}; bank version {status.get('bank_version')} "
              f"({status.get('completed_rounds')} rounds committed)"]
     if running and status.get("waiting_for"):

@@ -29,6 +29,7 @@ from fedpetah.wire.evaluation import EVALUATE, EvaluateReply, EvaluateRequest
 from fedpetah.wire.protocol import HELLO, HelloReply, HelloRequest, Status, task_key
 from fedpetah.wire.reasons import Reason
 from flower_glue.records import records_of, to_recorddict
+from server import status as status_cli
 from server.app import run
 
 pytestmark = pytest.mark.slow
@@ -131,7 +132,8 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
 
 def test_a_task_added_while_running_and_a_late_device_are_trained_resumed_and_kept(
-        world: dict[str, Any], cache_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+        world: dict[str, Any], cache_dir: Path, caplog: pytest.LogCaptureFixture,
+        capsys: pytest.CaptureFixture[str]) -> None:
     root, data, names = world["root"] / "run1", world["data"], world["tasks"]
     catalog = root / "tasks.yaml"
     add_task(catalog, *names[0])
@@ -163,6 +165,10 @@ def test_a_task_added_while_running_and_a_late_device_are_trained_resumed_and_ke
     assert all(d["kept_version"] == 4 for d in by_client.values())  # every device keeps both tasks
     assert [t["state"] for t in status["tasks"]] == ["learned", "learned"]
     assert any("device 104 joined" in r.getMessage() for r in caplog.records)
+    assert status_cli.main(["--run-dir", str(run_dir)]) == 0  # the operator's table, on a stopped server
+    table = capsys.readouterr().out
+    assert "server: finished" in table and names[1][0] in table and "104" in table
+    assert status_cli.main(["--run-dir", str(root / "nowhere")]) == status_cli.EXIT_NO_STATUS
     images = {p.name for d in data for p in d.rglob("*.png")}
     assert images and not [p for p in root.rglob("*") if p.name in images]  # the server's dirs hold no image
 
@@ -214,6 +220,11 @@ def test_hostile_evaluation_replies_are_rejected_counted_and_change_no_figure(
         "data-dir": str(data[2]), "cache-dir": str(root / f"liar{i}")}, state=RecordDict(), run_config={}))
         for i, change in enumerate(CHANGES)}
     summary = run(LiveGrid(honest, liars), _config(catalog, exit_when_idle_s=0.0), root / "attacked", cache_dir)
+    [row] = [json.loads(line) for line in (root / "attacked" / "metrics.jsonl").read_text().splitlines()
+             if "federated_replies" in line]  # the task's last round: its row counts the rejected evaluations
+    assert row["extra"]["federated_replies"] == len(honest) + len(liars)
+    assert row["extra"]["federated_rejected_evaluation"] == len(liars) - 1
+    assert row["extra"]["federated_rejected_size"] == 1
     status = json.loads((root / "attacked" / "status.json").read_text())
     rejected = {d["client"]: d["rejections"] for d in status["devices"]}
     for node, change in zip(liars, CHANGES, strict=True):  # each lie rejected once; an oversized one as "size"
