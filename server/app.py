@@ -314,7 +314,8 @@ class Federation:
                 log.warning("device %s did not keep the learned tasks: %s %s", client, reply.status, reply.reason)
         if not evaluate:
             return {}
-        figures = {**tally.figures(), "bytes_snapshot_down": float(sent), "federated_replies": float(len(answers)),
+        figures = {**tally.figures(), "bytes_snapshot_down": float(sent), "bytes_backbone_evaluation": float(backbone),
+                   "federated_replies": float(len(answers)),
                    **{f"federated_rejected_{reason}": float(n) for reason, n in sorted(rejected.items())}}
         self.federated = {t: figures[f"federated_accuracy_{t}"] for t in range(upto + 1)
                           if f"federated_accuracy_{t}" in figures}

@@ -98,7 +98,9 @@ def test_two_devices_tls_node_auth_stop_and_resume(loopback: Loopback) -> None:
     assert rounds[1].accuracy[0] > 0.6 and rounds[1].accuracy[1] > 0.6, rounds[1].accuracy
     assert rounds[0].num_clients == 2 and rounds[0].extra["bytes_backbone"] == 2 * summary["backbone_artifact_bytes"]
     assert rounds[1].extra["bytes_backbone"] == 0
-    assert summary["bytes_backbone_total"] == rounds[0].extra["bytes_backbone"]
+    assert rounds[1].extra["bytes_backbone_evaluation"] == summary["backbone_artifact_bytes"]  # device 1 again,
+    # with the learned tasks after round 2 (it refused its tampered copy in round 2's training)
+    assert summary["bytes_backbone_total"] == rounds[0].extra["bytes_backbone"] + summary["backbone_artifact_bytes"]
     assert rounds[1].num_clients == 1 and rounds[1].extra["status_needs_backbone"] == 1  # device 1 refused its
     # tampered backbone (its worker held a verified copy in memory, and re-verified the changed file)
     for device in range(2):  # every message went through the device worker that fedpetah-client started
