@@ -15,8 +15,8 @@ from typing import Any
 import numpy as np
 import pytest
 from flwr.app import Context, Message, RecordDict
-from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
+from grids import InProcessGrid, answer_honestly
 
 import clients.app as client_app
 from fedpetah.adapters import adapter_config
@@ -34,10 +34,9 @@ from server.app import run
 
 pytestmark = pytest.mark.slow
 Answer = Callable[[Message], "Message | None"]
-HANDLERS = {HELLO: client_app.hello, EVALUATE: client_app.evaluate}
 
 
-class LiveGrid(Grid):
+class LiveGrid(InProcessGrid):
     """Flower's Grid answered in this process: ``devices`` (node id -> Context) run the real ClientApp handlers,
     ``scripts`` (node id -> answer) anything else; ``present(node)`` says whether a node is connected now."""
 
@@ -46,18 +45,6 @@ class LiveGrid(Grid):
                  ) -> None:
         self.devices, self.scripts, self.present, self.on_poll = devices, scripts or {}, present, on_poll
         self.outbox: list[Message] = []
-        self.counter = 0
-        self.sent: list[tuple[int, str]] = []
-
-    def set_run(self, run: object) -> None:  # type: ignore[override]
-        pass
-
-    @property
-    def run(self) -> object:  # type: ignore[override]
-        raise NotImplementedError
-
-    def create_message(self, *args: object, **kwargs: object) -> Message:  # type: ignore[override]
-        raise NotImplementedError
 
     def get_node_ids(self) -> Iterable[int]:
         self.on_poll()
@@ -66,17 +53,14 @@ class LiveGrid(Grid):
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         ids = []
         for message in messages:
-            self.counter += 1
-            message.metadata.__dict__["_message_id"] = f"m{self.counter}"
-            ids.append(f"m{self.counter}")
-            node, kind = message.metadata.dst_node_id, message.metadata.message_type
-            self.sent.append((node, kind))
+            ids.append(self.stamp(message))
+            node = message.metadata.dst_node_id
             if node in self.scripts:
                 answer = self.scripts[node](message)
                 if answer is not None:
                     self.outbox.append(answer)
             else:
-                self.outbox.append(HANDLERS.get(kind, client_app.train)(message, self.devices[node]))
+                self.outbox.append(answer_honestly(message, self.devices[node]))
         return ids
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
@@ -84,9 +68,6 @@ class LiveGrid(Grid):
         ready = [m for m in self.outbox if m.metadata.reply_to_message_id in wanted]
         self.outbox = [m for m in self.outbox if m not in ready]
         return ready
-
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
-        raise AssertionError("the ServerApp must use its own push/pull loop")
 
 
 @pytest.fixture(autouse=True)
@@ -179,7 +160,7 @@ def _hostile_evaluator(change: str, context: Context) -> Answer:
     def answer(message: Message) -> Message | None:
         kind = message.metadata.message_type
         if kind != EVALUATE:
-            return HANDLERS.get(kind, client_app.train)(message, context)
+            return answer_honestly(message, context)
         request = EvaluateRequest.decode(records_of(message))
         if not request.evaluate:
             return client_app.evaluate(message, context)
@@ -245,7 +226,7 @@ def _quiet(data: Path, cache: Path, node: int) -> Answer:
         kind = message.metadata.message_type
         if kind == EVALUATE:
             return Message(to_recorddict(EvaluateReply(Status.OK, "", kept=True).encode()), reply_to=message)
-        return HANDLERS.get(kind, client_app.train)(message, context)
+        return answer_honestly(message, context)
 
     return answer
 

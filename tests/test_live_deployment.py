@@ -32,7 +32,8 @@ OVERRIDES = ["tasks=catalog", "rounds_per_task=2", "clients=3", "min_devices=2",
              "reply_timeout_s=120", "backbone=edgenext_xx_small", "backbone.img_size=32", "backbone.weights=random",
              "pruning=none", "adapter=lora", "train.epochs=4", "train.batch_size=16", "train.max_steps=10",
              "strategy.fraction=1.0"]
-PLOTS = {"accuracy_matrix.png", "task_free_matrix.png", "accuracy_per_task.png", "bytes_per_round.png"}
+PLOTS = {"accuracy_matrix.png", "federated_accuracy_matrix.png", "task_free_matrix.png", "accuracy_per_task.png",
+         "bytes_per_round.png"}
 MAGIC = (b"\x89PNG", b"\xff\xd8\xff")  # PNG, JPEG
 IDLE = "30"  # --exit-when-idle: the start-up waits are start_wait_s's; idle only between tasks and at the end
 TIMEOUT = 480.0  # a guard, not a measurement

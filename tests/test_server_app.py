@@ -12,10 +12,9 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import Context, Error, Message, RecordDict
-from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
+from grids import InProcessGrid, answer_honestly
 
-import clients.app as client_app
 from fedpetah.adapters import adapter_config
 from fedpetah.bank import AdapterBank
 from fedpetah.config import BackboneConfig, PruningConfig, TrainConfig, WarmupConfig
@@ -41,7 +40,7 @@ HONEST = (0, 1)  # partition ids of the honest simulated clients (node ids 100, 
 Answer = Callable[[Message], "Message | None"]
 
 
-class ScriptedGrid(Grid):
+class ScriptedGrid(InProcessGrid):
     """Flower's Grid interface answered in this process (a stand-in for the transport only): honest nodes run the
     real ClientApp handlers; every other node answers with what its script returns (None: stays silent until
     ``delay_s`` has passed, then answers honestly-shaped garbage late)."""
@@ -49,17 +48,6 @@ class ScriptedGrid(Grid):
     def __init__(self, honest: dict[int, Context], scripts: dict[int, Answer], delay_s: float = 0.0) -> None:
         self.honest, self.scripts, self.delay_s = honest, scripts, delay_s
         self.outbox: list[tuple[float, Message]] = []
-        self.counter = 0
-
-    def set_run(self, run: object) -> None:  # type: ignore[override]
-        pass
-
-    @property
-    def run(self) -> object:  # type: ignore[override]
-        raise NotImplementedError
-
-    def create_message(self, *args: object, **kwargs: object) -> Message:  # type: ignore[override]
-        raise NotImplementedError
 
     def get_node_ids(self) -> Iterable[int]:
         return [*self.honest, *self.scripts]
@@ -67,14 +55,10 @@ class ScriptedGrid(Grid):
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         ids = []
         for message in messages:
-            self.counter += 1
-            message.metadata.__dict__["_message_id"] = f"m{self.counter}"
-            ids.append(f"m{self.counter}")
+            ids.append(self.stamp(message))
             node = message.metadata.dst_node_id
             if node in self.honest:
-                kind = message.metadata.message_type
-                handler = {HELLO: client_app.hello, EVALUATE: client_app.evaluate}.get(kind, client_app.train)
-                self.outbox.append((0.0, handler(message, self.honest[node])))
+                self.outbox.append((0.0, answer_honestly(message, self.honest[node])))
             else:
                 answer = self.scripts[node](message)
                 if answer is None:
@@ -88,9 +72,6 @@ class ScriptedGrid(Grid):
         ready = [m for t, m in self.outbox if t <= now and m.metadata.reply_to_message_id in wanted]
         self.outbox = [(t, m) for t, m in self.outbox if m not in ready]
         return ready
-
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
-        raise AssertionError("the ServerApp must use its own push/pull loop")
 
 
 def _late(message: Message) -> Message:

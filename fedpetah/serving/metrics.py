@@ -351,7 +351,13 @@ def plot_run(run_dir: str | os.PathLike[str], num_tasks: int | None = None) -> l
     rounds = [r.round for r in records]
     paths = []
 
-    paths.append(_heatmap(matrix.values, "accuracy R[i][j]", root / "accuracy_matrix.png"))
+    if bool(np.isfinite(matrix.values).any()):  # a server without test images (tasks=catalog) has none
+        paths.append(_heatmap(matrix.values, "accuracy R[i][j]", root / "accuracy_matrix.png"))
+    federated = federated_summary(records, matrix.num_tasks).get("federated_accuracy_matrix", [])
+    if any(v is not None for row in federated for v in row):
+        values = np.array([[math.nan if v is None else v for v in row] for row in federated])
+        paths.append(_heatmap(values, "federated accuracy (the devices' held-out images)",
+                              root / "federated_accuracy_matrix.png"))
     free = task_free_summary(records, matrix.num_tasks)["task_free_matrix"]
     if any(v is not None for row in free for v in row):
         values = np.array([[math.nan if v is None else v for v in row] for row in free])
@@ -367,8 +373,9 @@ def plot_run(run_dir: str | os.PathLike[str], num_tasks: int | None = None) -> l
         if after.task != before.task:
             ax.axvline((before.round + after.round) / 2, color="grey", linestyle=":", linewidth=1)
     ax.set(xlabel="round", ylabel="accuracy", ylim=(0.0, 1.02), title="global accuracy per task")
-    ax.legend(fontsize=8)
-    paths.append(_save(fig, root / "accuracy_per_task.png"))
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
+        paths.append(_save(fig, root / "accuracy_per_task.png"))
 
     fig = _figure((7, 4))
     ax = fig.add_subplot()

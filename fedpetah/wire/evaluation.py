@@ -16,7 +16,6 @@ import numpy as np
 
 from fedpetah.wire.flatconfig import flatten
 from fedpetah.wire.protocol import (
-    MAX_ARTIFACT_BYTES,
     MAX_EXAMPLES,
     MAX_REASON_CHARS,
     NPY_HEADER_BYTES,
@@ -32,6 +31,7 @@ from fedpetah.wire.protocol import (
     _int,
     _nested,
     _record,
+    decode_artifact,
     decode_tasks,
     encode_tasks,
     task_key,
@@ -93,15 +93,7 @@ class EvaluateRequest:
             raise ProtocolError(Reason.MALFORMED, "the snapshot's model and manifest must be bytes")
         if len(model) + len(manifest) > MAX_SNAPSHOT_BYTES:
             raise ProtocolError(Reason.SIZE, f"a snapshot of {len(model) + len(manifest)} B exceeds the limit")
-        artifact = None
-        if "artifact" in records.configs:
-            raw = records.configs["artifact"]
-            weights, packed = raw.get("weights"), raw.get("manifest")
-            if not isinstance(weights, bytes) or not isinstance(packed, bytes):
-                raise ProtocolError(Reason.MALFORMED, "artifact weights and manifest must be bytes")
-            if len(weights) + len(packed) > MAX_ARTIFACT_BYTES:
-                raise ProtocolError(Reason.SIZE, f"artifact of {len(weights) + len(packed)} B exceeds the limit")
-            artifact = (weights, packed)
+        artifact = decode_artifact(records)
         flags = {}
         for key in ("keep", "evaluate"):
             if not isinstance(nested.get(key), bool):

@@ -442,15 +442,7 @@ class TrainRequest:
         state = records.arrays.get("adapter")
         if not isinstance(state, dict) or not all(isinstance(v, np.ndarray) for v in state.values()):
             raise ProtocolError(Reason.MALFORMED, "the adapter array record is missing")
-        artifact = None
-        if "artifact" in records.configs:
-            raw = records.configs["artifact"]
-            weights, manifest = raw.get("weights"), raw.get("manifest")
-            if not isinstance(weights, bytes) or not isinstance(manifest, bytes):
-                raise ProtocolError(Reason.MALFORMED, "artifact weights and manifest must be bytes")
-            if len(weights) + len(manifest) > MAX_ARTIFACT_BYTES:
-                raise ProtocolError(Reason.SIZE, f"artifact of {len(weights) + len(manifest)} B exceeds the limit")
-            artifact = (weights, manifest)
+        artifact = decode_artifact(records)
         stats = nested.get(STATS_REQUEST)
         if stats is not None and not isinstance(stats, dict):
             raise ProtocolError(Reason.MALFORMED, f"the {STATS_REQUEST} section must hold dim, seed and grid")
@@ -465,6 +457,20 @@ class TrainRequest:
             task=TaskInfo(_int(task, "index", 0, 2**31), _str(task, "name"), tuple(classes)),
             sections=sections,  # type: ignore[arg-type]
             state=dict(state), artifact=artifact, stats=router)
+
+
+def decode_artifact(records: Records) -> tuple[bytes, bytes] | None:
+    """The backbone a request carries in its ``artifact`` config record (weights, manifest), bounded; None when
+    it carries none."""
+    if "artifact" not in records.configs:
+        return None
+    raw = records.configs["artifact"]
+    weights, manifest = raw.get("weights"), raw.get("manifest")
+    if not isinstance(weights, bytes) or not isinstance(manifest, bytes):
+        raise ProtocolError(Reason.MALFORMED, "artifact weights and manifest must be bytes")
+    if len(weights) + len(manifest) > MAX_ARTIFACT_BYTES:
+        raise ProtocolError(Reason.SIZE, f"artifact of {len(weights) + len(manifest)} B exceeds the limit")
+    return weights, manifest
 
 
 METRICS = ("train-loss", "train-accuracy", "step-time-ms", "train-seconds", "peak-memory-mb",
