@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -24,6 +25,7 @@ from fedpetah.aggregation import (
     validate_update,
 )
 from fedpetah.aggregation.lora_product import lora_pairs
+from fedpetah.bank import AdapterBank
 
 A_KEY = "blocks.0.qkv.lora_A.default.weight"
 B_KEY = "blocks.0.qkv.lora_B.default.weight"
@@ -182,6 +184,65 @@ def test_fedadam_moves_the_global_state_to_the_clients_consensus() -> None:
         result = aggregate(x, [{"w": target}], [1], opt)
         x, opt = result.state, result.opt_state
     assert torch.allclose(x["w"], target, atol=0.05)
+
+
+def test_fedavgm_two_rounds_carry_the_momentum_through_the_bank(tmp_path: Path) -> None:
+    """Hsu et al. 2019: ``m = beta m + d``, ``x = x + eta m``; eta = beta = 0.5, numbers exact in binary. Between
+    rounds the buffer goes where the server keeps it: the task's optimizer state in a saved and reloaded bank."""
+    bounded = BoundedAggregation(build_aggregator(aggregator_config("fedavgm", server_lr=0.5, momentum=0.5)),
+                                 BoundsConfig.off())
+    bank = AdapterBank()
+    bank.add_task(0, "head", 2, {"w": torch.tensor([0.0, 1.0])})
+    rounds = [  # (clients' states, counts) -> (new x, new m)
+        ([[1.0, 1.0], [3.0, 5.0]], [1, 3], [1.25, 2.5], [2.5, 3.0]),  # mean (2.5, 4), d = m = (2.5, 3)
+        ([[2.0, 2.5], [0.0, 0.5]], [5, 5], [1.75, 2.75], [1.0, 0.5]),  # mean (1, 1.5), d = (-0.25, -1)
+    ]
+    for server_round, (states, counts, x, m) in enumerate(rounds):
+        entry = bank[0]
+        result = bounded(entry.state, [{"w": torch.tensor(s)} for s in states], counts, entry.opt_state)
+        assert result.aggregate is not None
+        assert torch.equal(result.aggregate.state["w"], torch.tensor(x))
+        assert set(result.aggregate.opt_state) == {"m/w"} and torch.equal(result.aggregate.opt_state["m/w"],
+                                                                           torch.tensor(m))
+        bank.update(0, result.aggregate.state, server_round, result.aggregate.opt_state)
+        bank.save(tmp_path / f"bank{server_round}")
+        bank = AdapterBank.load(tmp_path / f"bank{server_round}")
+    assert result.metrics["pseudo_grad_norm"] == pytest.approx(math.hypot(0.25, 1.0))
+    assert result.metrics["momentum_norm"] == pytest.approx(math.hypot(1.0, 0.5))
+    with pytest.raises(ValueError, match="optimizer state"):  # a FedAdam state (resumed with another aggregator)
+        bounded({"w": torch.zeros(2)}, [{"w": torch.ones(2)}], [1], {"m/w": torch.zeros(2), "v/w": torch.zeros(2)})
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])
+def test_fedavgm_without_momentum_is_fedavg_bit_for_bit(dtype: torch.dtype) -> None:
+    current = _lora_state(0)
+    current = {k: v.to(dtype) for k, v in current.items()}
+    fedavg = build_aggregator(aggregator_config("fedavg"))
+    plain = build_aggregator(aggregator_config("fedavgm", momentum=0.0))
+    opt: StateDict = {}
+    for server_round in range(2):
+        updates = [{k: v.to(dtype) for k, v in _lora_state(10 * server_round + i).items()} for i in (1, 2, 3)]
+        expected = fedavg(current, updates, [3, 1, 7])
+        result = plain(current, updates, [3, 1, 7], opt)
+        for key, value in expected.state.items():
+            torch.testing.assert_close(result.state[key], value, rtol=0, atol=0)
+        current, opt = result.state, result.opt_state
+    assert set(opt) == {f"m/{k}" for k in current}  # the buffer is kept (and is the last pseudo-gradient)
+    with pytest.raises(ValueError, match="strategy.aggregator.momentum"):
+        aggregator_config("fedavgm", momentum=1.0)
+    with pytest.raises(ValueError, match="strategy.aggregator.server_lr"):
+        aggregator_config("fedavgm", server_lr=0.0)
+
+
+def test_fedavgm_momentum_keeps_moving_when_the_clients_agree() -> None:
+    """With every client at the current state (d = 0) the server still steps along the buffer, decaying by beta."""
+    aggregate = build_aggregator(aggregator_config("fedavgm"))  # server_lr 1, momentum 0.9
+    x = {"w": torch.tensor([0.0], dtype=torch.float64)}
+    first = aggregate(x, [{"w": torch.tensor([1.0], dtype=torch.float64)}], [1])
+    assert first.state["w"].item() == 1.0
+    second = aggregate(first.state, [dict(first.state)], [1], first.opt_state)
+    assert second.state["w"].item() == pytest.approx(1.9, abs=1e-15)
+    assert second.opt_state["m/w"].item() == pytest.approx(0.9, abs=1e-15)
 
 
 # LoRA product aggregation -----------------------------------------------------------------------------

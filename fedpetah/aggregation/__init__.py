@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from fedpetah.aggregation import fedavg, fedopt, lora_product, robust  # noqa: F401  (register aggregators)
+from fedpetah.aggregation import fedavg, fedavgm, fedopt, lora_product, robust  # noqa: F401  (register aggregators)
 from fedpetah.aggregation.base import AGGREGATORS, Aggregate, Aggregator, AggregatorConfig, weighted_mean
 from fedpetah.aggregation.bounds import BoundedAggregation, BoundsConfig, RoundResult
 from fedpetah.aggregation.validate import (
