@@ -3,6 +3,7 @@ default experiment's (configs/ states only what an option changes)."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -59,6 +60,10 @@ class TrainConfig:
     data's own label frequencies, ``cross_entropy(logits + log p_local(c))`` while training. Under label skew
     a client then fits its classes' share of the shared head instead of pulling it towards them, and a
     class it lacks gets no gradient (as in FedRS). Evaluation and inference use the plain logits.
+    ``prox_mu``: FedProx's proximal term (Li et al., "Federated Optimization in Heterogeneous Networks",
+    MLSys 2020): ``(prox_mu / 2) * ||w - w_global||^2`` over the trainable tensors is added to the loss, with
+    ``w_global`` the state the round started from, so a client's local steps stay near the global adapter
+    under skew; 0 (off) trains exactly as without it.
     """
 
     epochs: int = 4
@@ -70,6 +75,7 @@ class TrainConfig:
     max_steps: int | None = None
     cache_features: bool = True
     loss: str = "balanced"
+    prox_mu: float = 0.0
     device: str = "cpu"
     seed: int = 0
 
@@ -84,6 +90,8 @@ class TrainConfig:
             raise ValueError("train.epochs, batch_size and lr must be positive")
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError("train.max_steps must be positive when set")
+        if not (math.isfinite(self.prox_mu) and self.prox_mu >= 0):
+            raise ValueError(f"train.prox_mu must be finite and >= 0, got {self.prox_mu}")
         if self.epochs > MAX_EPOCHS or self.batch_size > MAX_BATCH:  # a device rebuilds this from a server's request
             raise ValueError(f"train.epochs must be at most {MAX_EPOCHS} and batch_size at most {MAX_BATCH}")
 

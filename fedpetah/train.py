@@ -89,12 +89,25 @@ def label_log_prior(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
     return torch.log(counts / counts.sum())
 
 
+def proximal_term(params: list[nn.Parameter], anchor: list[torch.Tensor], mu: float) -> torch.Tensor:
+    """FedProx's proximal term (Li et al., "Federated Optimization in Heterogeneous Networks", MLSys 2020):
+    ``(mu / 2) * sum_p ||p - anchor_p||^2``, differentiable in ``params``, on their device."""
+    total = params[0].new_zeros(()) if params else torch.zeros(())
+    for param, start in zip(params, anchor, strict=True):
+        total = total + (param - start).square().sum()
+    return 0.5 * mu * total
+
+
 def train_adapter(adapter: Adapter[Any], data: ImageSet, config: TrainConfig) -> TrainResult:
     """Train ``adapter`` on ``data`` in place; returns examples, mean loss/accuracy, time and memory.
 
     Deterministic for a given ``config.seed``: the batch order comes from a generator seeded with it, and
     whatever draws from torch's own RNG during training (dropout) draws from a fork seeded with it, so the
     caller's RNG state is left as it was.
+
+    With ``config.prox_mu > 0`` the loss gains FedProx's :func:`proximal_term` towards the trainable tensors as
+    they are when the call starts (a client loads the global state just before): the reported loss is the
+    data loss alone.
     """
     if len(data) == 0:
         raise ValueError("cannot train on an empty data set")
@@ -109,6 +122,7 @@ def _train(adapter: Adapter[Any], data: ImageSet, config: TrainConfig, device: t
     generator = torch.Generator().manual_seed(config.seed)
     params = list(adapter.trainable().values())
     optimizer = _optimizer(params, config)
+    anchor = [p.detach().clone() for p in params] if config.prox_mu > 0 else None  # FedProx: the round's start
     cached = adapter if config.cache_features and isinstance(adapter, FeatureCachingAdapter) else None
     start = time.perf_counter()
     model.train()
@@ -138,12 +152,13 @@ def _train(adapter: Adapter[Any], data: ImageSet, config: TrainConfig, device: t
                 loss = F.cross_entropy(logits + log_prior, y)
             else:
                 loss = F.cross_entropy(logits, y)
+            objective = loss if anchor is None else loss + proximal_term(params, anchor, config.prox_mu)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            objective.backward()
             optimizer.step()
             step_seconds += time.perf_counter() - step_start
-            if not math.isfinite(loss.item()):
-                raise FloatingPointError(f"training loss became {loss.item()} at step {steps}")
+            if not math.isfinite(objective.item()):
+                raise FloatingPointError(f"training loss became {objective.item()} at step {steps}")
             steps += 1
             seen += len(y)
             loss_sum += loss.item() * len(y)

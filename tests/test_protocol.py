@@ -7,6 +7,7 @@ import io
 import math
 import tracemalloc
 from collections.abc import Callable
+from dataclasses import asdict
 
 import numpy as np
 import pytest
@@ -188,6 +189,23 @@ def test_request_without_a_section_or_with_a_non_list_of_classes_is_refused() ->
     records.configs["config"]["task.classes"] = "json:{\"a\": 1}"
     with pytest.raises(ProtocolError, match="classes"):
         TrainRequest.decode(records)
+
+
+def test_a_client_rebuilds_the_servers_train_section_fedprox_included() -> None:
+    """The server sends ``asdict(config.train)``; through Flower's records the client builds the same, validated,
+    TrainConfig (``prox_mu`` too), and refuses a negative ``prox_mu`` before training."""
+    from fedpetah.config import TrainConfig
+    from fedpetah.device.client import TrainSettings
+
+    sent = TrainConfig(prox_mu=0.01, max_steps=None, seed=12)
+    for mu, error in ((0.01, None), (-1.0, r"train\.prox_mu")):
+        sections = {**_request().sections, "train": asdict(sent) | {"prox_mu": mu}}
+        decoded = TrainRequest.decode(_through_flower(_request(sections=sections).encode()))
+        if error is None:
+            assert TrainSettings.of(decoded).train == sent
+        else:
+            with pytest.raises(ValueError, match=error):
+                TrainSettings.of(decoded)
 
 
 def test_random_fuzz_only_ever_decodes_or_raises_protocol_error() -> None:

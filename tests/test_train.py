@@ -11,7 +11,7 @@ from fedpetah.adapters import adapter_config, build_adapter
 from fedpetah.backbone import Backbone
 from fedpetah.config import TrainConfig
 from fedpetah.tasks import ImageSet
-from fedpetah.train import label_log_prior, train_adapter
+from fedpetah.train import label_log_prior, proximal_term, train_adapter
 
 
 def _data(n: int = 24) -> ImageSet:
@@ -80,3 +80,48 @@ def test_balanced_loss_leaves_the_head_rows_of_absent_classes_alone(
 def test_unknown_loss_is_a_clear_error() -> None:
     with pytest.raises(ValueError, match=r"train\.loss must be cross_entropy\|balanced, got 'focal'"):
         TrainConfig(loss="focal")
+
+
+# FedProx ----------------------------------------------------------------------------------------------
+
+
+def test_proximal_term_is_half_mu_times_the_squared_distance() -> None:
+    params = [torch.nn.Parameter(torch.tensor([1.0, 2.0])), torch.nn.Parameter(torch.tensor([[3.0]]))]
+    anchor = [torch.tensor([0.0, 4.0]), torch.tensor([[1.0]])]
+    term = proximal_term(params, anchor, mu=0.5)
+    assert term.item() == 0.25 * (1.0 + 4.0 + 4.0)  # (mu / 2) * ||(1, -2, 2)||^2
+    term.backward()
+    first, second = (p.grad for p in params)
+    assert first is not None and second is not None
+    assert torch.equal(first, torch.tensor([0.5, -1.0])) and torch.equal(second, torch.tensor([[1.0]]))  # mu (w - w0)
+    with pytest.raises(ValueError, match=r"train\.prox_mu must be finite and >= 0"):
+        TrainConfig(prox_mu=-0.1)
+
+
+def _distance_after(backbone: Backbone, **fields: object) -> tuple[dict[str, torch.Tensor], float]:
+    """A LoRA adapter from one fixed start trained with ``fields``: its state and its distance from the start."""
+    torch.manual_seed(0)
+    model = build_adapter(adapter_config("lora", rank=2), backbone, 2)
+    start = model.state()
+    train_adapter(model, _data(), TrainConfig(epochs=2, batch_size=8, lr=1e-2, seed=3, **fields))  # type: ignore[arg-type]
+    state = model.state()
+    return state, sum(float((state[k] - start[k]).square().sum()) for k in start) ** 0.5
+
+
+def test_prox_mu_zero_trains_bit_for_bit_as_without_fedprox(tiny_backbone: Callable[..., Backbone]) -> None:
+    backbone = tiny_backbone()
+    plain, _ = _distance_after(backbone)
+    off, _ = _distance_after(backbone, prox_mu=0.0)
+    for key, value in plain.items():
+        torch.testing.assert_close(off[key], value, rtol=0, atol=0)
+    on, _ = _distance_after(backbone, prox_mu=1.0)
+    assert any(not torch.equal(on[k], v) for k, v in plain.items())  # the term does reach the gradients
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_a_large_prox_mu_keeps_the_adapter_near_the_round_start(
+        tiny_backbone: Callable[..., Backbone], optimizer: str) -> None:
+    backbone = tiny_backbone()
+    _, free = _distance_after(backbone, optimizer=optimizer)
+    _, held = _distance_after(backbone, optimizer=optimizer, prox_mu=50.0)
+    assert free > 0 and held < 0.5 * free
