@@ -113,6 +113,14 @@ class RouterConfig:
     over (task, class) pairs or ``counts`` (the classes' share of the data); ``joint``: weight ``a`` of the
     router's own class posterior in the scores,
     ``(1 - a) log p(t | x) + a log p(t, c | x) + log softmax(adapter_t)_c`` (0: the task only).
+
+    ``task_aware_mix``: weight ``m`` of the statistics classifier in task-aware prediction (a task given):
+    ``log softmax(adapter_t(x)) + m log softmax(router_t(x))``, where ``router_t`` is the router's rows of task
+    ``t``'s classes, i.e. the LDA of the federated statistics restricted to the task's classes (a within-task
+    Gaussian classifier). The statistics sum exactly across clients, so this classifier does not drift under
+    label skew the way a federated head does; using them for the classifier is the idea of CCVR (Luo et al.,
+    "No Fear of Heterogeneity", NeurIPS 2021) and of RanPAC's class prototypes on random projections
+    (McDonnell et al., NeurIPS 2023). 0: the adapter's own logits, bit for bit (task-free scores never use it).
     """
 
     dim: int = 512
@@ -121,6 +129,7 @@ class RouterConfig:
     prior: str = "uniform"
     grid: int = 4
     joint: float = 1.0
+    task_aware_mix: float = 0.0
 
     def __post_init__(self) -> None:
         if self.dim < 0 or self.seed < 0:
@@ -134,12 +143,16 @@ class RouterConfig:
                              f"got {self.grid}")
         if not 0.0 <= self.joint <= 1.0:
             raise ValueError(f"router.joint must be in [0, 1], got {self.joint}")
+        if not (math.isfinite(self.task_aware_mix) and self.task_aware_mix >= 0.0):
+            raise ValueError(f"router.task_aware_mix must be finite and >= 0, got {self.task_aware_mix}")
 
     @classmethod
     def from_record(cls, record: Mapping[str, object]) -> RouterConfig:
         """The config recorded in a bank's metadata. A record without ``grid`` comes from before the grid
-        features: its statistics are of the final pooled features, scored by the task marginal only."""
-        legacy = {"grid": 0, "joint": 0.0} if "grid" not in record else {}
+        features: its statistics are of the final pooled features, scored by the task marginal only. One without
+        ``task_aware_mix`` predates it: the adapter's own logits (0), whatever the default is now."""
+        legacy: dict[str, object] = {"grid": 0, "joint": 0.0} if "grid" not in record else {}
+        legacy["task_aware_mix"] = 0.0
         return cls(**{**legacy, **record})  # type: ignore[arg-type]
 
     def width(self, features: int) -> int:
