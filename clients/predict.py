@@ -5,13 +5,14 @@
 
 One JSON line per image: ``{"image", "label": "<task>/<class>", "task", "score", "top": [{"label", "score"}, ...]}``.
 Task-free by default (scores: the softmax of the model's joint scores over every learned class); with ``--task``
-task-aware (that task's adapter's softmax over its classes). The snapshot is the one the device worker keeps in its
-cache dir after a finished task, verified on load (its digests and its backbone's). Where onnxruntime is installed
-(and the first time, onnx + onnxscript to export it), the kept model runs as ONNX: exported once and cached beside the
-snapshot with its digest (``predict.onnx``), many times faster per image than eager PyTorch on a small CPU
-(benchmarks/results/predict.md); ``--backend torch`` forces PyTorch. Nothing here contacts the server
-or imports Flower. Exit codes: 0 every image labelled, 1 some image unreadable (its line has an ``"error"``),
-2 no usable kept bank or a usage error.
+task-aware (the softmax of that task's task-aware scores over its classes: its adapter's logits, combined with the
+router's rows of its classes where the snapshot's ``router.task_aware_mix`` is above 0). The snapshot is the one
+the device worker keeps in its cache dir after a finished task, verified on load (its digests and its
+backbone's). Where onnxruntime is installed (and the first time, onnx + onnxscript to export it), the kept model
+runs as ONNX: exported once and cached beside the snapshot with its digest (``predict.onnx``), many times faster
+per image than eager PyTorch on a small CPU (benchmarks/results/predict.md); ``--backend torch`` forces PyTorch.
+Nothing here contacts the server or imports Flower. Exit codes: 0 every image labelled, 1 some image unreadable
+(its line has an ``"error"``), 2 no usable kept bank or a usage error.
 """
 
 from __future__ import annotations
@@ -33,8 +34,8 @@ if TYPE_CHECKING:
 
 EXIT_UNREADABLE, EXIT_NO_BANK = 1, 2
 ONNX_FILE, ONNX_RECORD = "predict.onnx", "predict.onnx.json"
-"""The kept model as ONNX (images -> [scores | every expert's logits]) and its record: the SHA-256 of the ONNX file
-and of the ``model.json`` it was exported from (a stale or changed file is exported again)."""
+"""The kept model as ONNX (images -> [scores | every task's task-aware scores]) and its record: the SHA-256 of the
+ONNX file and of the ``model.json`` it was exported from (a stale or changed file is exported again)."""
 
 
 def default_cache() -> Path:
@@ -99,11 +100,11 @@ class Predictor:
         if self.session is not None:
             both = torch.from_numpy(self.session.run(None, {"images": x.numpy()})[0])
             scores = both[:, : self.width]
-            logits = list(both[:, self.width :].split(self.model.widths, dim=1))
+            aware = list(both[:, self.width :].split(self.model.widths, dim=1))
+            chosen = scores if self.position is None else aware[self.position]
         else:
             with torch.no_grad():
-                scores, logits = self.model.outputs(x)
-        chosen = scores if self.position is None else logits[self.position]
+                chosen = self.model(x) if self.position is None else self.model.task_scores(x, self.position)
         return torch.softmax(chosen, dim=1)
 
     def describe(self, image: Path, probabilities: torch.Tensor, top: int) -> dict[str, Any]:
@@ -119,9 +120,9 @@ class Predictor:
 
 
 def onnx_session(snapshot: Snapshot, threads: int, required: bool = False) -> Any:
-    """An ONNX Runtime session of the kept model (scores and every expert's logits in one output), exported once
-    and cached beside the snapshot; None where onnxruntime (or, for a first export, onnx/onnxscript) is missing,
-    unless ``required`` (then ``ValueError``)."""
+    """An ONNX Runtime session of the kept model (scores and every task's task-aware scores in one output),
+    exported once and cached beside the snapshot; None where onnxruntime (or, for a first export, onnx/onnxscript)
+    is missing, unless ``required`` (then ``ValueError``)."""
     if importlib.util.find_spec("onnxruntime") is None:
         if required:
             raise ValueError("--backend onnx needs onnxruntime: pip install onnxruntime")
@@ -157,7 +158,7 @@ def _cached_onnx(snapshot: Snapshot) -> bytes | None:
 
 
 def _export_onnx(snapshot: Snapshot, required: bool) -> bytes | None:
-    """Export the kept model (scores and expert logits concatenated) and cache it beside the snapshot."""
+    """Export the kept model (scores and task-aware scores concatenated) and cache it beside the snapshot."""
     import tempfile
 
     import torch

@@ -43,11 +43,13 @@ class Learned:
     tasks: tuple[TaskInfo, ...] = TASKS
 
 
-def learned(backbone: Backbone, seed: int = 0, version: int = 1, tasks: tuple[TaskInfo, ...] = TASKS) -> Learned:
-    """LoRA adapters moved away from their initial values and router statistics for ``tasks``."""
+def learned(backbone: Backbone, seed: int = 0, version: int = 1, tasks: tuple[TaskInfo, ...] = TASKS,
+            router: RouterConfig = ROUTER) -> Learned:
+    """LoRA adapters moved away from their initial values and router statistics for ``tasks`` (``router``: the
+    config the snapshot is built with; the tensors depend only on its dim, seed and grid)."""
     adapter = adapter_config("lora", rank=2)
-    bank = AdapterBank({ROUTER_KEY: asdict(ROUTER)})
-    width = ROUTER.width(feature_width(backbone, ROUTER.grid))
+    bank = AdapterBank({ROUTER_KEY: asdict(router)})
+    width = router.width(feature_width(backbone, router.grid))
     g = torch.Generator().manual_seed(seed)
     for task in tasks:
         size = task.num_classes
@@ -57,7 +59,7 @@ def learned(backbone: Backbone, seed: int = 0, version: int = 1, tasks: tuple[Ta
         labels = torch.arange(size).repeat(20)
         features = torch.randn(len(labels), width, generator=g) + 3 * torch.randn(size, width, generator=g)[labels]
         bank.set_stats(task.index, class_stats(features, labels, size).tensors())
-    predictor = build_predictor(backbone, adapter, bank, bank_stats(bank, backbone, ROUTER), router=ROUTER)
+    predictor = build_predictor(backbone, adapter, bank, bank_stats(bank, backbone, router), router=router)
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
         write_export(predictor, backbone, adapter, out, onnx=False)

@@ -74,8 +74,10 @@ def evaluate_holdout(predictor: TaskFreePredictor, position: int, task: TaskInfo
                      batch_size: int, deadline: float | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Counts of the snapshot's task ``position`` (in model order) on held-out ``data`` labelled in ``task``'s
     class order: (classes, 3) int64 [images, task-aware correct, task-free correct] per class, and the task-aware
-    (classes, classes) [true, predicted] table. One forward pass per batch: task-aware is expert ``position``'s
-    argmax, task-free the whole model's, right when the predicted class NAME is the true one. ``deadline``
+    (classes, classes) [true, predicted] table. One forward pass per batch: task-aware is the argmax of task
+    ``position``'s task-aware scores (its expert's logits, plus ``task_aware_mix`` times the router's rows of its
+    classes: :meth:`TaskFreeModel.outputs`), task-free the whole model's, right when the predicted class NAME is
+    the true one. ``deadline``
     (``time.monotonic()``): ``TimeoutError`` past it."""
     size = task.num_classes
     counts = np.zeros((size, 3), dtype=np.int64)
@@ -86,9 +88,9 @@ def evaluate_holdout(predictor: TaskFreePredictor, position: int, task: TaskInfo
     for x, y in batches(data, predictor.img_size, predictor.in_chans, batch_size):
         if deadline is not None and time.monotonic() > deadline:
             raise TimeoutError(f"evaluating task {task.name!r} ran past its time bound")
-        scores, logits = model.outputs(x)
+        scores, task_aware = model.outputs(x)
         labels = y.numpy()
-        aware = logits[position].argmax(1).numpy()
+        aware = task_aware[position].argmax(1).numpy()
         free = names[scores.argmax(1).numpy()] == truth[labels]
         np.add.at(counts[:, 0], labels, 1)
         np.add.at(counts[:, 1], labels, (aware == labels).astype(np.int64))

@@ -213,8 +213,11 @@ def export_payload(predictor: TaskFreePredictor, backbone: Backbone, adapter: Ad
     writer). ``model.json`` names the backbone it builds on by its artifact ``digest`` (``"backbone"``; the
     backbone itself is not included) and carries the bank ``version`` it was built from (``"version"``; null when
     it is not a bank snapshot). :func:`load_export` reads both forms: the two keys only add to the manifest.
+    ``router.task_aware_mix`` is written only when it is not 0 (``RouterConfig.task_aware_mix``), so a snapshot
+    without it is the same bytes as before it and still loads where it is unknown.
     """
     model = predictor.model
+    mix = {"task_aware_mix": model.task_aware_mix} if model.task_aware_mix else {}
     tensors, aliases = _deduplicated(model.state_dict())
     data = save_safetensors(tensors, metadata={ALIASES_KEY: json.dumps(aliases, sort_keys=True)})
     info = {
@@ -228,7 +231,7 @@ def export_payload(predictor: TaskFreePredictor, backbone: Backbone, adapter: Ad
         "adapter": dataclasses.asdict(adapter),
         "input": {"shape": ["N", backbone.in_chans, backbone.img_size, backbone.img_size],
                   "dtype": "float32", "range": [0.0, 1.0], "normalised_inside": True},
-        "router": {"grid": model.features.grid, "joint": model.joint},
+        "router": {"grid": model.features.grid, "joint": model.joint, **mix},
         "output": "scores [N, K]: (1 - joint) log p(task | x) + joint log p(task, class | x) "
                   "+ log softmax(adapter_task(x)), K = len(labels)",
         "sha256": hashlib.sha256(data).hexdigest(),
@@ -347,14 +350,16 @@ def load_export(out_dir: str | Path, backbone: Backbone | None = None) -> TaskFr
         adapter = build_dataclass(ADAPTERS.get(str(raw.get("name"))).config_class, raw)
         widths, shared, labels = list(info["widths"]), list(info["shared"]), list(info["labels"])
         experts = [build_adapter(adapter, backbone, int(w)).merge() for w in widths]
-        # a v1 manifest has no router section: RouterConfig.from_record reads that as the legacy router
+        # a v1 manifest has no router section: RouterConfig.from_record reads that as the legacy router; one
+        # without task_aware_mix (before it) as the adapters' own task-aware logits (0)
         routing = RouterConfig.from_record(dict(info["router"]) if info["format_version"] >= 2 else {})
         features = FrozenFeatures(backbone.module, backbone.mean, backbone.std, routing.grid)
         tensors = load_safetensors(data)
         for alias, key in _aliases(data).items():
             tensors[alias] = tensors[key]  # a missing key is a KeyError: reported below
         router = torch.nn.Linear(int(tensors["router.weight"].shape[1]), sum(widths))
-        model = TaskFreeModel(features, router, experts, widths, shared=shared, joint=routing.joint)
+        model = TaskFreeModel(features, router, experts, widths, shared=shared, joint=routing.joint,
+                              task_aware_mix=routing.task_aware_mix)
         model.load_state_dict(tensors, strict=True)
     except (ArtifactError, KeyError, TypeError, ValueError, RuntimeError) as error:
         raise ExportError(f"{root} cannot be rebuilt: {type(error).__name__}: {str(error)[:300]}") from None

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -33,6 +34,22 @@ def joint_scores(router_scores: torch.Tensor, expert_logits: Sequence[torch.Tens
     return torch.cat(parts, dim=1)
 
 
+def task_aware_scores(expert_logits: torch.Tensor, router_scores: torch.Tensor, mix: float = 0.0) -> torch.Tensor:
+    """One task's task-aware scores over its C classes: ``log softmax(expert) + mix * log softmax(router)``.
+
+    ``expert_logits``: (N, C) the task's adapter; ``router_scores``: (N, C) the router's rows of the task's
+    classes (its LDA restricted to them: a within-task Gaussian classifier; see ``RouterConfig.task_aware_mix``).
+    ``mix`` 0 returns ``expert_logits`` themselves, so the prediction is the adapter's, bit for bit.
+    """
+    if expert_logits.shape != router_scores.shape:
+        raise ValueError(f"expert logits {tuple(expert_logits.shape)}, router scores {tuple(router_scores.shape)}")
+    if not (math.isfinite(mix) and mix >= 0.0):
+        raise ValueError(f"mix must be finite and >= 0, got {mix}")
+    if mix == 0.0:
+        return expert_logits
+    return torch.log_softmax(expert_logits, dim=1) + mix * torch.log_softmax(router_scores, dim=1)
+
+
 def shares_frozen_backbone(expert: nn.Module, backbone: nn.Module) -> bool:
     """True for a plain :class:`TaskModel` whose backbone tensors equal the frozen backbone's (a head adapter)."""
     if type(expert) is not TaskModel:
@@ -48,15 +65,19 @@ class TaskFreeModel(nn.Module):
 
     ``experts[t]`` is task ``t``'s inference model (merged where the adapter allows); an expert that is a
     plain head on the frozen backbone reuses the router's backbone pass instead of running the backbone again.
-    ``joint``: see :func:`joint_scores`.
+    ``joint``: see :func:`joint_scores`; ``task_aware_mix``: see :func:`task_aware_scores`.
     """
 
     def __init__(self, features: FrozenFeatures, router: nn.Linear, experts: Sequence[nn.Module],
-                 widths: Sequence[int], shared: Sequence[bool] | None = None, joint: float = 0.0) -> None:
+                 widths: Sequence[int], shared: Sequence[bool] | None = None, joint: float = 0.0,
+                 task_aware_mix: float = 0.0) -> None:
         super().__init__()
         if not 0.0 <= joint <= 1.0:
             raise ValueError(f"joint must be in [0, 1], got {joint}")
+        if not (math.isfinite(task_aware_mix) and task_aware_mix >= 0.0):
+            raise ValueError(f"task_aware_mix must be finite and >= 0, got {task_aware_mix}")
         self.joint = float(joint)
+        self.task_aware_mix = float(task_aware_mix)
         if len(experts) != len(widths) or sum(widths) != router.out_features:
             raise ValueError(f"{len(experts)} experts with widths {list(widths)} for {router.out_features} scores")
         self.features = features
@@ -78,11 +99,24 @@ class TaskFreeModel(nn.Module):
         return self.outputs(x)[0]
 
     def outputs(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """The (N, K) scores and each expert's own (N, C_t) logits (its task-aware prediction), in one pass."""
+        """The (N, K) scores and each task's (N, C_t) task-aware scores (:func:`task_aware_scores`: the expert's
+        own logits when ``task_aware_mix`` is 0), in one pass."""
         pooled, routed = self.features.routed(x)
         logits = [expert(pooled) if shared else expert(x)
                   for expert, shared in zip(self.experts, self.shared, strict=True)]
-        return joint_scores(self.router(routed), logits, self.joint), logits
+        router = self.router(routed)
+        aware = [task_aware_scores(own, rows, self.task_aware_mix)
+                 for own, rows in zip(logits, router.split(self.widths, dim=1), strict=True)]
+        return joint_scores(router, logits, self.joint), aware
+
+    def task_scores(self, x: torch.Tensor, position: int) -> torch.Tensor:
+        """(N, C_t) task-aware scores of the task at ``position`` (in model order), running only its expert."""
+        pooled, routed = self.features.routed(x)
+        expert = self.experts[position]
+        own = expert(pooled) if self.shared[position] else expert(x)
+        start = sum(self.widths[:position])
+        rows = self.router(routed)[:, start : start + self.widths[position]]
+        return task_aware_scores(own, rows, self.task_aware_mix)
 
     @torch.no_grad()
     def route(self, x: torch.Tensor) -> torch.Tensor:
@@ -90,6 +124,27 @@ class TaskFreeModel(nn.Module):
         scores = torch.log_softmax(self.router(self.features.routed(x)[1]), dim=1)
         per_task = torch.stack([s.logsumexp(1) for s in scores.split(self.widths, dim=1)], dim=1)
         return per_task.argmax(1)
+
+
+class TaskAwareModel(nn.Module):
+    """One task's task-aware prediction with a router fitted elsewhere (the server's evaluation of each seen
+    task): ``expert``'s logits combined with rows ``start:start + width`` of ``router`` on ``features``
+    (:func:`task_aware_scores`). Runs the expert and the frozen features: with ``mix`` 0, the expert alone."""
+
+    def __init__(self, expert: nn.Module, features: FrozenFeatures, router: nn.Linear, start: int, width: int,
+                 mix: float) -> None:
+        super().__init__()
+        if not (start >= 0 and width >= 1 and start + width <= router.out_features):
+            raise ValueError(f"rows {start}:{start + width} of a router scoring {router.out_features} classes")
+        self.expert, self.features, self.router = expert, features, router
+        self.start, self.width, self.mix = int(start), int(width), float(mix)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits: torch.Tensor = self.expert(x)
+        if self.mix == 0.0:
+            return logits
+        rows = self.router(self.features.routed(x)[1])[:, self.start : self.start + self.width]
+        return task_aware_scores(logits, rows, self.mix)
 
 
 @torch.no_grad()

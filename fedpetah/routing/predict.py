@@ -73,7 +73,7 @@ def build_predictor(backbone: Backbone, adapter: AdapterConfig, bank: AdapterBan
     router = router or RouterConfig()
     features = FrozenFeatures(backbone.module, backbone.mean, backbone.std, router.grid)
     layer = fit_router([stats[t] for t in chosen], feature_width(backbone, router.grid), router)
-    model = TaskFreeModel(features, layer, experts, widths, joint=router.joint)
+    model = TaskFreeModel(features, layer, experts, widths, joint=router.joint, task_aware_mix=router.task_aware_mix)
     return TaskFreePredictor(model, labels, owners, chosen, names, backbone.img_size, backbone.in_chans)
 
 

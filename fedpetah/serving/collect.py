@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import os
@@ -10,14 +11,15 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
+import torch.nn as nn
 
 from fedpetah.adapters import AdapterConfig
 from fedpetah.backbone import Backbone
 from fedpetah.bank import AdapterBank, BankError
 from fedpetah.config import ROUTER_KEY, RouterConfig
-from fedpetah.routing.features import feature_width
+from fedpetah.routing.features import FrozenFeatures, feature_width
 from fedpetah.routing.predict import build_predictor, evaluate_task_free
-from fedpetah.routing.router import check_size
+from fedpetah.routing.router import check_size, fit_router
 from fedpetah.routing.stats import FeatureStats, StatsError, aggregate_stats
 from fedpetah.tasks import Task
 from fedpetah.wire.protocol import ArraySpec, stats_specs
@@ -144,6 +146,24 @@ class StatsCollector:
         self.record.clients[task] = sorted({*self.counted(task), *(c for c, _ in valid)})
         self.bank.metadata.update(self.record.to_json())
         return {}
+
+    def fit(self, tasks: Sequence[int]) -> tuple[FrozenFeatures, nn.Linear] | None:
+        """The router fitted on ``tasks``' statistics in the bank (:func:`fit_router`, on statistics validated
+        as every use of them is) and the features it reads, on a copy of the backbone (an evaluation may move
+        it to another device); None, logged, while one of them has no statistics or they do not fit."""
+        missing = [t for t in tasks if t not in self.bank or not self.bank[t].stats]
+        if not tasks or missing:
+            log.warning("no router for tasks %s: tasks %s have no router statistics", list(tasks), missing)
+            return None
+        try:
+            stats = [self._stored(t) for t in tasks]
+            layer = fit_router([s for s in stats if s is not None], feature_width(self.backbone, self.config.grid),
+                               self.config)
+        except StatsError as error:
+            log.error("no router for tasks %s: %s", list(tasks), error)
+            return None
+        backbone = self.backbone
+        return FrozenFeatures(copy.deepcopy(backbone.module), backbone.mean, backbone.std, self.config.grid), layer
 
     def evaluate(self, adapter: AdapterConfig, tasks: Sequence[Task], upto: int) -> dict[str, float]:
         """Task-free accuracy on tasks 0..upto among every class learned so far, as round-record extras:

@@ -12,6 +12,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from functools import cached_property
+from itertools import accumulate
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ from fedpetah.artifact import MANIFEST, WEIGHTS, artifact_digest, load_artifact
 from fedpetah.backbone import Backbone
 from fedpetah.bank import AdapterBank, BankError, TaskRecord
 from fedpetah.experiment import ExperimentConfig
+from fedpetah.routing.model import TaskAwareModel
 from fedpetah.routing.stats import FeatureStats
 from fedpetah.serving.collect import StatsCollector
 from fedpetah.serving.fleet import FLEET_KEY, Fleet
@@ -316,7 +318,14 @@ class ContinualServer:
         self.bank.save(self.bank_dir)
 
     def evaluate_seen(self, upto: int) -> list[float]:
-        """Test accuracy of every task 0..upto with its own adapter from the bank."""
+        """Test accuracy of every task 0..upto with its own adapter from the bank (task-aware). With
+        ``router.task_aware_mix`` > 0 each adapter's logits are combined with the rows of its classes in the router
+        fitted on the learned tasks' statistics (:class:`TaskAwareModel`); while a learned task has no statistics,
+        the adapters alone."""
+        mix = self.router.config.task_aware_mix
+        learned = [j for j in range(upto + 1) if j in self.bank]
+        fitted = self.router.fit(learned) if mix > 0 and learned else None
+        starts = dict(zip(learned, accumulate((self.bank[j].num_classes for j in learned), initial=0), strict=False))
         accuracies = []
         for j in range(upto + 1):
             if j not in self.bank:
@@ -324,7 +333,10 @@ class ContinualServer:
                 continue
             adapter = build_adapter(self.config.adapter, self.backbone, self.tasks[j].num_classes)
             adapter.load_state(self.bank[j].state)
-            result = evaluate(adapter.model, self.tasks[j].test, self.backbone.img_size, self.backbone.in_chans,
+            model: torch.nn.Module = adapter.model
+            if fitted is not None:
+                model = TaskAwareModel(adapter.model, *fitted, starts[j], self.bank[j].num_classes, mix)
+            result = evaluate(model, self.tasks[j].test, self.backbone.img_size, self.backbone.in_chans,
                               device=self.config.train.device)
             accuracies.append(result.accuracy)
         return accuracies
