@@ -53,7 +53,7 @@ def compose(overrides: list[str]) -> Any:
 def federated_inprocess(config: Any, run_dir: Path) -> dict[str, Any]:
     """The ServerApp's loop without Flower: sample, encode/decode every request, train, aggregate, evaluate."""
     from fedpetah.device.client import ClientRuntime, simulated_data
-    from fedpetah.device.local import BackboneCache
+    from fedpetah.device.local import BackboneCache, simulated_shard
     from fedpetah.serving.continual import ClientReply, ContinualServer
     from fedpetah.wire.protocol import TrainReply, TrainRequest, specs
 
@@ -66,13 +66,18 @@ def federated_inprocess(config: Any, run_dir: Path) -> dict[str, Any]:
         current = server.global_state(plan.task)
         expected = specs({k: v.numpy() for k, v in current.items()})
         expected_stats = server.router.specs(server.tasks[plan.task].num_classes)
-        replies = []
-        for client in server.sample(list(runtimes), plan):
+        replies, bytes_down, bytes_up = [], 0, 0
+        holders = [c for c in runtimes if len(simulated_shard(config.tasks, config.partition, config.clients, c,
+                                                             plan.task, config.seed))]  # as the ServerApp samples
+        for client in server.sample(holders, plan):
             request = server.train_request(plan, client, current, with_artifact=not cache.has(server.digest))
-            answer = runtimes[client].train(TrainRequest.decode(request.encode()), simulated_data(client))
+            sent = request.encode()
+            answer = runtimes[client].train(TrainRequest.decode(sent), simulated_data(client)).encode()
             asked = expected_stats if request.stats is not None else None
-            replies.append(ClientReply.of(client, TrainReply.decode(answer.encode(), expected, asked)))
-        record = server.complete_round(plan, current, replies, 0, 0, started)
+            replies.append(ClientReply.of(client, TrainReply.decode(answer, expected, asked)))
+            bytes_down += sent.array_bytes("adapter")  # counted as the ServerApp counts them
+            bytes_up += answer.array_bytes("adapter") + answer.array_bytes("stats")
+        record = server.complete_round(plan, current, replies, bytes_down, bytes_up, started)
         print(f"  round {plan.round}: task {plan.task} acc {[round(a, 3) for a in record.accuracy.values()]} "
               f"{time.perf_counter() - started:.1f}s", flush=True)
     return server.finish({"clients": config.clients})
