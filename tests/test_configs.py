@@ -220,9 +220,9 @@ def test_invalid_aggregator_values_name_the_yaml_path() -> None:
 
 def test_router_keys_reach_the_run_and_typos_fail() -> None:
     assert _compose().router == RouterConfig()
-    cfg = _compose("router.dim=512", "router.joint=0.5", "router.grid=0", "router.task_aware_mix=1.0")
-    assert (cfg.router.dim, cfg.router.joint, cfg.router.grid, cfg.router.task_aware_mix) == (512, 0.5, 0, 1.0)
-    assert _compose().router.task_aware_mix == 0.0  # off by default: task-aware is the adapter alone
+    cfg = _compose("router.dim=512", "router.joint=0.5", "router.grid=0", "router.task_aware_mix=0")
+    assert (cfg.router.dim, cfg.router.joint, cfg.router.grid, cfg.router.task_aware_mix) == (512, 0.5, 0, 0.0)
+    assert _compose().router.task_aware_mix == 1.0  # on by default: the adapter and the statistics classifier
     with pytest.raises(ValueError, match="router.task_aware_mix"):
         _compose("router.task_aware_mix=-1")
     with pytest.raises(ConfigCompositionException, match="Could not override 'router.dimm'"):

@@ -161,9 +161,10 @@ def test_a_bank_without_statistics_is_a_clear_error(tiny_backbone: Callable[...,
 def test_a_version_1_export_and_a_bank_from_before_grids_load_with_the_pooled_router(
         tiny_backbone: Callable[..., Backbone], tmp_path: Path) -> None:
     backbone = tiny_backbone()
-    legacy = RouterConfig(dim=16, grid=0, joint=0.0)
+    legacy = RouterConfig(dim=16, grid=0, joint=0.0, task_aware_mix=0.0)
     bank = _bank(backbone, "head", router=legacy)
-    record = {k: v for k, v in asdict(legacy).items() if k not in ("grid", "joint")}  # what such a bank recorded
+    record = {k: v for k, v in asdict(legacy).items() if k not in ("grid", "joint", "task_aware_mix")}  # what such
+    # a bank recorded
     bank.metadata[ROUTER_KEY] = record
     from fedpetah.routing.export import bank_stats, router_config
 
