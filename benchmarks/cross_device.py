@@ -10,7 +10,9 @@ messages without Flower/Ray: the same numbers on 2 shared cores at a fraction of
 task-aware and task-free accuracy, rounds to reach 90% of each task's final accuracy, and bytes up per round.
 Centralized (the same adapter on the same pruned backbone, each task's data pooled; ``quality.centralized``) is
 run once per stream. Regimes: ``cross`` = clients=200, partition.alpha=0.1, strategy.fraction=0.05;
-``default`` = today's default regime (50 clients, Dirichlet 0.5, 20% per round).
+``cross_alpha05`` = the same at Dirichlet 0.5 (the reference); ``default`` = today's default regime (50 clients,
+Dirichlet 0.5, 20% per round). Method ``baseline`` runs the default recipe as it is; rows labelled ``baseline``
+before commit dc6c7f6 ran with ``router.task_aware_mix=0`` (then the default), as ``adapter_only`` rows do now.
 
 Writes (and merges into) benchmarks/results/cross_device.json and cross_device.md, with the load average beside
 every row.
@@ -35,7 +37,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import quality  # noqa: E402  (benchmarks/quality.py: compose, the in-process engine, centralized)
 
 RESULTS = quality.RESULTS
-REGIMES = {"cross": ["clients=200", "partition.alpha=0.1", "strategy.fraction=0.05"], "default": []}
+REGIMES = {"cross": ["clients=200", "partition.alpha=0.1", "strategy.fraction=0.05"],
+           "cross_alpha05": ["clients=200", "partition.alpha=0.5", "strategy.fraction=0.05"], "default": []}
 
 
 def per_task_rounds(rows: list[dict[str, Any]], rounds_per_task: int) -> float | None:
@@ -127,7 +130,9 @@ def save(results: dict[str, Any]) -> None:
 def render(results: dict[str, Any]) -> None:
     lines = ["# Cross-device learning quality", "",
              "Command: `.venv/bin/python benchmarks/cross_device.py` (see its docstring). `cross` = 200 clients, "
-             "5% per round, Dirichlet 0.1; `default` = 50 clients, 20%, Dirichlet 0.5. Federated: in-process "
+             "5% per round, Dirichlet 0.1 (`cross_alpha05`: 0.5); `default` = 50 clients, 20%, Dirichlet 0.5. "
+             "`baseline` rows: the adapter alone (router.task_aware_mix=0, the default until commit dc6c7f6), as "
+             "`adapter_only`; `mix1`: with the statistics classifier (the default since). Federated: in-process "
              "engine (the ServerApp's server, clients and messages without Flower). Centralized: the same adapter "
              "and pruned backbone, each task's data pooled, 2 epochs. Mean and spread (max - min) over seeds; the "
              "load average (before - after) of every run is in cross_device.json.", "",
