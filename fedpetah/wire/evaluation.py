@@ -31,6 +31,7 @@ from fedpetah.wire.protocol import (
     _int,
     _nested,
     _record,
+    artifact_record,
     decode_artifact,
     decode_tasks,
     encode_tasks,
@@ -70,11 +71,9 @@ class EvaluateRequest:
     def encode(self) -> Records:
         header = {"digest": self.digest, "version": self.version, "keep": self.keep, "evaluate": self.evaluate,
                   "seed": self.seed, "clients": self.clients, "learned": encode_tasks(self.tasks)}
-        records = Records(configs={"config": flatten({**header, **self.sections}),
-                                   "snapshot": {"model": self.model, "manifest": self.manifest}})
-        if self.artifact is not None:
-            records.configs["artifact"] = {"weights": self.artifact[0], "manifest": self.artifact[1]}
-        return records
+        return Records(configs={"config": flatten({**header, **self.sections}),
+                                "snapshot": {"model": self.model, "manifest": self.manifest},
+                                **artifact_record(self.artifact)})
 
     @classmethod
     def decode(cls, records: Records) -> EvaluateRequest:

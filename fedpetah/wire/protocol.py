@@ -418,11 +418,8 @@ class TrainRequest:
                   "task": {"index": self.task.index, "name": self.task.name, "classes": list(self.task.classes)}}
         if self.stats is not None:
             header[STATS_REQUEST] = {"dim": self.stats[0], "seed": self.stats[1], "grid": self.stats[2]}
-        records = Records(arrays={"adapter": dict(self.state)},
-                          configs={"config": flatten({**header, **self.sections})})
-        if self.artifact is not None:
-            records.configs["artifact"] = {"weights": self.artifact[0], "manifest": self.artifact[1]}
-        return records
+        return Records(arrays={"adapter": dict(self.state)},
+                       configs={"config": flatten({**header, **self.sections}), **artifact_record(self.artifact)})
 
     @classmethod
     def decode(cls, records: Records) -> TrainRequest:
@@ -457,6 +454,11 @@ class TrainRequest:
             task=TaskInfo(_int(task, "index", 0, 2**31), _str(task, "name"), tuple(classes)),
             sections=sections,  # type: ignore[arg-type]
             state=dict(state), artifact=artifact, stats=router)
+
+
+def artifact_record(artifact: tuple[bytes, ...] | None) -> dict[str, dict[str, Any]]:
+    """The ``artifact`` config record that carries a backbone (weights, manifest) to a client; none without one."""
+    return {} if artifact is None else {"artifact": {"weights": artifact[0], "manifest": artifact[1]}}
 
 
 def decode_artifact(records: Records) -> tuple[bytes, bytes] | None:
