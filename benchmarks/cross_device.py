@@ -152,7 +152,7 @@ def render(results: dict[str, Any]) -> None:
             f"| {100 * (max(aware) - min(aware)):.1f} | {100 * statistics.mean(free):.1f}% "
             f"| {'-' if central is None else f'{100 * central:.1f}%'} | {gap} "
             f"| {statistics.mean(r['rounds_to_90'] for r in rows):.1f} "
-            f"| {_kib(statistics.mean(r['bytes_up_per_round'] for r in rows))} "
+            f"| {_kib(statistics.mean([r['bytes_up_per_round'] for r in rows if r['bytes_up_per_round']] or [0]))} "
             f"| {min(loads):.1f}-{max(loads):.1f} |" if free else
             f"| {stream} | {regime} | {method} | {len(rows)} | {100 * statistics.mean(aware):.1f}% | - | - | - | {gap} "
             f"| - | - | {min(loads):.1f}-{max(loads):.1f} |")
