@@ -35,6 +35,7 @@ from fedpetah.wire.protocol import (
     decode_artifact,
     decode_tasks,
     encode_tasks,
+    read_status,
     task_key,
 )
 from fedpetah.wire.reasons import Reason
@@ -148,13 +149,7 @@ class EvaluateReply:
         :data:`MAX_EXAMPLES`, a confusion table exactly for the tasks with counts (of small ones), whose rows
         add up to the images and whose diagonal is the task-aware correct count (reason ``evaluation``)."""
         EvaluateReply.layout(tasks).check_names(records.arrays, records.configs, records.metrics)
-        status_record = _record(records, "configs", "status")
-        try:
-            status = Status(str(status_record.get("status")))
-        except ValueError:
-            raise ProtocolError(Reason.STATUS, f"unknown status {status_record.get('status')!r:.40}") from None
-        reason = status_record.get("reason", "")
-        reason = reason[:MAX_REASON_CHARS] if isinstance(reason, str) else ""
+        status_record, status, reason = read_status(records)
         kept = status_record.get("kept", False)
         if not isinstance(kept, bool):
             raise ProtocolError(Reason.MALFORMED, "kept must be a boolean")

@@ -519,13 +519,7 @@ class TrainReply:
         ``metrics``, ``adapter`` and ``stats`` is reason ``unexpected``."""
         layout = TrainReply.layout(expected, {} if "stats" in records.arrays else None)  # stats: judged by _stats
         layout.check_names(records.arrays, records.configs, records.metrics)
-        status_record = _record(records, "configs", "status")
-        try:
-            status = Status(str(status_record.get("status")))
-        except ValueError:
-            raise ProtocolError(Reason.STATUS, f"unknown status {status_record.get('status')!r:.40}") from None
-        reason = status_record.get("reason", "")
-        reason = reason[:MAX_REASON_CHARS] if isinstance(reason, str) else ""
+        _, status, reason = read_status(records)
         if status is not Status.OK:
             return cls(status, reason)
         metrics_record = _record(records, "metrics", "metrics")
@@ -542,6 +536,18 @@ class TrainReply:
             metrics[key] = float(value)
         return cls(status, reason, _arrays(records, "adapter", expected), count, metrics,
                    _stats(records, expected_stats, count))
+
+
+def read_status(records: Records) -> tuple[dict[str, Any], Status, str]:
+    """A reply's ``status`` config record, its status (reason ``status`` when unknown) and its reason text
+    (bounded; empty when not a string)."""
+    record = _record(records, "configs", "status")
+    try:
+        status = Status(str(record.get("status")))
+    except ValueError:
+        raise ProtocolError(Reason.STATUS, f"unknown status {record.get('status')!r:.40}") from None
+    reason = record.get("reason", "")
+    return record, status, reason[:MAX_REASON_CHARS] if isinstance(reason, str) else ""
 
 
 def _stats(records: Records, expected: Mapping[str, ArraySpec] | None, count: int) -> dict[str, np.ndarray] | None:
