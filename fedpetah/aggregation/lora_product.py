@@ -101,23 +101,51 @@ def refactorize(
     return b, a, rank - live, residual
 
 
-def _stacked_factors(
-    updates: list[StateDict],
-    weights: list[float],
-    key_a: str,
-    key_b: str,
-    ref_a: torch.Tensor,
-    ref_b: torch.Tensor,
+def stacked_factors(
+    updates: list[StateDict], weights: list[float], key_a: str, key_b: str
 ) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """``[w_1 B_1 ... w_N B_N]`` (out, N r) and ``[A_1; ...; A_N]`` (N r, in*k*k) in float64, whose product
-    is ``sum_i w_i B_i A_i``; and the weighted RMS row norm of the clients' A."""
-    rank = ref_a.shape[0]
-    if ref_b.dim() < 2 or ref_b.shape[1] != rank or any(d != 1 for d in ref_b.shape[2:]):
-        raise ValueError(f"{key_b}: shape {tuple(ref_b.shape)} does not pair with {tuple(ref_a.shape)}")
-    a_list = [u[key_a].to(torch.float64).reshape(rank, -1) for u in updates]
-    b_list = [w * u[key_b].to(torch.float64).reshape(-1, rank) for u, w in zip(updates, weights, strict=True)]
+    """``[w_1 B_1 ... w_N B_N]`` (out, sum r_i) and ``[A_1; ...; A_N]`` (sum r_i, in*k*k) in float64, whose
+    product is ``sum_i w_i B_i A_i``; and the weighted RMS row norm of the clients' A. Each update may have its
+    own rank ``r_i`` (its A's first dimension), which its B must pair with."""
+    a_list: list[torch.Tensor] = []
+    b_list: list[torch.Tensor] = []
+    for update, weight in zip(updates, weights, strict=True):
+        a, b = update[key_a], update[key_b]
+        rank = a.shape[0]
+        if b.dim() < 2 or b.shape[1] != rank or any(d != 1 for d in b.shape[2:]):
+            raise ValueError(f"{key_b}: shape {tuple(b.shape)} does not pair with {tuple(a.shape)}")
+        a_list.append(a.to(torch.float64).reshape(rank, -1))
+        b_list.append(weight * b.to(torch.float64).reshape(-1, rank))
     row_norm = sum(w * float(a.square().sum(dim=1).mean().sqrt()) for a, w in zip(a_list, weights, strict=True))
     return torch.cat(b_list, dim=1), torch.cat(a_list, dim=0), row_norm
+
+
+def refactorized_pairs(
+    current: StateDict, updates: list[StateDict], weights: list[float], dead_rtol: float
+) -> tuple[StateDict, dict[str, float]]:
+    """Every LoRA pair of ``current`` as the rank-R SVD re-factorisation of ``sum_i w_i B_i A_i`` (R: the pair's
+    rank in ``current``; each update at its own rank), in ``current``'s shapes and dtypes; and the metrics
+    (pairs, residuals, re-seeded directions). ``current`` must hold at least one pair."""
+    pairs = lora_pairs(current)
+    state: StateDict = {}
+    residuals: list[float] = []
+    dead = 0
+    for key_a, key_b in pairs:
+        ref_a, ref_b = current[key_a], current[key_b]
+        b_cat, a_cat, row_norm = stacked_factors(updates, weights, key_a, key_b)
+        u, s, vh = product_svd(b_cat, a_cat)
+        b, a, n_dead, residual = refactorize(u, s, vh, ref_a.shape[0], row_norm, dead_rtol)
+        dead += n_dead
+        residuals.append(residual)
+        state[key_a] = a.reshape(ref_a.shape).to(ref_a.dtype)
+        state[key_b] = b.reshape(ref_b.shape).to(ref_b.dtype)
+    metrics = {
+        "lora_pairs": float(len(pairs)),
+        "lora_residual_max": max(residuals),
+        "lora_residual_mean": math.fsum(residuals) / len(residuals),
+        "lora_dead_directions": float(dead),
+    }
+    return state, metrics
 
 
 @AGGREGATORS.register("lora_product")
@@ -133,22 +161,6 @@ class LoraProduct(Aggregator[LoraProductConfig]):
         factor_keys = {k for pair in pairs for k in pair}
         others = {k: v for k, v in current.items() if k not in factor_keys}
         state = weighted_mean(updates, weights, like=others)
-        dead_rtol = self.config.dead_rtol
-        residuals: list[float] = []
-        dead = 0
-        for key_a, key_b in pairs:
-            ref_a, ref_b = current[key_a], current[key_b]
-            b_cat, a_cat, row_norm = _stacked_factors(updates, weights, key_a, key_b, ref_a, ref_b)
-            u, s, vh = product_svd(b_cat, a_cat)
-            b, a, n_dead, residual = refactorize(u, s, vh, ref_a.shape[0], row_norm, dead_rtol)
-            dead += n_dead
-            residuals.append(residual)
-            state[key_a] = a.reshape(ref_a.shape).to(ref_a.dtype)
-            state[key_b] = b.reshape(ref_b.shape).to(ref_b.dtype)
-        metrics = {
-            "lora_pairs": float(len(pairs)),
-            "lora_residual_max": max(residuals),
-            "lora_residual_mean": math.fsum(residuals) / len(residuals),
-            "lora_dead_directions": float(dead),
-        }
+        factors, metrics = refactorized_pairs(current, updates, weights, self.config.dead_rtol)
+        state |= factors
         return Aggregate({k: state[k] for k in current}, dict(opt_state), metrics)
