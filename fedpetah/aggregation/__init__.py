@@ -4,9 +4,22 @@ from __future__ import annotations
 
 from typing import Any
 
-from fedpetah.aggregation import fedavg, fedavgm, fedopt, lora_product, robust  # noqa: F401  (register aggregators)
+from fedpetah.aggregation import fedavg, fedavgm, fedopt, hetero, lora_product, robust  # noqa: F401  (register aggregators)
 from fedpetah.aggregation.base import AGGREGATORS, Aggregate, Aggregator, AggregatorConfig, weighted_mean
 from fedpetah.aggregation.bounds import BoundedAggregation, BoundsConfig, RoundResult
+from fedpetah.aggregation.hetero import (
+    MixedRankAggregator,
+    RankedUpdate,
+    full_rank,
+    head_view,
+    lora_ranks,
+    rank_view,
+    validate_ranked,
+    variant_name,
+    variant_rank,
+    variant_view,
+    view_config_alpha,
+)
 from fedpetah.aggregation.validate import (
     Filtered,
     InvalidUpdate,
@@ -41,6 +54,8 @@ __all__ = [
     "BoundsConfig",
     "Filtered",
     "InvalidUpdate",
+    "MixedRankAggregator",
+    "RankedUpdate",
     "Rejection",
     "RoundResult",
     "StateDict",
@@ -51,7 +66,16 @@ __all__ = [
     "check_values",
     "clip_update",
     "filter_updates",
+    "full_rank",
+    "head_view",
+    "lora_ranks",
+    "rank_view",
     "update_norm",
+    "validate_ranked",
     "validate_update",
+    "variant_name",
+    "variant_rank",
+    "variant_view",
+    "view_config_alpha",
     "weighted_mean",
 ]
