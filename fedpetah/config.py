@@ -98,6 +98,8 @@ class TrainConfig:
 
 ROUTER_KEY = "router"
 """Bank metadata key of the :class:`RouterConfig` the clients' statistics were taken with."""
+ROUTER_HEADS = ("lda", "ccvr")
+"""How the router's layer is solved from the statistics (``router.head``; see :class:`RouterConfig`)."""
 
 
 @dataclass
@@ -124,6 +126,16 @@ class RouterConfig:
     Default 1 (the two classifiers' log-posteriors added), from ``benchmarks/cross_device.py``: at 200 clients,
     5% per round, Dirichlet 0.1 it lifts rotated_mnist from 60.2% to 91.2% and split_mnist from 94.2% to 98.2%
     (2 seeds each), and in the default regime split_mnist from 96.9% to 98.2% (benchmarks/results/cross_device.md).
+
+    ``head``: how the router's layer is solved from the statistics. ``lda``: in closed form, with one pooled
+    within-class covariance for every task (:func:`~fedpetah.routing.router.fit_router`). ``ccvr``: classifier
+    calibration with virtual representations (Luo et al., "No Fear of Heterogeneity: Classifier Calibration for
+    Federated Learning with Non-IID Data", NeurIPS 2021): ``ccvr_samples`` virtual features per class are drawn
+    from a Gaussian with the class's federated mean and its own task's within-class covariance, and the layer,
+    started from the LDA solution, is re-fitted to them by at most ``ccvr_steps`` L-BFGS iterations of
+    cross-entropy (seeded by ``seed``: the same statistics always give the same layer). Server-side only: no raw
+    data and no new upload, from the statistics the bounds and count caps of the statistics path admitted, so a
+    client pulls the calibrated layer no further than its capped share of the sums.
     """
 
     dim: int = 512
@@ -133,6 +145,9 @@ class RouterConfig:
     grid: int = 4
     joint: float = 1.0
     task_aware_mix: float = 1.0
+    head: str = "lda"
+    ccvr_samples: int = 128
+    ccvr_steps: int = 50
 
     def __post_init__(self) -> None:
         if self.dim < 0 or self.seed < 0:
@@ -148,14 +163,21 @@ class RouterConfig:
             raise ValueError(f"router.joint must be in [0, 1], got {self.joint}")
         if not (math.isfinite(self.task_aware_mix) and self.task_aware_mix >= 0.0):
             raise ValueError(f"router.task_aware_mix must be finite and >= 0, got {self.task_aware_mix}")
+        if self.head not in ROUTER_HEADS:
+            raise ValueError(f"router.head must be one of {', '.join(ROUTER_HEADS)}, got {self.head!r}")
+        if not (1 <= self.ccvr_samples <= 4096 and 1 <= self.ccvr_steps <= 1000):
+            raise ValueError(f"router.ccvr_samples must be in 1..4096 and router.ccvr_steps in 1..1000, got "
+                             f"{self.ccvr_samples}, {self.ccvr_steps}")
 
     @classmethod
     def from_record(cls, record: Mapping[str, object]) -> RouterConfig:
         """The config recorded in a bank's metadata. A record without ``grid`` comes from before the grid
         features: its statistics are of the final pooled features, scored by the task marginal only. One without
-        ``task_aware_mix`` predates it: the adapter's own logits (0), whatever the default is now."""
+        ``task_aware_mix`` predates it: the adapter's own logits (0), whatever the default is now; one without
+        ``head``, the closed-form ``lda``."""
         legacy: dict[str, object] = {"grid": 0, "joint": 0.0} if "grid" not in record else {}
         legacy["task_aware_mix"] = 0.0
+        legacy["head"] = "lda"
         return cls(**{**legacy, **record})  # type: ignore[arg-type]
 
     def width(self, features: int) -> int:

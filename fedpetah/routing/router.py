@@ -3,7 +3,12 @@ task's statistics (:func:`fit_router`)."""
 
 from __future__ import annotations
 
+import copy
+import hashlib
+import json
+from collections import OrderedDict
 from collections.abc import Sequence
+from dataclasses import asdict
 
 import numpy as np
 import torch
@@ -71,9 +76,42 @@ def fit_router(stats: Sequence[FeatureStats], features: int, config: RouterConfi
 
     ``W = mu_k^T S^-1``, ``b = -mu_k^T S^-1 mu_k / 2 + log prior_k`` with ``S`` the pooled within-class
     covariance shrunk towards ``tr(S)/D * I`` (float64 maths, float32 layer). A class without examples
-    gets the lowest score possible, so it is never predicted.
+    gets the lowest score possible, so it is never predicted. With ``config.head`` ``ccvr`` the layer is then
+    re-fitted on virtual features (:class:`~fedpetah.config.RouterConfig`).
+
+    The last few fits are remembered by the SHA-256 of their inputs (a round's evaluations fit the same
+    statistics more than once), and each call returns its own copy.
     """
     config = config or RouterConfig()
+    key = _fit_key(stats, features, config)
+    if key not in _FITTED:
+        _FITTED[key] = _solve(stats, features, config)
+        while len(_FITTED) > FITS_REMEMBERED:
+            _FITTED.popitem(last=False)
+    _FITTED.move_to_end(key)
+    return copy.deepcopy(_FITTED[key])
+
+
+CCVR_RIDGE = 1e-2
+"""Weight of ``||W - W_lda||^2`` (times the features' mean variance) in CCVR's re-fit: with fewer virtual features
+per class than dimensions they are separable, and cross-entropy alone would grow the layer without bound along a
+direction the draws happen to allow, so the re-fit would depend on the last bits of the statistics."""
+FITS_REMEMBERED = 4
+"""How many fitted routers :func:`fit_router` remembers (a few MB each at most)."""
+_FITTED: OrderedDict[str, nn.Linear] = OrderedDict()
+
+
+def _fit_key(stats: Sequence[FeatureStats], features: int, config: RouterConfig) -> str:
+    digest = hashlib.sha256(json.dumps([features, asdict(config)], sort_keys=True).encode())
+    for part in stats:
+        for tensor in (part.count, part.sum, part.scatter):
+            digest.update(f"{tensor.dtype}{tuple(tensor.shape)}".encode())
+            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _solve(stats: Sequence[FeatureStats], features: int, config: RouterConfig) -> nn.Linear:
+    """:func:`fit_router`'s solution, computed."""
     if not stats:
         raise StatsError("the router needs the statistics of at least one task")
     dim = config.width(features)
@@ -97,6 +135,9 @@ def fit_router(stats: Sequence[FeatureStats], features: int, config: RouterConfi
     weight = torch.linalg.solve(shrunk, means.T).T  # (K, D): mu_k^T S^-1
     prior = counts / total if config.prior == "counts" else seen.to(torch.float64) / float(seen.sum())
     bias = -0.5 * (weight * means).sum(1) + torch.log(prior.clamp(min=1e-300))
+    if config.head == "ccvr":
+        weight, bias = _calibrated(weight, bias, stats, means, seen, torch.log(prior.clamp(min=1e-300)), shrunk,
+                                   config)
     bias = torch.where(seen, bias, torch.full_like(bias, torch.finfo(torch.float32).min / 4))
     matrix = projection(features, config)
     if matrix is not None:
@@ -110,3 +151,78 @@ def fit_router(stats: Sequence[FeatureStats], features: int, config: RouterConfi
         layer.bias.copy_(bias)
     layer.requires_grad_(False)
     return layer
+
+
+def _task_factor(stats: FeatureStats, shrinkage: float) -> torch.Tensor | None:
+    """A (D, D) float64 factor ``L`` with ``L L^T`` the task's within-class covariance shrunk as the router's
+    pooled one is; None when the task has too few examples to estimate it (one per class or fewer)."""
+    counts = stats.count.to(torch.float64)
+    seen = counts > 0
+    spare = float(counts.sum()) - int(seen.sum())
+    if spare < 1:
+        return None
+    within = (stats.scatter - _class_scatter(counts, stats.sum)) / spare
+    within = (within + within.T) / 2
+    scale = float(within.diagonal().mean().clamp(min=1e-12))
+    eye = torch.eye(stats.dim, dtype=torch.float64)
+    shrunk = (1 - shrinkage) * within + (shrinkage + 1e-9) * scale * eye
+    factor, info = torch.linalg.cholesky_ex(shrunk)
+    return factor if int(info) == 0 and bool(torch.isfinite(factor).all()) else None
+
+
+def _class_scatter(counts: torch.Tensor, sums: torch.Tensor) -> torch.Tensor:
+    """(D, D) ``sum_c s_c s_c^T / n_c`` over the classes with examples."""
+    seen = counts > 0
+    return (sums[seen] / counts[seen][:, None]).T @ sums[seen]
+
+
+def _calibrated(weight: torch.Tensor, bias: torch.Tensor, stats: Sequence[FeatureStats], means: torch.Tensor,
+                seen: torch.Tensor, log_prior: torch.Tensor, pooled: torch.Tensor, config: RouterConfig
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The LDA layer ``(weight, bias)`` (K, D) re-fitted on virtual features, CCVR's calibration (see
+    :class:`~fedpetah.config.RouterConfig`): ``config.ccvr_samples`` draws per class with examples from
+    ``N(mean_k, Sigma_t)``, ``Sigma_t`` the within-class covariance of class k's task (the LDA's ``pooled`` one
+    when a task has too few examples for its own), then at most ``config.ccvr_steps`` L-BFGS iterations of
+    cross-entropy over every class with examples, plus the log prior, started from the LDA solution. Seeded by
+    ``config.seed``; classes without examples keep their rows. The re-fit minimises cross-entropy plus
+    :data:`CCVR_RIDGE` times the pooled variance times ``||W - W_lda||^2 / 2``."""
+    generator = torch.Generator().manual_seed(config.seed)
+    draws: list[torch.Tensor] = []
+    labels: list[torch.Tensor] = []
+    start = 0
+    for task in stats:
+        factor = _task_factor(task, config.shrinkage)
+        if factor is None:
+            factor = torch.linalg.cholesky((pooled + pooled.T) / 2)
+        for c in range(task.num_classes):
+            k = start + c
+            if not bool(seen[k]):
+                continue
+            noise = torch.randn(config.ccvr_samples, task.dim, generator=generator, dtype=torch.float64)
+            draws.append(means[k] + noise @ factor.T)
+            labels.append(torch.full((config.ccvr_samples,), len(labels), dtype=torch.int64))
+        start += task.num_classes
+    rows = torch.nonzero(seen).flatten()
+    x = torch.cat(draws).to(torch.float32)
+    y = torch.cat(labels)
+    w = weight[rows].to(torch.float32).clone().requires_grad_(True)
+    b = (bias[rows] - log_prior[rows]).to(torch.float32).clone().requires_grad_(True)
+    prior = log_prior[rows].to(torch.float32)
+    optimizer = torch.optim.LBFGS([w, b], lr=1.0, max_iter=config.ccvr_steps, line_search_fn="strong_wolfe")
+
+    start_w = w.detach().clone()
+    strength = CCVR_RIDGE * float(pooled.diagonal().mean()) / 2  # in units of the features' variance
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = nn.functional.cross_entropy(x @ w.T + b, y) + strength * (w - start_w).square().sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        optimizer.step(closure)
+    weight, bias = weight.clone(), bias.clone()
+    weight[rows] = w.detach().to(torch.float64)
+    bias[rows] = b.detach().to(torch.float64) + prior.to(torch.float64)
+    return weight, bias
+
