@@ -95,24 +95,45 @@ def federated(config: Any, engine: str) -> dict[str, Any]:
         shutil.rmtree(run_dir, ignore_errors=True)
 
 
-def centralized(config: Any) -> dict[str, Any]:
-    """Each task's adapter trained on the task's whole training split (``benchmarks/centralized.py``'s path)."""
+def centralized(config: Any, with_router: bool = False) -> dict[str, Any]:
+    """Each task's adapter trained on the task's whole training split (``benchmarks/centralized.py``'s path).
+
+    ``with_router``: also ``with_router``, the same adapters' task-aware accuracy combined with the statistics
+    classifier as the federated runs use it (``config.router``: its ``task_aware_mix`` and ``head``), fitted on the
+    statistics of every task's whole training split, i.e. the same recipe with the data pooled."""
     from fedpetah.adapters import build_adapter
     from fedpetah.artifact import load_artifact
     from fedpetah.config import TrainConfig
+    from fedpetah.routing.features import FrozenFeatures, data_stats, feature_width
+    from fedpetah.routing.model import TaskAwareModel
+    from fedpetah.routing.router import fit_router
     from fedpetah.serving.pipeline import prepare_artifact
     from fedpetah.tasks import load_stream
     from fedpetah.train import evaluate, train_adapter
 
     backbone = load_artifact(prepare_artifact(config))
-    accuracies = []
-    for task in load_stream(config.tasks):
+    accuracies, models, tasks = [], [], load_stream(config.tasks)
+    for task in tasks:
         adapter = build_adapter(config.adapter, backbone, task.num_classes)
         recipe = TrainConfig(epochs=CENTRAL_EPOCHS, lr=CENTRAL_LR, batch_size=CENTRAL_BATCH, loss="cross_entropy",
                              seed=task.index)
         train_adapter(adapter, task.train, recipe)
+        models.append(adapter.model)
         accuracies.append(evaluate(adapter.model, task.test, backbone.img_size, backbone.in_chans).accuracy)
-    return {"task_accuracy": accuracies, "average_accuracy": sum(accuracies) / len(accuracies)}
+    out = {"task_accuracy": accuracies, "average_accuracy": sum(accuracies) / len(accuracies)}
+    if with_router:
+        router = config.router
+        stats = [data_stats(backbone, task.train, task.num_classes, router) for task in tasks]
+        layer = fit_router(stats, feature_width(backbone, router.grid), router)
+        features = FrozenFeatures(backbone.module, backbone.mean, backbone.std, router.grid)
+        combined, start = [], 0
+        for task, model in zip(tasks, models, strict=True):
+            aware = TaskAwareModel(model, features, layer, start, task.num_classes, router.task_aware_mix)
+            combined.append(evaluate(aware, task.test, backbone.img_size, backbone.in_chans).accuracy)
+            start += task.num_classes
+        out["with_router"] = {"task_accuracy": combined, "average_accuracy": sum(combined) / len(combined),
+                              "task_aware_mix": router.task_aware_mix, "head": router.head}
+    return out
 
 
 def run_case(stream: str, adapter: str, args: argparse.Namespace) -> dict[str, Any]:
