@@ -224,7 +224,8 @@ class Federation:
         server = self.server
         tasks = task_infos(server.tasks)
         sections = {name: asdict(getattr(self.config, name)) for name in SECTIONS}  # a simulated client's shard
-        content = HelloRequest(server.digest, tasks, self.config.seed, self.config.clients, sections).encode()
+        content = HelloRequest(server.digest, tasks, self.config.seed, self.config.clients, sections,
+                               profile=True).encode()
         replies, _ = self.exchange([Message(to_recorddict(content), node, HELLO) for node in nodes],
                                    min(self.config.reply_timeout_s, HELLO_TIMEOUT_S))
         for node, message in sorted(replies.items()):
@@ -236,7 +237,7 @@ class Federation:
                 continue
             client = hello.partition if hello.partition >= 0 else node
             known = client in server.fleet.devices
-            server.fleet.greeted(client, node, hello.has_backbone, hello.holdings, len(tasks))
+            server.fleet.greeted(client, node, hello.has_backbone, hello.holdings, len(tasks), hello.profile)
             if not known:
                 held = {server.tasks[t].name: int(v[:, 0].sum()) for t, v in hello.holdings.items()}
                 log.info("device %s joined%s", client, f": images {held}" if held else " (no images of any task)")

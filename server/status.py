@@ -77,8 +77,11 @@ def render(status: dict[str, Any]) -> str:
         images = " ".join(f"{t}:{n}" for t, n in sorted(device.get("images", {}).items())) or "-"
         rejected = ", ".join(f"{r} {n}" for r, n in sorted(device.get("rejections", {}).items())) or "none"
         kept = device.get("kept_version", -1)
+        profile = device.get("profile") or {}
+        budget = f"; budget {profile['memory_budget_mb']:.0f} MB" if "memory_budget_mb" in profile else ""
+        no_budget = f", no-budget {device['no_budget']}" if device.get("no_budget") else ""
         lines.append(f"{device['client']!s:<22} {seen:<16} {device.get('rounds_trained', 0):>6} "
-                     f"{kept if kept >= 0 else '-'!s:>5}  {images}; {rejected}")
+                     f"{kept if kept >= 0 else '-'!s:>5}  {images}; {rejected}{budget}{no_budget}")
     return "\n".join(lines)
 
 

@@ -21,7 +21,7 @@ import torch
 
 from fedpetah.adapters import build_adapter
 from fedpetah.aggregation import BoundedAggregation, RoundResult, StateDict, build_aggregator
-from fedpetah.artifact import MANIFEST, WEIGHTS, artifact_digest, load_artifact
+from fedpetah.artifact import MANIFEST, WEIGHTS, artifact_digest, artifact_size, load_artifact
 from fedpetah.backbone import Backbone
 from fedpetah.bank import AdapterBank, BankError, TaskRecord
 from fedpetah.experiment import ExperimentConfig
@@ -158,7 +158,8 @@ class ContinualServer:
 
     @property
     def artifact_bytes(self) -> int:
-        return sum(p.stat().st_size for p in self.artifact_dir.iterdir() if p.is_file())
+        """What a device downloads (weights and manifest), not what else the folder holds (memory.json)."""
+        return artifact_size(self.artifact_dir)
 
     def schedule(self) -> Iterator[RoundPlan]:
         """Every (task, round) of the run not completed yet, in order."""
@@ -236,7 +237,8 @@ class ContinualServer:
         traffic = RoundTraffic(bytes_down, bytes_up, bytes_backbone, started, extra or {})
         record = self.record_round(plan, outcome, accuracies, task_free, traffic)
         self.fleet.count_round([r.client for r in outcome.aggregated],
-                               [(r.client, str(r.reason)) for r in outcome.rejected])
+                               [(r.client, str(r.reason)) for r in outcome.rejected],
+                               [r.client for r in replies if r.status is Status.NO_BUDGET])
         self.commit(plan, traffic)
         return record
 

@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from fedpetah.wire.profile import DeviceProfile
+
 FLEET_KEY = "fleet"
 """The bank metadata key of the ledger."""
 MAX_DEVICES = 100_000
@@ -25,7 +27,9 @@ MAX_DEVICES = 100_000
 @dataclass
 class DeviceRecord:
     """One device (a simulated client in simulation): ``client`` is its client id (its partition id in
-    simulation, its Flower node id on a device); ``holdings[task]`` its images per class, [train, held out]."""
+    simulation, its Flower node id on a device); ``holdings[task]`` its images per class, [train, held out];
+    ``profile`` the last device profile its hello carried (None: none yet); ``no_budget`` how many train requests
+    it answered ``no-budget`` (its memory budget could not hold the work: never a rejection)."""
 
     client: int
     node: int
@@ -37,6 +41,8 @@ class DeviceRecord:
     rounds_trained: int = 0
     rejections: dict[str, int] = field(default_factory=dict)
     kept_version: int = -1  # the bank version of the snapshot it keeps (-1: none)
+    profile: DeviceProfile | None = None
+    no_budget: int = 0
     connected: bool = False  # runtime only: not saved
 
     @property
@@ -60,6 +66,8 @@ class DeviceRecord:
         fields["holdings"] = {int(t): [[int(n) for n in row] for row in rows]
                               for t, rows in dict(fields.get("holdings", {})).items()}
         fields["rejections"] = {str(k): int(v) for k, v in dict(fields.get("rejections", {})).items()}
+        profile = fields.get("profile")
+        fields["profile"] = DeviceProfile(**profile) if isinstance(profile, dict) else None
         return cls(**fields)
 
 
@@ -97,13 +105,15 @@ class Fleet:
         return sorted({n for n in current if n not in known} | set(back)), left
 
     def greeted(self, client: int, node: int, has_backbone: bool, holdings: Mapping[int, np.ndarray],
-                catalog_size: int) -> DeviceRecord:
-        """Record a decoded hello reply of ``node`` (client id ``client``)."""
+                catalog_size: int, profile: DeviceProfile | None = None) -> DeviceRecord:
+        """Record a decoded hello reply of ``node`` (client id ``client``); a reply without a profile keeps the
+        last one the device sent (e.g. its worker was restarting)."""
         now = time.time()
         device = self.devices.get(client) or DeviceRecord(client, node, first_seen=now)
         device.node, device.has_backbone, device.connected, device.last_seen = node, has_backbone, True, now
         device.holdings = {t: np.asarray(v).astype(int).tolist() for t, v in holdings.items()}
         device.catalog_size = catalog_size
+        device.profile = profile or device.profile
         self.devices[client] = device
         return device
 
@@ -126,11 +136,16 @@ class Fleet:
         rows = self.devices[client].holdings.get(task) if client in self.devices else None
         return None if rows is None else np.asarray(rows, dtype=np.int64)[:, 1]
 
-    def count_round(self, trained: Iterable[int], rejected: Iterable[tuple[int, str]]) -> None:
-        """Credit the devices whose updates were aggregated; count each rejection by its reason."""
+    def count_round(self, trained: Iterable[int], rejected: Iterable[tuple[int, str]],
+                    no_budget: Iterable[int] = ()) -> None:
+        """Credit the devices whose updates were aggregated; count each rejection by its reason, and each
+        ``no-budget`` answer (not a rejection)."""
         for client in trained:
             if client in self.devices:
                 self.devices[client].rounds_trained += 1
+        for client in no_budget:
+            if client in self.devices:
+                self.devices[client].no_budget += 1
         for client, reason in rejected:
             if client in self.devices:
                 counts = Counter(self.devices[client].rejections)

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from fedpetah.wire.flatconfig import flatten, unflatten
+from fedpetah.wire.profile import MAX_BUDGET_MB, PROFILE, DeviceProfile
 from fedpetah.wire.reasons import Reason
 
 HELLO, TRAIN = "query.hello", "train"
@@ -79,6 +80,7 @@ class Status(StrEnum):
     OK = "ok"
     NO_DATA = "no-data"  # the client holds no data for this task
     NEEDS_BACKBONE = "needs-backbone"  # the artifact is missing or failed verification: send it again
+    NO_BUDGET = "no-budget"  # the device's memory budget cannot hold this work (never a rejection: assign less)
     ERROR = "error"
 
 
@@ -280,16 +282,20 @@ class HelloRequest:
 
     In simulation the run's ``seed``, ``clients`` and config ``sections`` (as a train request's) come too, so a
     simulated client can count its shard and its share of the test split; ``clients`` 0: not sent (a device
-    needs none of them)."""
+    needs none of them). ``profile``: send your :class:`~fedpetah.wire.profile.DeviceProfile` (a server that
+    does not ask gets none, so it never meets a record it does not know)."""
 
     digest: str
     tasks: tuple[TaskInfo, ...] = ()
     seed: int = 0
     clients: int = 0
     sections: dict[str, dict[str, Any]] = field(default_factory=dict)
+    profile: bool = False
 
     def encode(self) -> Records:
         header: dict[str, Any] = {"digest": self.digest, "catalog": encode_tasks(self.tasks)}
+        if self.profile:
+            header[PROFILE] = True
         if self.clients:
             header |= {"seed": self.seed, "clients": self.clients, **self.sections}
         return Records(configs={"config": flatten(header)})
@@ -299,11 +305,12 @@ class HelloRequest:
         config = _record(records, "configs", "config")
         nested = _nested(config)
         tasks = decode_tasks(nested.get("catalog"))
+        profile = nested.get(PROFILE) is True
         if "clients" not in nested:
-            return cls(_digest(config), tasks)
+            return cls(_digest(config), tasks, profile=profile)
         sections = {s: nested[s] for s in SECTIONS if isinstance(nested.get(s), dict)}
         return cls(_digest(config), tasks, _int(nested, "seed", -2**62, 2**62), _int(nested, "clients", 1, 2**31),
-                   sections)
+                   sections, profile)
 
 
 def holdings_specs(tasks: tuple[TaskInfo, ...]) -> dict[str, ArraySpec]:
@@ -313,15 +320,19 @@ def holdings_specs(tasks: tuple[TaskInfo, ...]) -> dict[str, ArraySpec]:
 
 @dataclass(frozen=True)
 class HelloReply:
-    """A simulated client's partition id (:data:`NO_PARTITION` on a device), whether it holds the backbone, and
-    per catalogue task (by index) it holds images of: images per class, [train, held out] (counts only)."""
+    """A simulated client's partition id (:data:`NO_PARTITION` on a device), whether it holds the backbone, per
+    catalogue task (by index) it holds images of: images per class, [train, held out] (counts only), and its
+    :class:`~fedpetah.wire.profile.DeviceProfile` when asked (None: not asked, or a device from before it)."""
 
     partition: int
     has_backbone: bool
     holdings: dict[int, np.ndarray] = field(default_factory=dict)
+    profile: DeviceProfile | None = None
 
     def encode(self) -> Records:
         records = Records(configs={"config": {"partition-id": self.partition, "has-backbone": self.has_backbone}})
+        if self.profile is not None:
+            records.configs[PROFILE] = self.profile.record()
         if self.holdings:
             records.arrays[HOLDINGS] = {task_key(t): np.asarray(v, dtype="<i8") for t, v in self.holdings.items()}
         return records
@@ -329,8 +340,9 @@ class HelloReply:
     @staticmethod
     def layout(tasks: tuple[TaskInfo, ...] = ()) -> Layout:
         arrays = {HOLDINGS: holdings_specs(tasks)} if tasks else {}
-        return Layout(arrays, frozenset({"config"}), max_bytes=64 * 2**10 + 2 * 8 * sum(t.num_classes for t in tasks)
-                      + NPY_HEADER_BYTES * len(tasks), reasons={HOLDINGS: Reason.HOLDINGS})
+        return Layout(arrays, frozenset({"config", PROFILE}),
+                      max_bytes=64 * 2**10 + 2 * 8 * sum(t.num_classes for t in tasks) + NPY_HEADER_BYTES * len(tasks),
+                      reasons={HOLDINGS: Reason.HOLDINGS, PROFILE: Reason.PROFILE})
 
     @classmethod
     def decode(cls, records: Records, tasks: tuple[TaskInfo, ...] = ()) -> HelloReply:
@@ -360,7 +372,20 @@ class HelloReply:
                     raise ProtocolError(Reason.HOLDINGS, f"task {t.index}: image counts outside [0, {MAX_EXAMPLES}]")
                 if int(counts.sum()) > 0:
                     holdings[t.index] = counts.copy()
-        return cls(_int(config, "partition-id", NO_PARTITION, 2**31), has, holdings)
+        return cls(_int(config, "partition-id", NO_PARTITION, 2**31), has, holdings, _profile(records))
+
+
+def _profile(records: Records) -> DeviceProfile | None:
+    """The hello reply's device profile, bounded (reason ``profile``); None when it carries none."""
+    if PROFILE not in records.configs:
+        return None
+    record = records.configs[PROFILE]
+    if not isinstance(record, dict):
+        raise ProtocolError(Reason.PROFILE, "the profile record is not a config record")
+    try:
+        return DeviceProfile.decode(record)
+    except ValueError as error:
+        raise ProtocolError(Reason.PROFILE, str(error)[:MAX_REASON_CHARS]) from None
 
 
 # ---------------------------------------------------------------------------------------------- train
@@ -401,6 +426,8 @@ class TrainRequest:
     ``sections["train"]["seed"]`` is this client's own training seed (:func:`client_seed`). ``artifact`` carries
     the backbone (weights and manifest bytes) to a client that does not hold it yet. ``stats`` = (dim, seed, grid)
     asks for the task-free router's statistics of the client's data, as ``RouterConfig(dim, seed, grid=grid)``.
+    ``memory_need_mb``: the training memory above its resting footprint this work needs (the server's memory
+    model): a device whose budget is smaller answers :attr:`Status.NO_BUDGET` without training (None: not said).
     """
 
     digest: str
@@ -412,12 +439,16 @@ class TrainRequest:
     state: dict[str, np.ndarray]
     artifact: tuple[bytes, ...] | None = None  # (weights, manifest)
     stats: tuple[int, int, int] | None = None  # (dim, seed, grid)
+    memory_need_mb: float | None = None
 
     def encode(self) -> Records:
-        header = {"digest": self.digest, "round": self.round, "seed": self.seed, "clients": self.clients,
-                  "task": {"index": self.task.index, "name": self.task.name, "classes": list(self.task.classes)}}
+        header: dict[str, Any] = {
+            "digest": self.digest, "round": self.round, "seed": self.seed, "clients": self.clients,
+            "task": {"index": self.task.index, "name": self.task.name, "classes": list(self.task.classes)}}
         if self.stats is not None:
             header[STATS_REQUEST] = {"dim": self.stats[0], "seed": self.stats[1], "grid": self.stats[2]}
+        if self.memory_need_mb is not None:
+            header[MEMORY_NEED] = float(self.memory_need_mb)
         return Records(arrays={"adapter": dict(self.state)},
                        configs={"config": flatten({**header, **self.sections}), **artifact_record(self.artifact)})
 
@@ -453,7 +484,21 @@ class TrainRequest:
             clients=_int(nested, "clients", 1, 2**31),
             task=TaskInfo(_int(task, "index", 0, 2**31), _str(task, "name"), tuple(classes)),
             sections=sections,  # type: ignore[arg-type]
-            state=dict(state), artifact=artifact, stats=router)
+            state=dict(state), artifact=artifact, stats=router, memory_need_mb=_memory_need(nested))
+
+
+MEMORY_NEED = "memory-need-mb"
+"""Header key of a train request: the training memory above the resting footprint its work needs, in MB."""
+
+
+def _memory_need(nested: Mapping[str, Any]) -> float | None:
+    value = nested.get(MEMORY_NEED)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= MAX_BUDGET_MB:
+        raise ProtocolError(Reason.MALFORMED, f"{MEMORY_NEED} must be a number in [0, {MAX_BUDGET_MB}], "
+                                              f"got {value!r:.40}")
+    return float(value)
 
 
 def artifact_record(artifact: tuple[bytes, ...] | None) -> dict[str, dict[str, Any]]:
@@ -476,7 +521,7 @@ def decode_artifact(records: Records) -> tuple[bytes, bytes] | None:
 
 
 METRICS = ("train-loss", "train-accuracy", "step-time-ms", "train-seconds", "peak-memory-mb",
-           "backbone-load-seconds")
+           "backbone-load-seconds", "peak-memory-above-rest-mb")
 """The metrics a train reply may carry besides ``num-examples`` (others are dropped on decode)."""
 
 

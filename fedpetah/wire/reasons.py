@@ -28,6 +28,7 @@ class Reason(StrEnum):
     TIMEOUT = "timeout"  # no reply before the round's deadline
     EVALUATION = "evaluation"  # evaluation counts that are inconsistent or exceed the device's reported holdout
     HOLDINGS = "holdings"  # image counts in a hello reply that are not a bounded table of the catalogue's tasks
+    PROFILE = "profile"  # a hello reply's device profile that is incomplete, not finite or out of bounds
     # the update does not aggregate (fedpetah.aggregation)
     TYPE = "type"  # no update, or not a map of names to tensors
     MISSING_KEYS = "missing_keys"
