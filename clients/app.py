@@ -58,7 +58,9 @@ def _runtime(context: Context) -> ClientRuntime:
     if key not in _RUNTIMES:
         keep, max_mb = int(config.get("cache-keep", CACHE_KEEP)), int(config.get("cache-max-mb", CACHE_MAX_BYTES >> 20))
         bank_mb = int(config.get("bank-max-mb", BANK_MAX_BYTES >> 20))
-        _RUNTIMES[key] = ClientRuntime(BackboneCache(Path(root), keep, max_mb * 2**20), key[1], bank_mb * 2**20)
+        budget = config.get("memory-budget-mb")
+        _RUNTIMES[key] = ClientRuntime(BackboneCache(Path(root), keep, max_mb * 2**20), key[1], bank_mb * 2**20,
+                                       None if budget is None else float(budget))
     return _RUNTIMES[key]
 
 

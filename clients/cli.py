@@ -30,6 +30,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from clients.predict import default_cache
+from fedpetah.wire.profile import MAX_BUDGET_MB
 from flower_glue.launch import (
     LOOPBACK_HOSTS,
     child_env,
@@ -93,6 +94,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "server may still be registering keys)")
     parser.add_argument("--min-free-mb", type=int, default=200, help="free disk the cache needs")
     parser.add_argument("--threads", type=int, default=0, help="torch threads for training (0: torch's default)")
+    parser.add_argument("--memory-budget-mb", type=float,
+                        help="memory training may take above the worker's resting footprint; work that needs more "
+                        "is answered no-budget (default: the system's MemAvailable at each request)")
     parser.add_argument("--no-worker", action="store_true",
                         help="no device worker: every message imports torch in its own process (slow)")
     parser.add_argument("--worker-timeout", type=float, default=300.0,
@@ -202,6 +206,8 @@ def supernode_command(args: argparse.Namespace, address: str, secret: Path, work
                    f"cache-max-mb={args.cache_max_mb} bank-max-mb={args.bank_max_mb}")
     if worker is not None:
         node_config += f" worker-socket='{worker}' worker-timeout-s={float(args.worker_timeout)}"
+    if args.memory_budget_mb is not None:
+        node_config += f" memory-budget-mb={float(args.memory_budget_mb)}"
     # Isolation "process": we start the SuperExec ourselves, because only then does Flower 1.42 check the secret
     # (with "subprocess", the default, it ignores it), and without it any local user could take this device's tasks
     command = [executable("flower-supernode"), "--superlink", address, "--port", str(args.runtime_port),
@@ -312,7 +318,8 @@ def worker_command(args: argparse.Namespace, socket_path: Path) -> list[str]:
     return [sys.executable, "-m", "clients.worker", "--socket", str(socket_path),
             "--data", str(args.data.expanduser().resolve()), "--cache", str(args.cache.expanduser().resolve()),
             "--threads", str(args.threads), "--cache-keep", str(args.cache_keep),
-            "--cache-max-mb", str(args.cache_max_mb), "--bank-max-mb", str(args.bank_max_mb)]
+            "--cache-max-mb", str(args.cache_max_mb), "--bank-max-mb", str(args.bank_max_mb),
+            *([] if args.memory_budget_mb is None else ["--memory-budget-mb", str(float(args.memory_budget_mb))])]
 
 
 class Supervisor:
@@ -433,6 +440,10 @@ def check_and_join(args: argparse.Namespace) -> int:
             args.cache_keep < 1:
         raise ClientError(EXIT_USAGE, "--retries, --key-retries, --backoff, --cache-max-mb and --bank-max-mb must "
                                       "not be negative, --cache-keep must be at least 1")
+    if args.memory_budget_mb is not None and not 0 < args.memory_budget_mb <= MAX_BUDGET_MB:
+        raise ClientError(EXIT_USAGE, f"--memory-budget-mb must be a positive number of MB (at most {MAX_BUDGET_MB}), "
+                                      f"not {args.memory_budget_mb:g}: it is the memory training may take above "
+                                      "the device worker's resting footprint")
     if args.insecure:
         if host not in LOOPBACK_HOSTS:
             loopback = ", ".join(sorted(LOOPBACK_HOSTS))

@@ -223,6 +223,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache-max-mb", type=int, help="disk the cached backbones may take")
     parser.add_argument("--bank-max-mb", type=int, help="the largest learned-tasks snapshot this device keeps "
                         "for fedpetah-client predict (default 256)")
+    parser.add_argument("--memory-budget-mb", type=float, help="memory training may take above the resting "
+                        "footprint (default: MemAvailable at each request)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="fedpetah-worker %(levelname)s: %(message)s")
     signal.signal(signal.SIGTERM, _stop)
@@ -240,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     max_bytes = CACHE_MAX_BYTES if args.cache_max_mb is None else args.cache_max_mb * 2**20
     bank_bytes = BANK_MAX_BYTES if args.bank_max_mb is None else args.bank_max_mb * 2**20
     runtime = ClientRuntime(BackboneCache(args.cache.expanduser(), args.cache_keep or CACHE_KEEP, max_bytes),
-                            bank_max_bytes=bank_bytes)
+                            bank_max_bytes=bank_bytes, memory_budget_mb=args.memory_budget_mb)
     try:
         listener = listen(args.socket)
     except (OSError, ValueError) as error:

@@ -6,6 +6,7 @@ import math
 import resource
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
@@ -98,7 +99,8 @@ def proximal_term(params: list[nn.Parameter], anchor: list[torch.Tensor], mu: fl
     return 0.5 * mu * total
 
 
-def train_adapter(adapter: Adapter[Any], data: ImageSet, config: TrainConfig) -> TrainResult:
+def train_adapter(adapter: Adapter[Any], data: ImageSet, config: TrainConfig,
+                  step_hook: Callable[[], None] | None = None) -> TrainResult:
     """Train ``adapter`` on ``data`` in place; returns examples, mean loss/accuracy, time and memory.
 
     Deterministic for a given ``config.seed``: the batch order comes from a generator seeded with it, and
@@ -108,16 +110,24 @@ def train_adapter(adapter: Adapter[Any], data: ImageSet, config: TrainConfig) ->
     With ``config.prox_mu > 0`` the loss gains FedProx's :func:`proximal_term` towards the trainable tensors as
     they are when the call starts (a client loads the global state just before): the reported loss is the
     data loss alone.
+
+    ``step_hook`` runs after every step (and after the frozen features are cached): what it raises stops
+    training there (a device's memory guard).
     """
     if len(data) == 0:
         raise ValueError("cannot train on an empty data set")
     device = resolve_device(config.device)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(config.seed)
-        return _train(adapter, data, config, device)
+        return _train(adapter, data, config, device, step_hook or _no_hook)
 
 
-def _train(adapter: Adapter[Any], data: ImageSet, config: TrainConfig, device: torch.device) -> TrainResult:
+def _no_hook() -> None:
+    pass
+
+
+def _train(adapter: Adapter[Any], data: ImageSet, config: TrainConfig, device: torch.device,
+           step_hook: Callable[[], None]) -> TrainResult:
     model, backbone = adapter.model.to(device), adapter.backbone
     generator = torch.Generator().manual_seed(config.seed)
     params = list(adapter.trainable().values())
@@ -130,6 +140,7 @@ def _train(adapter: Adapter[Any], data: ImageSet, config: TrainConfig, device: t
     if cached is not None:
         features = _cached_features(cached, data, backbone.img_size, backbone.in_chans, device)
         labels = data.labels.to(device)
+        step_hook()
     log_prior: torch.Tensor | None = None  # balanced loss: log of the local label frequencies, per class
     steps, seen, loss_sum, correct, step_seconds = 0, 0, 0.0, 0, 0.0
     for _ in range(config.epochs):
@@ -157,6 +168,7 @@ def _train(adapter: Adapter[Any], data: ImageSet, config: TrainConfig, device: t
             objective.backward()
             optimizer.step()
             step_seconds += time.perf_counter() - step_start
+            step_hook()
             if not math.isfinite(objective.item()):
                 raise FloatingPointError(f"training loss became {objective.item()} at step {steps}")
             steps += 1

@@ -144,11 +144,13 @@ def test_a_task_added_while_running_and_a_late_device_are_trained_resumed_and_ke
     assert set(by_client) == set(devices)
     assert by_client[104]["rounds_trained"] >= 1  # joined during task B, trained in it
     assert all(d["kept_version"] == 4 for d in by_client.values())  # every device keeps both tasks
+    assert all(d["profile"]["memory_budget_mb"] > 0 and d["profile"]["cores"] >= 1 and d["no_budget"] == 0
+               for d in by_client.values())  # the device profile each hello carried, in the ledger
     assert [t["state"] for t in status["tasks"]] == ["learned", "learned"]
     assert any("device 104 joined" in r.getMessage() for r in caplog.records)
     assert status_cli.main(["--run-dir", str(run_dir)]) == 0  # the operator's table, on a stopped server
     table = capsys.readouterr().out
-    assert "server: finished" in table and names[1][0] in table and "104" in table
+    assert "server: finished" in table and names[1][0] in table and "104" in table and "; budget " in table
     assert status_cli.main(["--run-dir", str(root / "nowhere")]) == status_cli.EXIT_NO_STATUS
     images = {p.name for d in data for p in d.rglob("*.png")}
     assert images and not [p for p in root.rglob("*") if p.name in images]  # the server's dirs hold no image

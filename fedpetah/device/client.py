@@ -18,6 +18,7 @@ from fedpetah.config import RouterConfig, TrainConfig
 from fedpetah.device.holdout import evaluate_holdout, simulated_holdings, simulated_holdout
 from fedpetah.device.keep import BANK_MAX_BYTES, Snapshot, SnapshotError, check_tasks, commit, open_snapshot, stage
 from fedpetah.device.local import BackboneCache, simulated_shard, train_task
+from fedpetah.device.profile import MemoryBudgetExceeded, MemoryWatch, budget_mb, measure_profile
 from fedpetah.routing.export import ExportError
 from fedpetah.routing.features import data_stats
 from fedpetah.tasks import ImageSet, PartitionConfig, TaskStreamConfig
@@ -126,13 +127,17 @@ _OPENED: dict[tuple[str, str], Snapshot] = {}
 
 
 class ClientRuntime:
-    """A client's state across messages: its verified backbone cache and its partition id (simulation)."""
+    """A client's state across messages: its verified backbone cache, its partition id (simulation) and its
+    memory budget for training above its resting footprint (None: what the system can give out, per request)."""
 
     def __init__(self, cache: BackboneCache, partition: int = NO_PARTITION,
-                 bank_max_bytes: int = BANK_MAX_BYTES) -> None:
+                 bank_max_bytes: int = BANK_MAX_BYTES, memory_budget_mb: float | None = None) -> None:
+        if memory_budget_mb is not None and not 0 < memory_budget_mb < float("inf"):
+            raise ValueError(f"the memory budget must be a positive number of MB, not {memory_budget_mb}")
         self.cache = cache
         self.partition = partition
         self.bank_max_bytes = bank_max_bytes
+        self.memory_budget_mb = memory_budget_mb
 
     def hello(self, request: HelloRequest, holdings: HoldingsSource | None = None) -> HelloReply:
         """Partition, whether the backbone is cached, and per catalogue task the images held (counts only); a
@@ -148,7 +153,8 @@ class ClientRuntime:
                 continue
             if counts is not None and counts.shape == (task.num_classes, 2) and int(counts.sum()) > 0:
                 held[task.index] = counts.astype(np.int64)
-        return HelloReply(self.partition, self.cache.has(request.digest), held)
+        profile = measure_profile(self.cache, request.digest, self.memory_budget_mb) if request.profile else None
+        return HelloReply(self.partition, self.cache.has(request.digest), held, profile)
 
     def evaluate(self, request: EvaluateRequest, holdout: HoldoutSource) -> EvaluateReply:
         """Install the attached backbone if any; rebuild and verify the snapshot; keep it (``request.keep``);
@@ -197,31 +203,46 @@ class ClientRuntime:
         return EvaluateReply(Status.OK, "", counts, confusion, kept)
 
     def train(self, request: TrainRequest, data: DataSource) -> TrainReply:
-        """Install the attached backbone if any, then train; every failure becomes a reply, never an exception."""
+        """Install the attached backbone if any, then train within the memory budget; every failure becomes a
+        reply, never an exception: work the budget cannot hold (the request's ``memory_need_mb``, or training
+        that grows past it, stopped at the next step) is a ``no-budget`` reply."""
         try:
             if request.artifact is not None:
                 self.cache.install(request.digest, *request.artifact)
             settings = TrainSettings.of(request)
+            budget, source = budget_mb(self.memory_budget_mb), self._budget_source()
+            if budget is not None and request.memory_need_mb is not None and request.memory_need_mb > budget:
+                return TrainReply(Status.NO_BUDGET, f"this device cannot train this variant: it needs "
+                                                    f"{request.memory_need_mb:.0f} MB, the budget is {budget:.0f} MB "
+                                                    f"({source})")
             images = data(settings)
             if images is None or len(images) == 0:
                 return TrainReply(Status.NO_DATA, f"no training data for task {request.task.name!r}")
             backbone = self.cache.get(request.digest)
             state = {k: torch.from_numpy(np.array(v, copy=True)) for k, v in request.state.items()}
-            trained, metrics = train_task(backbone, settings.adapter, request.task.num_classes, state, images,
-                                          settings.train)
-            stats = None
-            if request.stats is not None:  # the task-free router's statistics of this client's data
-                dim, seed, grid = request.stats
-                router = RouterConfig(dim=dim, seed=seed, grid=grid)
-                found = data_stats(backbone, images, request.task.num_classes, router)
-                stats = {k: v.numpy() for k, v in found.tensors().items()}
+            with MemoryWatch(budget_mb(self.memory_budget_mb)) as watch:  # what is available now, data loaded
+                trained, metrics = train_task(backbone, settings.adapter, request.task.num_classes, state, images,
+                                              settings.train, watch.check)
+                stats = None
+                if request.stats is not None:  # the task-free router's statistics of this client's data
+                    dim, seed, grid = request.stats
+                    router = RouterConfig(dim=dim, seed=seed, grid=grid)
+                    found = data_stats(backbone, images, request.task.num_classes, router)
+                    stats = {k: v.numpy() for k, v in found.tensors().items()}
+            watch.check(step=False)  # the statistics' peak too
+        except MemoryBudgetExceeded as error:
+            log.warning("train request over the memory budget: %s", error)
+            return TrainReply(Status.NO_BUDGET, f"{error} ({self._budget_source()})")
         except ArtifactError as error:
             return TrainReply(Status.NEEDS_BACKBONE, str(error))
         except (ValueError, TypeError, KeyError, OSError, RuntimeError) as error:
             log.warning("train request failed: %s", error)
             return TrainReply(Status.ERROR, f"{type(error).__name__}: {error}")
         metrics["backbone-load-seconds"] = self.cache.last_load_seconds
+        metrics["peak-memory-above-rest-mb"] = watch.peak_mb
         count = int(metrics.pop("num-examples"))
         return TrainReply(Status.OK, "", {k: v.detach().cpu().contiguous().numpy() for k, v in trained.items()},
                           count, {k: float(v) for k, v in metrics.items()}, stats)
 
+    def _budget_source(self) -> str:
+        return "MemAvailable" if self.memory_budget_mb is None else "--memory-budget-mb"

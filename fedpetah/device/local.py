@@ -8,6 +8,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -182,11 +183,13 @@ def simulated_shard(stream: TaskStreamConfig, split: PartitionConfig, clients: i
 
 
 def train_task(backbone: Backbone, adapter: AdapterConfig, num_classes: int, global_state: dict[str, torch.Tensor],
-               data: ImageSet, config: TrainConfig) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Attach ``adapter`` to ``backbone``, start from ``global_state``, train on ``data``; return state + metrics."""
+               data: ImageSet, config: TrainConfig, step_hook: Callable[[], None] | None = None
+               ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Attach ``adapter`` to ``backbone``, start from ``global_state``, train on ``data`` (``step_hook`` after each
+    step, see :func:`~fedpetah.train.train_adapter`); return state + metrics."""
     model = build_adapter(adapter, backbone, num_classes)
     model.load_state(global_state)
-    result = train_adapter(model, data, config)
+    result = train_adapter(model, data, config, step_hook)
     return model.state(), {
         "num-examples": result.examples,
         "train-loss": result.loss,
