@@ -183,3 +183,68 @@ class RouterConfig:
     def width(self, features: int) -> int:
         """Width of the statistics for router features of width ``features``."""
         return features if self.dim == 0 or self.dim >= features else self.dim
+
+
+FLEETS = ("uniform", "mixed")
+"""Simulated fleets (``fleet.name``; see :class:`FleetConfig`)."""
+
+
+@dataclass
+class FleetConfig:
+    """The simulated devices' memory (Hydra group ``fleet``; a real device reports its own budget in its hello).
+
+    ``uniform``: every simulated device as today, with no budget. ``mixed``: the partitions fall into tiers, a
+    seeded share ``shares[i]`` of them in tier ``i`` (``names[i]``), and a device of tier ``i`` has the budget in
+    which ``sized_for[i]`` fits with ``assignment.margin`` (``fleet`` budgets count training memory above the
+    runtime's resting footprint, as the memory model measures it). The server fills ``budgets_mb`` from the measured
+    memory model of the run's backbone, resolution and batch size at start (:func:`~fedpetah.serving.assignment.
+    size_fleet`); the simulated devices read them from their requests.
+    """
+
+    name: str = "uniform"
+    names: tuple[str, ...] = ("small", "middle", "large")
+    shares: tuple[float, ...] = (0.2, 0.5, 0.3)
+    sized_for: tuple[str, ...] = ("head", "lora-2", "lora-16")
+    budgets_mb: tuple[float, ...] = ()
+
+    def __post_init__(self) -> None:
+        self.names, self.shares = tuple(self.names), tuple(float(s) for s in self.shares)
+        self.sized_for, self.budgets_mb = tuple(self.sized_for), tuple(float(b) for b in self.budgets_mb)
+        if self.name not in FLEETS:
+            raise ValueError(f"fleet.name must be one of {', '.join(FLEETS)}, got {self.name!r}")
+        if not (len(self.names) == len(self.shares) == len(self.sized_for) >= 1) or len(set(self.names)) < len(
+                self.names):
+            raise ValueError("fleet.names, fleet.shares and fleet.sized_for must be equally long and names distinct")
+        if not (all(math.isfinite(s) and s > 0 for s in self.shares) and abs(sum(self.shares) - 1) < 1e-9):
+            raise ValueError(f"fleet.shares must be positive and add up to 1, got {list(self.shares)}")
+        if self.budgets_mb and (len(self.budgets_mb) != len(self.names)
+                                or not all(math.isfinite(b) and b > 0 for b in self.budgets_mb)):
+            raise ValueError(f"fleet.budgets_mb must hold one positive budget per tier, got {list(self.budgets_mb)}")
+
+    def tier(self, seed: int, partition: int, clients: int) -> int | None:
+        """The tier of simulated ``partition`` (None in a ``uniform`` fleet): the first ``shares[0] * clients``
+        partitions of a seeded permutation are tier 0, and so on (rounded so every partition has a tier)."""
+        if self.name == "uniform":
+            return None
+        if not 0 <= partition < clients:
+            raise ValueError(f"partition {partition} is not one of {clients}")
+        order = _permutation(seed, clients)
+        position = order.index(partition)
+        bounds = [round(clients * sum(self.shares[: i + 1])) for i in range(len(self.shares))]
+        return next(i for i, bound in enumerate(bounds) if position < bound) if position < bounds[-1] else len(
+            bounds) - 1
+
+    def budget_mb(self, seed: int, partition: int, clients: int) -> float | None:
+        """Simulated ``partition``'s budget (None: uniform fleet, or budgets not sized yet)."""
+        tier = self.tier(seed, partition, clients)
+        return None if tier is None or not self.budgets_mb else self.budgets_mb[tier]
+
+
+def _permutation(seed: int, n: int) -> list[int]:
+    """A permutation of ``range(n)`` from ``seed`` alone (the same for the server and every simulated device)."""
+    import random
+
+    order = list(range(n))
+    random.Random(f"fleet:{seed}").shuffle(order)
+    return order
+

@@ -16,9 +16,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from fedpetah.adapters import ADAPTERS, AdapterConfig, adapter_config
-from fedpetah.aggregation import AGGREGATORS, AggregatorConfig, BoundsConfig, aggregator_config
+from fedpetah.aggregation import AGGREGATORS, AggregatorConfig, BoundsConfig, MixedRankAggregator, aggregator_config
+from fedpetah.assignment import AssignmentConfig, run_variants
 from fedpetah.attacks import AttackConfig
-from fedpetah.config import BackboneConfig, PruningConfig, RouterConfig, TrainConfig
+from fedpetah.config import BackboneConfig, FleetConfig, PruningConfig, RouterConfig, TrainConfig
 from fedpetah.registry import Registry
 from fedpetah.tasks import PartitionConfig, TaskStreamConfig
 from fedpetah.wire.flatconfig import Scalar, build_dataclass, flatten
@@ -121,6 +122,8 @@ class ExperimentConfig:
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
     router: RouterConfig = field(default_factory=RouterConfig)  # task-free router (no YAML: router.dim=512 etc.)
+    assignment: AssignmentConfig = field(default_factory=AssignmentConfig)
+    fleet: FleetConfig = field(default_factory=FleetConfig)
 
     def __post_init__(self) -> None:
         if self.clients < 1 or self.rounds_per_task < 1:
@@ -136,6 +139,18 @@ class ExperimentConfig:
             raise ValueError(f"stop_after must be >= 1 when set, got {self.stop_after}")
         if self.evaluation_max_share is not None and not 0 < self.evaluation_max_share <= 1:
             raise ValueError(f"evaluation_max_share must be in (0, 1] when set, got {self.evaluation_max_share}")
+        self.check_assignment()
+
+    def check_assignment(self) -> None:
+        """A policy that can hand out several variants of a task's adapter needs an aggregator that combines them."""
+        aggregator = AGGREGATORS.get(self.strategy.aggregator.name)
+        if (self.assignment.name == "budget" and len(run_variants(self.adapter)) > 1
+                and not issubclass(aggregator, MixedRankAggregator)):
+            mixed = [n for n in AGGREGATORS.names() if issubclass(AGGREGATORS.get(n), MixedRankAggregator)]
+            raise ValueError(f"assignment=budget hands out variants of several ranks "
+                             f"({', '.join(run_variants(self.adapter))}), which strategy.aggregator "
+                             f"{self.strategy.aggregator.name!r} cannot combine: use strategy="
+                             f"{' or strategy='.join(mixed)}")
 
 
 def register_configs() -> None:
@@ -169,6 +184,7 @@ def to_experiment(cfg: DictConfig | Mapping[str, Any]) -> ExperimentConfig:
     adapter = raw.pop("adapter", None)
     strategy = dict(raw.pop("strategy", None) or {})
     aggregator = strategy.pop("aggregator", None)
+    assignment = build_dataclass(AssignmentConfig, dict(raw.pop("assignment", None) or {}))  # checked with both
     config = build_dataclass(ExperimentConfig, raw)
     strategy_config = build_dataclass(StrategyConfig, strategy)
     if aggregator is not None:
@@ -176,7 +192,7 @@ def to_experiment(cfg: DictConfig | Mapping[str, Any]) -> ExperimentConfig:
             AGGREGATORS, aggregator, strategy_config.aggregator.name, "strategy.aggregator"))
     if adapter is not None:
         config = replace(config, adapter=_named(ADAPTERS, adapter, config.adapter.name, "adapter"))
-    return replace(config, strategy=strategy_config)
+    return replace(config, strategy=strategy_config, assignment=assignment)
 
 
 def _named(registry: Registry[Any], data: Mapping[str, Any], default: str, path: str) -> Any:

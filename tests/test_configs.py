@@ -149,7 +149,16 @@ def test_every_yaml_composes(group_option: str) -> None:
     else:  # a plain group: its dataclass defaults with the keys the YAML sets
         raw = OmegaConf.to_container(OmegaConf.load(CONFIGS / group / f"{option}.yaml")) or {}
         assert isinstance(raw, dict)
+        raw.pop("defaults", None)  # what it selects in other groups (assignment=budget: a mixed-rank aggregator)
         assert getattr(cfg, group) == replace(getattr(ExperimentConfig(), group), **raw)
+
+
+def test_a_budget_assignment_brings_a_mixed_rank_aggregator_and_refuses_one_that_is_not() -> None:
+    assert _compose("assignment=budget").strategy.aggregator.name == "hetlora"
+    assert _compose("assignment=budget", "strategy=flexlora").strategy.aggregator.name == "flexlora"
+    with pytest.raises(ValueError, match="cannot combine: use strategy=flexlora or strategy=hetlora"):
+        _compose("assignment=budget", "strategy=fedavg")
+    assert _compose("assignment=budget", "strategy=fedavg", "adapter=synqt").assignment.name == "budget"  # one variant
 
 
 def test_the_default_aggregation_is_bounded_fedavg() -> None:

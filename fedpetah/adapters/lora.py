@@ -43,7 +43,11 @@ PEFT_ADAPTER = "default"
 
 @dataclass
 class LoraConfig(AdapterConfig):
-    """Low-rank adaptation: ``W + (alpha / rank) * B @ A`` on the selected layers, plus the head."""
+    """Low-rank adaptation: ``W + (alpha / rank) * B @ A`` on the selected layers, plus the head.
+
+    ``train_lora`` False is the ``head`` variant of a mixed fleet (``assignment=budget``): the LoRA tensors come
+    with the state and are loaded, then frozen, so only the head trains (no backward through the backbone:
+    training memory near inference memory) and the state from then on, the update, is the head alone."""
 
     rank: int = 4
     alpha: float = 8.0
@@ -52,6 +56,7 @@ class LoraConfig(AdapterConfig):
     target_regex: str | None = None
     freeze_a: bool = False
     init_seed: int = 0
+    train_lora: bool = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -197,6 +202,12 @@ class LoraAdapter(Adapter[L]):
         if config.freeze_a:
             for layer in lora_layers(module).values():
                 layer.lora_A[PEFT_ADAPTER].requires_grad_(False)
+
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Load the state; with ``train_lora`` False, then freeze everything but the head (see :class:`LoraConfig`)."""
+        super().load_state(state)
+        if not self.config.train_lora:
+            self.model.backbone.requires_grad_(False)
 
     def merge(self) -> nn.Module:
         merged = super().merge()

@@ -73,6 +73,7 @@ from fedpetah.adapters import Adapter, AdapterConfig, adapter_config, build_adap
 from fedpetah.adapters.lora import LoraConfig
 from fedpetah.adapters.synqt import SynQTConfig
 from fedpetah.artifact import MAX_IMG_SIZE, MIN_IMG_SIZE, load_artifact, read_manifest
+from fedpetah.assignment import HEAD, LORA_RANKS
 from fedpetah.atomic import atomic_write_text
 from fedpetah.config import TrainConfig
 from fedpetah.experiment import ExperimentConfig
@@ -82,8 +83,7 @@ from fedpetah.train import peak_memory_mb, resolve_device, train_adapter
 
 log = logging.getLogger(__name__)
 
-LORA_RANKS = (1, 2, 4, 8, 16)
-VARIANTS: tuple[str, ...] = ("head", "synqt", *(f"lora-{r}" for r in LORA_RANKS))
+VARIANTS: tuple[str, ...] = (HEAD, "synqt", *(f"lora-{r}" for r in LORA_RANKS))
 """Every variant name, from the poorest to the richest."""
 MEMORY_FILE = "memory.json"
 FORMAT_VERSION = 1
@@ -235,6 +235,8 @@ def variant_config(run_adapter: AdapterConfig, variant: str) -> AdapterConfig:
         return dataclasses.replace(base, rank=rank, alpha=base.alpha * rank / base.rank)
     if variant == "synqt":
         return run_adapter if isinstance(run_adapter, SynQTConfig) else adapter_config("synqt")
+    if isinstance(run_adapter, LoraConfig):  # loads the LoRA tensors, then trains the head alone
+        return dataclasses.replace(run_adapter, train_lora=False)
     return run_adapter
 
 
