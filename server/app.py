@@ -30,7 +30,7 @@ from fedpetah.wire.evaluation import EVALUATE, EvaluateReply, EvaluateRequest
 from fedpetah.wire.flatconfig import unflatten
 from fedpetah.wire.protocol import (
     HELLO,
-    SECTIONS,
+    SENT_SECTIONS,
     TRAIN,
     HelloReply,
     HelloRequest,
@@ -223,7 +223,7 @@ class Federation:
     def hello(self, nodes: list[int]) -> None:
         server = self.server
         tasks = task_infos(server.tasks)
-        sections = {name: asdict(getattr(self.config, name)) for name in SECTIONS}  # a simulated client's shard
+        sections = {name: asdict(getattr(self.config, name)) for name in SENT_SECTIONS}  # a simulated client's shard
         content = HelloRequest(server.digest, tasks, self.config.seed, self.config.clients, sections,
                                profile=True).encode()
         replies, _ = self.exchange([Message(to_recorddict(content), node, HELLO) for node in nodes],
@@ -280,7 +280,7 @@ class Federation:
         if snapshot is None:
             return {}
         tasks = task_infos(server.tasks[: upto + 1])
-        sections = {name: asdict(getattr(self.config, name)) for name in SECTIONS}
+        sections = {name: asdict(getattr(self.config, name)) for name in SENT_SECTIONS}
         messages, client_of, sent, backbone = [], {}, 0, 0
         for client in clients:
             device = server.fleet.devices[client]
@@ -371,7 +371,6 @@ def _round(exchange: Exchange, server: ContinualServer, plan: RoundPlan, eligibl
         messages.append(Message(to_recorddict(records), node, TRAIN))
         client_of[node] = client
     answers, late = exchange(messages, server.config.reply_timeout_s)
-    expected = specs({k: v.numpy() for k, v in current.items()})
     expected_stats = server.router.specs(server.tasks[plan.task].num_classes)
     replies, bytes_up, bytes_stats = [], 0, 0
     for node, client in sorted(client_of.items(), key=lambda item: item[1]):  # a fixed order: reproducible sums
@@ -379,6 +378,7 @@ def _round(exchange: Exchange, server: ContinualServer, plan: RoundPlan, eligibl
             replies.append(ClientReply.refused(client, Reason.TIMEOUT))
             continue
         stats_specs = expected_stats if node in asked else None
+        expected = specs({k: v.numpy() for k, v in server.reply_layout(client, current).items()})  # its variant's
         try:
             records = records_of(answers[node], TrainReply.layout(expected, stats_specs))
             answer = TrainReply.decode(records, expected, stats_specs)

@@ -13,6 +13,11 @@ A client's example count is a claim and its update may be anything, so before th
    when the server knows it, at the task's training-set size (no client holds more than the whole task).
 
 Then the configured aggregator combines the kept, clipped updates with the capped counts as weights.
+
+A mixed round (``ranks`` given: each update is the view of the task's adapter at its variant's rank, see
+:mod:`fedpetah.aggregation.hetero`) checks each update against the view of ``current`` at its rank, takes the
+median norm among the updates of the same rank (a head's delta is no outlier for being shorter than a LoRA's),
+and combines them with the :class:`~fedpetah.aggregation.hetero.MixedRankAggregator` configured.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from typing import Any
 import torch
 
 from fedpetah.aggregation.base import Aggregate, Aggregator
+from fedpetah.aggregation.hetero import MixedRankAggregator, RankedUpdate, variant_view
 from fedpetah.aggregation.validate import (
     InvalidUpdate,
     Rejection,
@@ -98,6 +104,8 @@ class Candidate:
     state: Mapping[str, torch.Tensor]
     count: int
     norm: float
+    rank: int | None = None  # a mixed round's variant rank (None: the task's full adapter)
+    reference: Mapping[str, torch.Tensor] | None = None  # the view of ``current`` it is a delta from (mixed rounds)
 
 
 class BoundedAggregation:
@@ -128,10 +136,14 @@ class BoundedAggregation:
 
     @torch.no_grad()
     def decoded(self, current: Mapping[str, torch.Tensor], updates: Sequence[Update],
-                opt_state: Mapping[str, torch.Tensor] | None = None, task_size: int | None = None) -> RoundResult:
+                opt_state: Mapping[str, torch.Tensor] | None = None, task_size: int | None = None,
+                ranks: Sequence[int] | None = None) -> RoundResult:
         """The server's entry: updates decoded from replies to ``current`` (keys, shapes, dtypes and counts
-        checked by the decode), of which :meth:`validate_decoded` checks only the values."""
-        return self.run(current, *self.validate_decoded(current, updates), opt_state, task_size)
+        checked by the decode), of which :meth:`validate_decoded` checks only the values. ``ranks``: a mixed
+        round's variant rank of each update, decoded against the view of ``current`` at that rank."""
+        if ranks is not None and not isinstance(self.aggregator, MixedRankAggregator):
+            raise ValueError(f"a round of mixed variants needs a mixed-rank aggregator, not {self.aggregator.name!r}")
+        return self.run(current, *self.validate_decoded(current, updates, ranks), opt_state, task_size)
 
     def validate(self, current: Mapping[str, torch.Tensor], updates: Sequence[Mapping[str, torch.Tensor] | None],
                  counts: Sequence[object]) -> tuple[list[Candidate], list[Rejection]]:
@@ -150,16 +162,19 @@ class BoundedAggregation:
                 rejected.append(Rejection(index, error.reason, error.detail))
         return kept, rejected
 
-    def validate_decoded(self, current: Mapping[str, torch.Tensor], updates: Sequence[Update]
-                         ) -> tuple[list[Candidate], list[Rejection]]:
-        """Each decoded update's values checked by :func:`check_values` (finite, within the absolute norm bound):
-        kept, or rejected with the reason."""
+    def validate_decoded(self, current: Mapping[str, torch.Tensor], updates: Sequence[Update],
+                         ranks: Sequence[int] | None = None) -> tuple[list[Candidate], list[Rejection]]:
+        """Each decoded update's values checked by :func:`check_values` (finite, within the absolute norm bound),
+        against the view of ``current`` at its rank in a mixed round: kept, or rejected with the reason."""
         kept: list[Candidate] = []
         rejected: list[Rejection] = []
         for index, update in enumerate(updates):
+            rank = None if ranks is None else ranks[index]
+            reference = current if rank is None else variant_view(current, rank)
             try:
                 kept.append(Candidate(index, update.state, update.count,
-                                      check_values(update, current, self.bounds.max_norm)))
+                                      check_values(update, reference, self.bounds.max_norm), rank,
+                                      None if rank is None else reference))
             except InvalidUpdate as error:
                 rejected.append(Rejection(index, error.reason, error.detail))
         return kept, rejected
@@ -171,18 +186,39 @@ class BoundedAggregation:
         would freeze or break the task's adapter for good)."""
         median = statistics.median([c.norm for c in kept]) if kept else math.nan
         metrics: dict[str, float] = {"num_valid": float(len(kept)), "median_norm": median}
-        kept, outliers = self.reject_outliers(kept, median)
+        groups: dict[int | None, list[Candidate]] = {}
+        for candidate in kept:  # one group (rank None) unless the round is mixed
+            groups.setdefault(candidate.rank, []).append(candidate)
+        kept, outliers = [], []
+        batch: list[StateDict] = []
+        clips: list[float] = []
+        clipped_count = 0
+        for group in groups.values():
+            group_median = statistics.median([c.norm for c in group])
+            group, out = self.reject_outliers(group, group_median)
+            outliers += out
+            if group:
+                clipped, clip = self.clip(current, group, group_median)
+                kept, batch, clips = [*kept, *group], [*batch, *clipped], [*clips, clip]
+                clipped_count += sum(c.norm > clip for c in group)
         metrics["num_norm_rejected"] = float(len(outliers))
         rejected = sorted([*rejected, *outliers], key=lambda r: r.index)
         if not kept:
             return RoundResult(None, rejected, metrics)
-        batch, clip = self.clip(current, kept, median)
+        order = sorted(range(len(kept)), key=lambda i: kept[i].index)  # the batch's order: reproducible sums
+        kept, batch = [kept[i] for i in order], [batch[i] for i in order]
+        clip = min(clips)
         weights, cap = self.cap_weights(kept, task_size)
-        result = self.aggregate(current, batch, weights, opt_state)
+        if kept[0].rank is not None:
+            assert isinstance(self.aggregator, MixedRankAggregator)
+            ranked = [RankedUpdate(state, c.rank or 0, w) for state, c, w in zip(batch, kept, weights, strict=True)]
+            result = self.aggregator.combine_mixed(current, ranked, opt_state)
+        else:
+            result = self.aggregate(current, batch, weights, opt_state)
         if not all(bool(torch.isfinite(v).all()) for v in (*result.state.values(), *result.opt_state.values())):
             return RoundResult(None, rejected, metrics | {"non_finite_aggregate": 1.0})
         metrics |= result.metrics | {
-            "num_clipped": float(sum(c.norm > clip for c in kept)),
+            "num_clipped": float(clipped_count),
             "clip_bound": clip,
             "num_weight_capped": float(sum(float(c.count) > cap for c in kept)),
             "weight_cap": cap,
@@ -209,7 +245,8 @@ class BoundedAggregation:
         clip = bounds.clip_norm if bounds.clip_norm is not None else math.inf
         if bounds.clip_multiple is not None and median > 0:
             clip = min(clip, bounds.clip_multiple * median)
-        return [clip_update(c.state, current, clip)[0] if c.norm > clip else dict(c.state) for c in kept], clip
+        return [clip_update(c.state, current if c.reference is None else c.reference, clip)[0] if c.norm > clip
+                else dict(c.state) for c in kept], clip
 
     def cap_weights(self, kept: list[Candidate], task_size: int | None) -> tuple[list[float], float]:
         """Each count capped at ``weight_cap`` times the kept updates' median count and at the task's size; the

@@ -14,7 +14,7 @@ import torch
 
 from fedpetah.adapters import ADAPTERS, AdapterConfig
 from fedpetah.artifact import ArtifactError
-from fedpetah.config import RouterConfig, TrainConfig
+from fedpetah.config import FleetConfig, RouterConfig, TrainConfig
 from fedpetah.device.holdout import evaluate_holdout, simulated_holdings, simulated_holdout
 from fedpetah.device.keep import BANK_MAX_BYTES, Snapshot, SnapshotError, check_tasks, commit, open_snapshot, stage
 from fedpetah.device.local import BackboneCache, simulated_shard, train_task
@@ -153,7 +153,8 @@ class ClientRuntime:
                 continue
             if counts is not None and counts.shape == (task.num_classes, 2) and int(counts.sum()) > 0:
                 held[task.index] = counts.astype(np.int64)
-        profile = measure_profile(self.cache, request.digest, self.memory_budget_mb) if request.profile else None
+        own = self.budget(request.sections, request.seed, request.clients)
+        profile = measure_profile(self.cache, request.digest, own) if request.profile else None
         return HelloReply(self.partition, self.cache.has(request.digest), held, profile)
 
     def evaluate(self, request: EvaluateRequest, holdout: HoldoutSource) -> EvaluateReply:
@@ -210,7 +211,8 @@ class ClientRuntime:
             if request.artifact is not None:
                 self.cache.install(request.digest, *request.artifact)
             settings = TrainSettings.of(request)
-            budget, source = budget_mb(self.memory_budget_mb), self._budget_source()
+            own = self.budget(request.sections, request.seed, request.clients)
+            budget, source = budget_mb(own), self._budget_source(own)
             if budget is not None and request.memory_need_mb is not None and request.memory_need_mb > budget:
                 return TrainReply(Status.NO_BUDGET, f"this device cannot train this variant: it needs "
                                                     f"{request.memory_need_mb:.0f} MB, the budget is {budget:.0f} MB "
@@ -220,7 +222,7 @@ class ClientRuntime:
                 return TrainReply(Status.NO_DATA, f"no training data for task {request.task.name!r}")
             backbone = self.cache.get(request.digest)
             state = {k: torch.from_numpy(np.array(v, copy=True)) for k, v in request.state.items()}
-            with MemoryWatch(budget_mb(self.memory_budget_mb)) as watch:  # what is available now, data loaded
+            with MemoryWatch(budget_mb(own)) as watch:  # what is available now, data loaded
                 trained, metrics = train_task(backbone, settings.adapter, request.task.num_classes, state, images,
                                               settings.train, watch.check)
                 stats = None
@@ -232,7 +234,7 @@ class ClientRuntime:
             watch.check(step=False)  # the statistics' peak too
         except MemoryBudgetExceeded as error:
             log.warning("train request over the memory budget: %s", error)
-            return TrainReply(Status.NO_BUDGET, f"{error} ({self._budget_source()})")
+            return TrainReply(Status.NO_BUDGET, f"{error} ({self._budget_source(own)})")
         except ArtifactError as error:
             return TrainReply(Status.NEEDS_BACKBONE, str(error))
         except (ValueError, TypeError, KeyError, OSError, RuntimeError) as error:
@@ -244,5 +246,20 @@ class ClientRuntime:
         return TrainReply(Status.OK, "", {k: v.detach().cpu().contiguous().numpy() for k, v in trained.items()},
                           count, {k: float(v) for k, v in metrics.items()}, stats)
 
-    def _budget_source(self) -> str:
-        return "MemAvailable" if self.memory_budget_mb is None else "--memory-budget-mb"
+    def budget(self, sections: dict[str, dict[str, object]], seed: int, clients: int) -> float | None:
+        """This device's memory budget (None: MemAvailable): a simulated partition of a mixed fleet
+        (``fleet=mixed``, the request's ``fleet`` section) has its tier's, every other device its own."""
+        if self.partition == NO_PARTITION or "fleet" not in sections or clients < 1:
+            return self.memory_budget_mb
+        try:
+            fleet = build_dataclass(FleetConfig, sections["fleet"])
+            simulated = fleet.budget_mb(seed, self.partition, clients)
+        except (ValueError, TypeError, KeyError) as error:
+            log.warning("ignoring the simulated fleet of the request: %s", error)
+            return self.memory_budget_mb
+        return self.memory_budget_mb if simulated is None else simulated
+
+    def _budget_source(self, budget: float | None) -> str:
+        if budget is None:
+            return "MemAvailable"
+        return "--memory-budget-mb" if budget == self.memory_budget_mb else "the simulated fleet's tier"

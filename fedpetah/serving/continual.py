@@ -32,9 +32,10 @@ from fedpetah.serving.fleet import FLEET_KEY, Fleet
 from fedpetah.serving.metrics import RoundRecord, RunLog, plot_run, read_rounds, summarize
 from fedpetah.serving.pipeline import prepare_artifact
 from fedpetah.serving.round import ClientReply, RoundOutcome, RoundTraffic, rejections
+from fedpetah.serving.variants import VariantPlanner, fleet_summary, noted
 from fedpetah.tasks import Task, build_stream, load_stream
 from fedpetah.train import evaluate
-from fedpetah.wire.protocol import SECTIONS, Status, TaskInfo, TrainRequest, client_seed
+from fedpetah.wire.protocol import SENT_SECTIONS, Status, TaskInfo, TrainRequest, client_seed
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +108,9 @@ class ContinualServer:
         self.check_learned(self.tasks)  # a resumed bank's tasks must be this stream's first ones, unchanged
         self.fleet = Fleet.from_json(self.bank.metadata.get(FLEET_KEY)) if resuming else Fleet()
         self.router = StatsCollector(self.bank, self.backbone, self.config.router)
+        self.planner = VariantPlanner(config, self.artifact_dir)
+        self.planner.size_fleet()  # a simulated mixed fleet's budgets, from the memory model (measured once)
+        self.round_variants: dict[int, str] = {}  # the sampled clients' variants in the current round
         self.federated: FederatedHook | None = None
         self.log = RunLog(self.run_dir, committed_rounds=self.state.completed_rounds)  # drops uncommitted rows
 
@@ -174,11 +178,21 @@ class ContinualServer:
         """A seeded sample of client ids (partition ids in simulation) for this round."""
         if not clients:
             raise RuntimeError("no clients are connected")
+        assigned = self.planner.assign(clients, self.fleet)
+        able = [c for c in clients if assigned[c] is not None]
+        if not able:
+            smallest = min(self.planner.needs().values())
+            raise RuntimeError(f"none of the {len(clients)} devices can train: the smallest variant needs "
+                               f"{smallest:.0f} MB with the margin {self.config.assignment.margin:g} "
+                               "above a device's resting footprint")
+        clients = able
         strategy = self.config.strategy
         k = min(len(clients), max(strategy.min_clients, math.ceil(strategy.fraction * len(clients))))
         rng = np.random.default_rng([self.config.seed, plan.round])
         ordered = sorted(clients)  # pick positions: Flower node ids are uint64 and numpy may cast them to float
-        return sorted(ordered[int(i)] for i in rng.choice(len(ordered), size=k, replace=False))
+        sampled = sorted(ordered[int(i)] for i in rng.choice(len(ordered), size=k, replace=False))
+        self.round_variants = {c: assigned[c] or self.planner.full for c in sampled}
+        return sampled
 
     def global_state(self, task: int) -> StateDict:
         """The task's current global adapter; a seeded fresh one when the task starts."""
@@ -199,13 +213,21 @@ class ContinualServer:
         """What ``client`` is asked in ``plan``'s round: its own training seed, the task, the global adapter
         state, and the backbone artifact when the client does not hold it yet."""
         config, task = self.config, self.tasks[plan.task]
-        sections = {name: asdict(getattr(config, name)) for name in SECTIONS}
+        variant = self.round_variants.get(client, self.planner.full)
+        sections = {name: asdict(getattr(config, name)) for name in SENT_SECTIONS}
         sections["train"]["seed"] = client_seed(config.seed, plan.round, client)
+        sections["adapter"] = self.planner.adapter_section(variant)
+        sent = self.planner.sent(variant, current)
         return TrainRequest(digest=self.digest, round=plan.round, seed=config.seed, clients=config.clients,
                             task=TaskInfo(plan.task, task.name, tuple(task.classes)), sections=sections,
-                            state={k: v.detach().cpu().contiguous().numpy() for k, v in current.items()},
+                            state={k: v.detach().cpu().contiguous().numpy() for k, v in sent.items()},
                             artifact=self.artifact_payload if with_artifact else None,
-                            stats=self.router.wanted(plan.task, client))
+                            stats=self.router.wanted(plan.task, client),
+                            memory_need_mb=self.planner.need_mb(variant))
+
+    def reply_layout(self, client: int, current: StateDict) -> StateDict:
+        """The tensors ``client``'s reply must hold this round: its variant's view of ``current``."""
+        return self.planner.expected(self.round_variants.get(client, self.planner.full), current)
 
     @cached_property
     def artifact_payload(self) -> tuple[bytes, bytes]:
@@ -236,6 +258,11 @@ class ContinualServer:
             task_free = {**task_free, **self.federated(plan)}  # the devices' evaluation of every learned task
         traffic = RoundTraffic(bytes_down, bytes_up, bytes_backbone, started, extra or {})
         record = self.record_round(plan, outcome, accuracies, task_free, traffic)
+        for reply in replies:
+            variant = self.round_variants.get(reply.client, self.planner.full)
+            noted(self.fleet, reply, variant)
+            if reply.status is Status.NO_BUDGET:
+                self.planner.refused[reply.client] = variant  # offered a poorer variant from the next round
         self.fleet.count_round([r.client for r in outcome.aggregated],
                                [(r.client, str(r.reason)) for r in outcome.rejected],
                                [r.client for r in replies if r.status is Status.NO_BUDGET])
@@ -253,8 +280,9 @@ class ContinualServer:
         """The bounded aggregation of the trained replies' updates (checked at the decode, so only their values
         are checked here), from the task's optimizer state, counts capped at the task's size."""
         size = len(self.tasks[plan.task].train)  # 0: the server holds no images of the task (a live stream)
+        variants = [self.round_variants.get(r.client, self.planner.full) for r in trained]
         return self.aggregate.decoded(current, [r.update for r in trained], self.bank[plan.task].opt_state,
-                                      task_size=size or None)
+                                      task_size=size or None, ranks=self.planner.ranks(variants))
 
     def collect_stats(self, plan: RoundPlan, valid: list[tuple[int, FeatureStats]], cap: float) -> dict[int, str]:
         """Add the aggregated clients' statistics to the task's in the bank, weighted like their updates (a client
@@ -298,6 +326,9 @@ class ContinualServer:
                 "step_time_p95_s": float(np.percentile(steps, 95)) if steps else math.nan,
                 "peak_memory_p50_mb": float(np.median(memory)) if memory else math.nan,
                 "slowest_client_s": max(compute, default=0.0),
+                **({f"variant_{v}": float(n) for v, n in Counter(
+                    self.round_variants.get(r.client, self.planner.full) for r in ok).items()}
+                   if self.planner.active else {}),
                 "overhead_s": wall - max(compute, default=0.0),
                 **task_free,
                 **outcome.aggregation_metrics(),
@@ -356,6 +387,7 @@ class ContinualServer:
             "backbone_params": self.backbone.num_params(),
             "backbone_pretraining": self.backbone.pretraining,
             "artifact_digest": self.digest,
+            **fleet_summary(self.config, self.fleet),
             **(extra or {}),
         }
         self.log.write_summary(summary)

@@ -29,7 +29,10 @@ class DeviceRecord:
     """One device (a simulated client in simulation): ``client`` is its client id (its partition id in
     simulation, its Flower node id on a device); ``holdings[task]`` its images per class, [train, held out];
     ``profile`` the last device profile its hello carried (None: none yet); ``no_budget`` how many train requests
-    it answered ``no-budget`` (its memory budget could not hold the work: never a rejection)."""
+    it answered ``no-budget`` (its memory budget could not hold the work: never a rejection); ``variants`` how
+    often it trained each variant, ``peak_memory_mb`` the largest training peak above its resting footprint it
+    reported, ``over_budget`` how often it went over its budget (a reported peak above it, or training its own
+    guard stopped): see :mod:`fedpetah.serving.variants`."""
 
     client: int
     node: int
@@ -43,6 +46,9 @@ class DeviceRecord:
     kept_version: int = -1  # the bank version of the snapshot it keeps (-1: none)
     profile: DeviceProfile | None = None
     no_budget: int = 0
+    variants: dict[str, int] = field(default_factory=dict)
+    peak_memory_mb: float | None = None
+    over_budget: int = 0
     connected: bool = False  # runtime only: not saved
 
     @property
@@ -66,6 +72,7 @@ class DeviceRecord:
         fields["holdings"] = {int(t): [[int(n) for n in row] for row in rows]
                               for t, rows in dict(fields.get("holdings", {})).items()}
         fields["rejections"] = {str(k): int(v) for k, v in dict(fields.get("rejections", {})).items()}
+        fields["variants"] = {str(k): int(v) for k, v in dict(fields.get("variants", {})).items()}
         profile = fields.get("profile")
         fields["profile"] = DeviceProfile(**profile) if isinstance(profile, dict) else None
         return cls(**fields)

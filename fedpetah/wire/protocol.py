@@ -308,7 +308,7 @@ class HelloRequest:
         profile = nested.get(PROFILE) is True
         if "clients" not in nested:
             return cls(_digest(config), tasks, profile=profile)
-        sections = {s: nested[s] for s in SECTIONS if isinstance(nested.get(s), dict)}
+        sections = {s: nested[s] for s in SENT_SECTIONS if isinstance(nested.get(s), dict)}
         return cls(_digest(config), tasks, _int(nested, "seed", -2**62, 2**62), _int(nested, "clients", 1, 2**31),
                    sections, profile)
 
@@ -416,6 +416,10 @@ class TaskInfo:
 
 SECTIONS = ("adapter", "train", "tasks", "partition")
 """Experiment config sections a train request carries (each rebuilt into its dataclass by the client)."""
+OPTIONAL_SECTIONS = ("fleet",)
+"""Sections a request may carry besides (``fleet``: a simulated mixed fleet's tiers, see ``FleetConfig``)."""
+SENT_SECTIONS = SECTIONS + OPTIONAL_SECTIONS
+"""Every section the server sends."""
 
 
 @dataclass(frozen=True)
@@ -467,6 +471,7 @@ class TrainRequest:
         for name, section in sections.items():
             if not isinstance(section, dict):
                 raise ProtocolError(Reason.MALFORMED, f"the {name} section is missing")
+        sections |= {s: nested[s] for s in OPTIONAL_SECTIONS if isinstance(nested.get(s), dict)}
         state = records.arrays.get("adapter")
         if not isinstance(state, dict) or not all(isinstance(v, np.ndarray) for v in state.values()):
             raise ProtocolError(Reason.MALFORMED, "the adapter array record is missing")
