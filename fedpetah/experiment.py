@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from fedpetah.adapters import ADAPTERS, AdapterConfig, adapter_config
 from fedpetah.aggregation import AGGREGATORS, AggregatorConfig, BoundsConfig, MixedRankAggregator, aggregator_config
-from fedpetah.assignment import AssignmentConfig, run_variants
+from fedpetah.assignment import LORA_RANKS, AssignmentConfig, run_variants
 from fedpetah.attacks import AttackConfig
 from fedpetah.config import BackboneConfig, FleetConfig, PruningConfig, RouterConfig, TrainConfig
 from fedpetah.registry import Registry
@@ -144,6 +144,10 @@ class ExperimentConfig:
     def check_assignment(self) -> None:
         """A policy that can hand out several variants of a task's adapter needs an aggregator that combines them."""
         aggregator = AGGREGATORS.get(self.strategy.aggregator.name)
+        rank = getattr(self.adapter, "rank", None)
+        if self.assignment.name != "uniform" and len(run_variants(self.adapter)) > 1 and rank not in LORA_RANKS:
+            raise ValueError(f"assignment={self.assignment.name} needs the memory model of every variant, which "
+                             f"measures LoRA ranks {', '.join(map(str, LORA_RANKS))}: adapter.rank is {rank}")
         if (self.assignment.name == "budget" and len(run_variants(self.adapter)) > 1
                 and not issubclass(aggregator, MixedRankAggregator)):
             mixed = [n for n in AGGREGATORS.names() if issubclass(AGGREGATORS.get(n), MixedRankAggregator)]

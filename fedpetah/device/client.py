@@ -229,7 +229,7 @@ class ClientRuntime:
                 if request.stats is not None:  # the task-free router's statistics of this client's data
                     dim, seed, grid = request.stats
                     router = RouterConfig(dim=dim, seed=seed, grid=grid)
-                    found = data_stats(backbone, images, request.task.num_classes, router)
+                    found = data_stats(backbone, images, request.task.num_classes, router, settings.train.batch_size)
                     stats = {k: v.numpy() for k, v in found.tensors().items()}
             watch.check(step=False)  # the statistics' peak too
         except MemoryBudgetExceeded as error:

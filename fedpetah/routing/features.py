@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from fedpetah.backbone import Backbone
 from fedpetah.config import RouterConfig
-from fedpetah.routing.router import check_size, project
+from fedpetah.routing.router import check_size, projection
 from fedpetah.routing.stats import FeatureStats, class_stats
 from fedpetah.tasks import ImageSet, batches
 
@@ -89,10 +89,22 @@ def frozen_features(backbone: Backbone, data: ImageSet, batch_size: int = 256, g
     return torch.cat(parts) if parts else torch.zeros(0, 0)
 
 
-def data_stats(backbone: Backbone, data: ImageSet, num_classes: int, config: RouterConfig | None = None
-               ) -> FeatureStats:
+def data_stats(backbone: Backbone, data: ImageSet, num_classes: int, config: RouterConfig | None = None,
+               batch_size: int = 32) -> FeatureStats:
     """What one client computes for one task: the statistics of its local images' projected frozen features
-    (a ValueError before any image is read when ``config`` is too large for this backbone, :func:`check_size`)."""
+    (a ValueError before any image is read when ``config`` is too large for this backbone, :func:`check_size`).
+
+    Streamed ``batch_size`` images at a time and summed in float64, so its memory is one inference batch's (a
+    device passes its training batch size: the memory model's measure of training covers it), whatever the
+    number of images."""
     config = config or RouterConfig()
-    check_size(feature_width(backbone, config.grid), config)
-    return class_stats(project(frozen_features(backbone, data, grid=config.grid), config), data.labels, num_classes)
+    width = feature_width(backbone, config.grid)
+    check_size(width, config)
+    matrix = projection(width, config)
+    module = FrozenFeatures(backbone.module, backbone.mean, backbone.std, config.grid)
+    total = FeatureStats.zeros(num_classes, config.width(width))
+    with _evaluating(backbone.module):
+        for x, y in batches(data, backbone.img_size, backbone.in_chans, batch_size):
+            features = module.routed(x)[1].detach().to(torch.float64)
+            total = total + class_stats(features if matrix is None else features @ matrix, y, num_classes)
+    return total

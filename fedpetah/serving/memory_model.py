@@ -11,7 +11,9 @@ line back), so one variant's allocator state cannot hide the next one's cost. Th
 builds the variant and ``steps`` batches of random images, then records its *resting* footprint (RSS). On CPU it
 resets the kernel's high-water mark of its resident set (``echo 5 > /proc/self/clear_refs``, Linux >= 4.0) and
 reads that mark (``VmHWM``) after ``steps`` steps of :func:`fedpetah.train.train_adapter` (AdamW state and
-first-call costs included): the figure is that mark minus the resting RSS. ``ru_maxrss`` (what
+first-call costs included) and the pass of the task-free router's statistics over the same images at the same
+batch size (a device computes them in the same request; default router config): the figure is that mark minus
+the resting RSS. ``ru_maxrss`` (what
 :func:`fedpetah.train.peak_memory_mb` reads) cannot serve here: it survives ``execve``, so a worker started by a
 server that once peaked at 1.2 GB reads that peak (measured: 416 MiB "needed" by a tiny backbone, 340 MiB by
 every variant at 224 px). Where there is no ``/proc`` the figure falls back to ``ru_maxrss`` (``method``
@@ -27,7 +29,9 @@ a device's default budget (``MemAvailable`` minus the footprint) has to subtract
 synqt trains on cached backbone features (``train.cache_features``): its figure holds the cache of the two
 batches measured, and a device adds about the cached features of its other local images.
 
-Measured here (2 shared cores, one torch thread, torch 2.15 CPU, load average 2.4-3.6), batch 16, 10 classes,
+Measured before the statistics' pass was included (format 1; the pass runs at the training batch, no backward,
+so it adds little where a variant trains through the backbone) on 2 shared cores, one torch thread, torch 2.15
+CPU, load average 2.4-3.6, batch 16, 10 classes,
 LoRA rank 4 alpha 8 on attention, two steps; MiB above a resting footprint of 828 (64 px) and 834 (224 px):
 
 | px | head | synqt | lora-1 | lora-2 | lora-4 | lora-8 | lora-16 | 7 variants |
@@ -75,8 +79,9 @@ from fedpetah.adapters.synqt import SynQTConfig
 from fedpetah.artifact import MAX_IMG_SIZE, MIN_IMG_SIZE, load_artifact, read_manifest
 from fedpetah.assignment import HEAD, LORA_RANKS
 from fedpetah.atomic import atomic_write_text
-from fedpetah.config import TrainConfig
+from fedpetah.config import RouterConfig, TrainConfig
 from fedpetah.experiment import ExperimentConfig
+from fedpetah.routing.features import data_stats
 from fedpetah.serving.pipeline import prepare_artifact
 from fedpetah.tasks import ImageSet
 from fedpetah.train import peak_memory_mb, resolve_device, train_adapter
@@ -86,7 +91,7 @@ log = logging.getLogger(__name__)
 VARIANTS: tuple[str, ...] = (HEAD, "synqt", *(f"lora-{r}" for r in LORA_RANKS))
 """Every variant name, from the poorest to the richest."""
 MEMORY_FILE = "memory.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the router statistics' pass is part of the measured work
 METHODS = ("vmhwm", "maxrss", "cuda")
 MAX_MB = float(2**20)  # 1 TiB: no device measured here comes near it
 MAX_BATCH, MAX_CLASSES, MAX_STEPS = 4096, 10_000, 64
@@ -297,6 +302,7 @@ def measure_here(request: dict[str, Any]) -> dict[str, Any]:
         method = "vmhwm" if reset_high_water_mark() else "maxrss"
         resting = psutil.Process().memory_info().rss / MIB
     train_adapter(adapter, data, config)
+    data_stats(backbone, data, classes, RouterConfig(), batch_size=batch)  # a device's first round sends them too
     peak = _status_mb("VmHWM") if method == "vmhwm" else peak_memory_mb(device)
     assert peak is not None
     return {"variant": variant, "mb": peak - resting, "resting_mb": resting, "method": method,
