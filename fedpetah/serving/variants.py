@@ -38,6 +38,7 @@ class VariantPlanner:
         self.policy = build_policy(config.assignment)
         self.refused: dict[int, str] = {}  # client -> the variant it answered no-budget to (offered poorer ones)
         self._needs: dict[str, float] | None = None
+        self.told: set[int] = set()  # clients logged as unable to train
 
     @property
     def full(self) -> str:
@@ -87,6 +88,16 @@ class VariantPlanner:
             if client in self.refused:  # it could not train that one: offer only poorer ones
                 offered = offered[: offered.index(self.refused[client])] if self.refused[client] in offered else ()
             out[client] = self.policy.choose(budget, needs, offered) if offered else None
+            if out[client] is None and client not in self.told:
+                self.told.add(client)
+                smallest = min(needs[v] for v in self.variants) * (1 + self.config.assignment.margin)
+                held = "unknown" if budget is None else f"{budget:.0f} MB"
+                if any(self.policy.fits(v, budget, needs) for v in offered):
+                    log.info("device %s sits out (assignment=%s; its budget is %s)", client, self.policy.name, held)
+                else:
+                    log.warning("device %s cannot train: the smallest variant needs %.0f MB with the margin, its "
+                                "budget is %s%s", client, smallest, held,
+                                f", and it refused {self.refused[client]}" if client in self.refused else "")
         return out
 
     def adapter_section(self, variant: str) -> dict[str, Any]:
