@@ -54,19 +54,21 @@ def federated_inprocess(config: Any, run_dir: Path) -> dict[str, Any]:
     """The ServerApp's loop without Flower: sample, encode/decode every request, train, aggregate, evaluate."""
     from fedpetah.device.client import ClientRuntime, simulated_data
     from fedpetah.device.local import BackboneCache, simulated_shard
-    from fedpetah.serving.continual import ClientReply, ContinualServer
+    from fedpetah.serving.continual import ContinualServer
+    from fedpetah.serving.round import ClientReply
     from fedpetah.wire.protocol import TrainReply, TrainRequest, specs
 
     torch.set_num_threads(config.simulation.torch_threads)
     server = ContinualServer(config, run_dir)
     cache = BackboneCache(run_dir / "client-cache")
     runtimes = {c: ClientRuntime(cache, c) for c in range(config.clients)}
+    if config.fleet.name != "uniform":
+        greet(server, runtimes)  # the server's assignment sees each simulated device's budget
     for plan in server.schedule():
         started = time.perf_counter()
         current = server.global_state(plan.task)
-        expected = specs({k: v.numpy() for k, v in current.items()})
         expected_stats = server.router.specs(server.tasks[plan.task].num_classes)
-        replies, bytes_down, bytes_up = [], 0, 0
+        replies, bytes_down, bytes_up, bytes_stats = [], 0, 0, 0
         holders = [c for c in runtimes if len(simulated_shard(config.tasks, config.partition, config.clients, c,
                                                              plan.task, config.seed))]  # as the ServerApp samples
         for client in server.sample(holders, plan):
@@ -74,13 +76,39 @@ def federated_inprocess(config: Any, run_dir: Path) -> dict[str, Any]:
             sent = request.encode()
             answer = runtimes[client].train(TrainRequest.decode(sent), simulated_data(client)).encode()
             asked = expected_stats if request.stats is not None else None
+            expected = specs({k: v.numpy() for k, v in server.reply_layout(client, current).items()})  # its variant's
             replies.append(ClientReply.of(client, TrainReply.decode(answer, expected, asked)))
             bytes_down += sent.array_bytes("adapter")  # counted as the ServerApp counts them
             bytes_up += answer.array_bytes("adapter") + answer.array_bytes("stats")
-        record = server.complete_round(plan, current, replies, bytes_down, bytes_up, started)
+            bytes_stats += answer.array_bytes("stats")
+        record = server.complete_round(plan, current, replies, bytes_down, bytes_up, started,
+                                       extra={"bytes_stats_up": float(bytes_stats)})
         print(f"  round {plan.round}: task {plan.task} acc {[round(a, 3) for a in record.accuracy.values()]} "
               f"{time.perf_counter() - started:.1f}s", flush=True)
     return server.finish({"clients": config.clients})
+
+
+SIMULATED_NODE = 1 << 40
+"""Node id of simulated client ``c`` in the in-process engine: ``SIMULATED_NODE + c`` (a node id other than the
+client id marks a simulated device in the server's ledger, as Flower's node ids do in its simulation)."""
+
+
+def greet(server: Any, runtimes: dict[int, Any]) -> None:
+    """Say hello to every simulated client as the ServerApp does (``server/app.py`` ``Federation.hello``): the run's
+    sections, seed and clients, asking for the device profile, and record each decoded reply (holdings, profile
+    with the memory budget) in the server's ledger."""
+    from fedpetah.device.client import simulated_sources
+    from fedpetah.wire.protocol import SENT_SECTIONS, HelloReply, HelloRequest, TaskInfo
+
+    config = server.config  # its fleet's budgets are sized at the server's start
+    tasks = tuple(TaskInfo(t.index, t.name, tuple(t.classes)) for t in server.tasks)
+    sections = {name: asdict(getattr(config, name)) for name in SENT_SECTIONS}
+    sent = HelloRequest(server.digest, tasks, config.seed, config.clients, sections, profile=True).encode()
+    for client, runtime in runtimes.items():
+        answer = runtime.hello(HelloRequest.decode(sent), simulated_sources(client).holdings).encode()
+        hello = HelloReply.decode(answer, tasks)
+        server.fleet.greeted(hello.partition, SIMULATED_NODE + client, hello.has_backbone, hello.holdings,
+                             len(tasks), hello.profile)
 
 
 def federated(config: Any, engine: str) -> dict[str, Any]:
