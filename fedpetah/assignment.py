@@ -71,6 +71,11 @@ class AssignmentPolicy(ABC):
     def choose(self, budget_mb: float | None, needs: Mapping[str, float], variants: Sequence[str]) -> str | None:
         """The variant a device with ``budget_mb`` trains."""
 
+    def after_refusal(self, variants: Sequence[str], refused: str) -> Sequence[str]:
+        """What to offer a device that answered no-budget to ``refused``: the same again by default (its memory
+        may be free next time)."""
+        return variants
+
 
 ASSIGNMENTS: Registry[type[AssignmentPolicy]] = Registry("assignment policy")
 
@@ -95,6 +100,10 @@ class Budget(AssignmentPolicy):
         fitting = [v for v in variants if self.fits(v, budget_mb, needs)]
         return fitting[-1] if fitting else None
 
+    def after_refusal(self, variants: Sequence[str], refused: str) -> Sequence[str]:
+        """Only the variants poorer than the one refused."""
+        return variants[: variants.index(refused)] if refused in variants else ()
+
 
 @ASSIGNMENTS.register("strict")
 class Strict(AssignmentPolicy):
@@ -102,6 +111,10 @@ class Strict(AssignmentPolicy):
 
     def choose(self, budget_mb: float | None, needs: Mapping[str, float], variants: Sequence[str]) -> str | None:
         return variants[-1] if self.fits(variants[-1], budget_mb, needs) else None
+
+    def after_refusal(self, variants: Sequence[str], refused: str) -> Sequence[str]:
+        """Nothing: the run's adapter does not fit it, so it sits out."""
+        return ()
 
 
 def build_policy(config: AssignmentConfig) -> AssignmentPolicy:

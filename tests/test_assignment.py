@@ -84,3 +84,10 @@ def test_the_head_variant_loads_the_lora_it_is_sent_and_trains_the_head_alone(
     lora2 = variant_config(run, "lora-1")
     assert dataclasses.asdict(lora2) | {"rank": 2, "alpha": run.alpha} == dataclasses.asdict(run)
     assert lora2.alpha / 1 == run.alpha / run.rank  # the views keep alpha / rank
+
+
+def test_after_a_no_budget_answer_budget_offers_poorer_strict_nothing_uniform_the_same() -> None:
+    assert build_policy(AssignmentConfig("budget")).after_refusal(VARIANTS, "lora-2") == ("head", "lora-1")
+    assert build_policy(AssignmentConfig("budget")).after_refusal(VARIANTS, "head") == ()
+    assert build_policy(AssignmentConfig("strict")).after_refusal(VARIANTS, "lora-4") == ()
+    assert build_policy(AssignmentConfig("uniform")).after_refusal(VARIANTS, "lora-4") == VARIANTS

@@ -18,7 +18,6 @@ from fedpetah.artifact import artifact_digest, pack_artifact
 from fedpetah.backbone import Backbone
 from fedpetah.serving import memory_model as mm
 from fedpetah.serving.memory_model import (
-    MEMORY_FILE,
     VARIANTS,
     MemoryModel,
     MemoryModelError,
@@ -26,6 +25,7 @@ from fedpetah.serving.memory_model import (
     measure_variant,
     memory_model,
     reset_high_water_mark,
+    stored_path,
     variant_config,
 )
 
@@ -40,6 +40,11 @@ def make_model(**changes: Any) -> MemoryModel:
         "resting_mb": 800.0, "variants": {"head": 10.0, "synqt": 12.0, "lora-1": 20.0, "lora-4": 30.0, "lora-16": 50.0},
     }
     return MemoryModel(**{**fields, **changes})
+
+
+def _path(artifact: Path, batch_size: int = 16) -> Path:
+    """Where the model of batch ``batch_size``, 4 classes, the default LoRA on the CPU is stored."""
+    return stored_path(artifact, batch_size, 4, adapter_config("lora"), "cpu")
 
 
 @pytest.fixture
@@ -176,7 +181,7 @@ def test_variant_configs_keep_alpha_over_rank_and_head_trains_only_the_head(
 
 def test_a_matching_stored_model_is_reused_without_measuring(artifact: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     stored = make_model(digest=artifact_digest(artifact), variants={"head": 3.0, "lora-4": 5.0})
-    (artifact / MEMORY_FILE).write_text(stored.to_json())
+    _path(artifact).write_text(stored.to_json())
 
     def no_subprocess(*args: object, **kwargs: object) -> None:
         raise AssertionError("measured although memory.json matched")
@@ -202,7 +207,7 @@ def test_a_stale_or_broken_stored_model_is_measured_again(
     artifact: Path, monkeypatch: pytest.MonkeyPatch, stored_change: dict[str, Any], call_change: dict[str, Any]
 ) -> None:
     raw = {**json.loads(make_model(digest=artifact_digest(artifact)).to_json()), **stored_change}
-    (artifact / MEMORY_FILE).write_text(json.dumps(raw))
+    _path(artifact).write_text(json.dumps(raw))
     calls: list[object] = []
 
     def record(*args: object, **kwargs: object) -> None:
@@ -250,7 +255,7 @@ def test_real_measurement_is_stored_reused_and_redone_for_another_batch(
     assert model.variants["lora-4"] > model.variants["head"]
     assert model.resting_mb > model.variants["lora-4"]  # torch alone is hundreds of MB
     assert (model.digest, model.batch_size, model.img_size) == (artifact_digest(artifact), 32, 32)
-    assert MemoryModel.from_json((artifact / MEMORY_FILE).read_text()) == model
+    assert MemoryModel.from_json(_path(artifact, 32).read_text()) == model
 
     real_run, calls = subprocess.run, []
 
@@ -264,7 +269,8 @@ def test_real_measurement_is_stored_reused_and_redone_for_another_batch(
     again = memory_model(artifact, batch_size=8, num_classes=4, variants=["head"])
     assert len(calls) == 1 and again.batch_size == 8 and set(again.variants) == {"head"}
     assert 0 < again.variants["head"] < model.variants["lora-4"]
-    assert MemoryModel.from_json((artifact / MEMORY_FILE).read_text()) == again
+    assert MemoryModel.from_json(_path(artifact, 8).read_text()) == again
+    assert MemoryModel.from_json(_path(artifact, 32).read_text()) == model  # each setting keeps its own
 
     with pytest.raises(MemoryModelError, match=r"variant 'head' failed \(exit 1\)"):
         measure_variant(artifact.parent / "nowhere", "head", 4, 8)

@@ -36,7 +36,7 @@ class VariantPlanner:
         self.num_classes = num_classes
         self.variants = run_variants(config.adapter)
         self.policy = build_policy(config.assignment)
-        self.refused: dict[int, str] = {}  # client -> the variant it answered no-budget to (offered poorer ones)
+        self.refused: dict[int, str] = {}  # client -> the variant it answered no-budget to (see after_refusal)
         self._needs: dict[str, float] | None = None
         self.told: set[int] = set()  # clients logged as unable to train
 
@@ -85,8 +85,8 @@ class VariantPlanner:
             record = fleet.devices.get(client)
             budget = None if record is None or record.profile is None else record.profile.memory_budget_mb
             offered = self.variants
-            if client in self.refused:  # it could not train that one: offer only poorer ones
-                offered = offered[: offered.index(self.refused[client])] if self.refused[client] in offered else ()
+            if client in self.refused:  # it could not train that one (budget: poorer ones; strict: it sits out)
+                offered = tuple(self.policy.after_refusal(offered, self.refused[client]))
             out[client] = self.policy.choose(budget, needs, offered) if offered else None
             if out[client] is None and client not in self.told:
                 self.told.add(client)
