@@ -370,7 +370,7 @@ def with_devices(label: str, rev: str | None, devices: int, names: list[str], fl
         root = psutil.Process(server.pid)
         ca, key = federation.state / "certs" / "ca.pem", federation.state / "nodes" / f"{federation.keys[0].name}.pub"
         try:
-            link = _process(root, "flower-superlink", 120.0)
+            link = _process(root, "superlink", 120.0)  # flower-superlink, or python -m server.superlink
             app = _process(root, "flwr-serverapp", timeout)
             with Watch(link, app, federation.run_dir / "metrics.jsonl") as watch:
                 watch.wait_rounds(WARM_ROUNDS, server, timeout)  # the backbone installed, the devices warm

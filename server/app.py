@@ -49,6 +49,9 @@ POLL_S = 0.2  # how often replies are pulled (Flower's own send_and_receive wait
 IDLE_POLL_S = 2.0  # how often a waiting server looks at the task list and the connected nodes again
 STATUS_REFRESH_S = 30.0  # the longest status.json goes unwritten while the server waits
 HELLO_TIMEOUT_S = 120.0  # the longest a hello waits (a node that misses it is greeted again later)
+HELLO_RETRY_S = (60.0, 3600.0)  # a node that missed its hello is greeted again after 60 s, doubled per miss to 1 h
+STRAGGLER_SHARE = 0.1  # once all replies but at most this share (at least one) are in, the rest are stragglers:
+STRAGGLER_MIN_S, STRAGGLER_FACTOR = 30.0, 2.0  # they get max(30 s, 2 x the others' time) more, within the deadline
 
 
 def make_server_app(config: ExperimentConfig, run_dir: Path, cache_dir: Path | None = None) -> ServerApp:
@@ -90,6 +93,12 @@ class Exchange:
 
     Replies to an earlier exchange that arrive after its deadline are pulled with the next exchange and
     counted as late (their round is over: they are not aggregated).
+
+    A reply the SuperLink lost (e.g. a device's push answered HTTP 500) or a device that died never arrives, so
+    the exchange does not wait for the whole deadline once only stragglers are missing: when every reply but at
+    most :data:`STRAGGLER_SHARE` of them (at least one) is in, the stragglers get ``max(STRAGGLER_MIN_S,
+    STRAGGLER_FACTOR x the time the others took)`` more: a straggler may take three times as long as the rest (at
+    least 30 s more), never longer than ``timeout_s``.
     """
 
     def __init__(self, grid: Grid, poll_s: float = POLL_S) -> None:
@@ -104,8 +113,9 @@ class Exchange:
         if len(waiting) < len(messages):
             log.warning("Flower could not push %d of %d messages", len(messages) - len(waiting), len(messages))
         replies: dict[int, Message] = {}
-        late = 0
-        deadline = time.monotonic() + timeout_s
+        late, stragglers = 0, max(1, int(STRAGGLER_SHARE * len(waiting)))
+        started = time.monotonic()
+        deadline = started + timeout_s
         while True:
             for reply in self.grid.pull_messages(set(waiting) | self.overdue):
                 origin = reply.metadata.reply_to_message_id
@@ -114,11 +124,15 @@ class Exchange:
                 elif origin in self.overdue:
                     self.overdue.discard(origin)
                     late += 1
-            if not waiting or time.monotonic() >= deadline:
+            now = time.monotonic()
+            if replies and 0 < len(waiting) <= stragglers:  # only stragglers missing: their grace starts (once)
+                deadline = min(deadline, now + max(STRAGGLER_MIN_S, STRAGGLER_FACTOR * (now - started)))
+                stragglers = 0
+            if not waiting or now >= deadline:
                 break
             time.sleep(self.poll_s)
         if waiting:
-            log.warning("%d node(s) did not answer within %.0f s: %s", len(waiting), timeout_s,
+            log.warning("%d node(s) did not answer within %.0f s: %s", len(waiting), time.monotonic() - started,
                         sorted(waiting.values()))
         self.overdue |= set(waiting)
         return replies, late
@@ -138,6 +152,7 @@ class Federation:
         self.grid, self.server, self.config = grid, server, server.config
         self.exchange = Exchange(grid)
         self.refused: set[int] = set()  # nodes whose hello did not decode: not greeted again while connected
+        self.unanswered: dict[int, tuple[int, float]] = {}  # node -> (hellos missed in a row, when to greet again)
         self.federated: dict[int, float] = {}  # the latest federated accuracy per task (status)
         self.task_free: float | None = None
         self.snapshots: dict[int, tuple[bytes, bytes]] = {}  # bank version -> snapshot (the latest only)
@@ -216,7 +231,9 @@ class Federation:
         self.refused &= {d.node for d in server.fleet.connected()} | set(new)
         for client in left:
             log.info("device %s left", client)
-        greet = [n for n in new if n not in self.refused] + server.fleet.stale(len(server.tasks))
+        now = time.monotonic()
+        greet = [n for n in new if n not in self.refused and self.unanswered.get(n, (0, now))[1] <= now] + \
+            server.fleet.stale(len(server.tasks))
         if greet:
             self.hello(sorted(set(greet)))
 
@@ -228,6 +245,12 @@ class Federation:
                                profile=True).encode()
         replies, _ = self.exchange([Message(to_recorddict(content), node, HELLO) for node in nodes],
                                    min(self.config.reply_timeout_s, HELLO_TIMEOUT_S))
+        for node in set(nodes) - set(replies):  # greeted again later, backing off: a lost hello must not stall
+            missed = self.unanswered.get(node, (0, 0.0))[0] + 1
+            self.unanswered[node] = missed, time.monotonic() + min(HELLO_RETRY_S[0] * 2 ** (missed - 1),
+                                                                    HELLO_RETRY_S[1])
+        for node in replies:
+            self.unanswered.pop(node, None)
         for node, message in sorted(replies.items()):
             try:
                 hello = HelloReply.decode(records_of(message, HelloReply.layout(tasks)), tasks)

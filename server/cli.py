@@ -183,7 +183,7 @@ def _superlink_address(args: argparse.Namespace) -> tuple[str, int]:
 
 def _superlink_command(args: argparse.Namespace, state: Path, certs: TlsFiles | None) -> list[str]:
     host, port = _superlink_address(args)
-    command = [executable("flower-superlink"), "--host", host, "--port", str(port),
+    command = [sys.executable, "-m", "server.superlink", "--host", host, "--port", str(port),  # a longer busy wait
                "--database", str(state / "superlink.db"), "--disable-runtime-dependency-installation"]
     if certs is None:
         return [*command, "--insecure"]
