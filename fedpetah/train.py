@@ -69,8 +69,10 @@ def _optimizer(params: list[nn.Parameter], config: TrainConfig) -> torch.optim.O
 
 
 def _cached_features(adapter: FeatureCachingAdapter, data: ImageSet, img_size: int, in_chans: int,
-                     device: torch.device) -> Any:
-    chunks = [adapter.frozen_features(x.to(device)) for x, _ in batches(data, img_size, in_chans, 256)]
+                     device: torch.device, batch_size: int) -> Any:
+    """The frozen features of every image, computed ``batch_size`` at a time (the training batch: its memory is
+    then within what training itself needs, whatever the number of images)."""
+    chunks = [adapter.frozen_features(x.to(device)) for x, _ in batches(data, img_size, in_chans, batch_size)]
     if isinstance(chunks[0], torch.Tensor):
         return torch.cat(chunks)
     return [torch.cat(parts) for parts in zip(*chunks, strict=True)]
@@ -138,7 +140,7 @@ def _train(adapter: Adapter[Any], data: ImageSet, config: TrainConfig, device: t
     model.train()
     features = None
     if cached is not None:
-        features = _cached_features(cached, data, backbone.img_size, backbone.in_chans, device)
+        features = _cached_features(cached, data, backbone.img_size, backbone.in_chans, device, config.batch_size)
         labels = data.labels.to(device)
         step_hook()
     log_prior: torch.Tensor | None = None  # balanced loss: log of the local label frequencies, per class

@@ -179,7 +179,11 @@ class Federation:
                         "devices to hand the learned tasks to"
                     self.sync()
                 else:
-                    eligible = server.fleet.eligible(plan.task)
+                    holding = server.fleet.eligible(plan.task)
+                    eligible = server.trainable(holding)  # and whose memory budget fits a variant
+                    if holding and not eligible and all(server.fleet.devices[c].simulated for c in holding):
+                        raise RuntimeError(f"no simulated device of task {plan.task} can train: none of their budgets "
+                                           "fits a variant (see the log; fleet.sized_for, assignment.margin)")
                     if len(eligible) >= config.min_devices:
                         self.sync()  # a device that joined gets the learned tasks before it trains
                         self.status("training", None)
@@ -187,7 +191,9 @@ class Federation:
                         idle_since = None
                         continue
                     waiting = (f"{config.min_devices} connected device(s) holding images of task {plan.task} "
-                               f"({server.tasks[plan.task].name}); {len(eligible)} now (min_devices)")
+                               f"({server.tasks[plan.task].name}); {len(eligible)} now (min_devices)"
+                               + (f", {len(holding) - len(eligible)} more whose memory budget fits no variant"
+                                  if len(holding) > len(eligible) else ""))
                 if idle_since is None:
                     idle_since = time.monotonic()
                     log.info("waiting for %s", waiting)

@@ -174,6 +174,11 @@ class ContinualServer:
         for index in range(self.state.completed_rounds, end):
             yield RoundPlan(round=index + 1, task=index // per_task, round_in_task=index % per_task + 1)
 
+    def trainable(self, clients: list[int]) -> list[int]:
+        """The clients whose budget fits a variant the assignment policy would give them (all, by default)."""
+        assigned = self.planner.assign(clients, self.fleet)
+        return [c for c in clients if assigned[c] is not None]
+
     def sample(self, clients: list[int], plan: RoundPlan) -> list[int]:
         """A seeded sample of client ids (partition ids in simulation) for this round."""
         if not clients:

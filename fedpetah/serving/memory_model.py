@@ -97,7 +97,7 @@ of other adapters or batch sizes beside the same artifact do not measure each ot
 MEASURE_STEPS = 8
 """Training steps measured per variant: the peak still grows over the first few (AdamW's state, the allocator), and
 at 8 it is within about 5% of a whole local epoch's (25 steps of the default run: 23.4 against 24.4 MiB)."""
-FORMAT_VERSION = 2  # 2: the router statistics' pass is part of the measured work
+FORMAT_VERSION = 3  # 2: the router statistics' pass measured too; 3: frozen features cached a batch at a time
 METHODS = ("vmhwm", "maxrss", "cuda")
 MAX_MB = float(2**20)  # 1 TiB: no device measured here comes near it
 MAX_BATCH, MAX_CLASSES, MAX_STEPS = 4096, 10_000, 64
