@@ -283,7 +283,10 @@ def run_fleet(devices: int, rounds: int, database: str, reply_timeout: float, dr
     make_tls(state / "certs", [SERVER_HOST])
     atomic_write_text(catalog_path(state), format_catalog([TASK]))
     fleet = Fleet(root, state, devices, port)
-    overrides = [*OVERRIDES, f"clients={devices}", f"min_devices={devices}", f"rounds_per_task={rounds}",
+    # with dropouts the rounds between the kill and the restart go on with the devices left (else the server idles
+    # and --exit-when-idle ends the run before the restart)
+    overrides = [*OVERRIDES, f"clients={devices}", f"min_devices={devices - round(dropout * devices)}",
+                 f"rounds_per_task={rounds}",
                  f"reply_timeout_s={reply_timeout}"]
     env = child_env({"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "FLWR_DISABLE_UPDATE_CHECK": "1",
                      "FLWR_TELEMETRY_ENABLED": "0", **({DATABASE_ENV: DATABASES[database]}
