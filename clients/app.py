@@ -53,7 +53,7 @@ def _runtime(context: Context) -> ClientRuntime:
     from fedpetah.device.local import CACHE_KEEP, CACHE_MAX_BYTES, BackboneCache
 
     config = context.node_config
-    root = str(config.get("cache-dir", "") or default_cache_dir() / "backbones")
+    root = str(config.get("cache-dir", "") or _default_root(default_cache_dir()))
     key = (root, _partition(context))
     if key not in _RUNTIMES:
         keep, max_mb = int(config.get("cache-keep", CACHE_KEEP)), int(config.get("cache-max-mb", CACHE_MAX_BYTES >> 20))
@@ -62,6 +62,21 @@ def _runtime(context: Context) -> ClientRuntime:
         _RUNTIMES[key] = ClientRuntime(BackboneCache(Path(root), keep, max_mb * 2**20), key[1], bank_mb * 2**20,
                                        None if budget is None else float(budget))
     return _RUNTIMES[key]
+
+
+def _default_root(cache: Path) -> Path:
+    return cache / "backbones"
+
+
+def install_backbone(digest: str, weights: bytes, manifest: bytes) -> str:
+    """Verify and keep the backbone artifact where this process's clients look for it without a ``cache-dir``
+    (the simulation engine runs this once on each node of a Ray cluster); returns that directory."""
+    from fedpetah.backbone.build import default_cache_dir
+    from fedpetah.device.local import BackboneCache
+
+    cache = BackboneCache(_default_root(default_cache_dir()))
+    cache.install(digest, weights, manifest)
+    return str(cache.root)
 
 
 def _partition(context: Context) -> int:

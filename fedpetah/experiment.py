@@ -57,18 +57,32 @@ class SimulationConfig:
 
     ``attack``: ``none`` or a name from ``fedpetah.attacks.ATTACKS``; ``attack_fraction`` of the partition
     ids (chosen from the run's seed) then send that attack's corruption of their honest reply.
+
+    ``ray_address``: run on an existing Ray cluster (``auto``, ``host:port`` of the head's GCS, or
+    ``ray://host:port`` for Ray Client) instead of a local Ray; unset, ``RAY_ADDRESS`` is used when set, as Ray
+    does (docs/cluster.md). ``ray_memory_mb`` sizes a local Ray's object store only.
     """
 
     cpus_per_client: float = 1.0
     gpus_per_client: float = 0.0
     torch_threads: int = 1
     ray_memory_mb: int | None = None
+    ray_address: str | None = None
     attack: str = "none"
     attack_fraction: float = 0.2
 
     def __post_init__(self) -> None:
         if self.cpus_per_client <= 0 or self.gpus_per_client < 0 or self.torch_threads < 1:
             raise ValueError("simulation.cpus_per_client > 0, gpus_per_client >= 0, torch_threads >= 1")
+        if self.ray_address is not None:
+            host, _, port = self.ray_address.removeprefix("ray://").rpartition(":")
+            valid = bool(host) and "/" not in host and port.isdigit() and 0 < int(port) < 65536
+            if self.ray_address != "auto" and not valid:
+                raise ValueError(f"simulation.ray_address must be auto, host:port or ray://host:port, got "
+                                 f"{self.ray_address!r}")
+            if self.ray_memory_mb is not None:
+                raise ValueError("simulation.ray_memory_mb sizes a local Ray only: with simulation.ray_address, "
+                                 "give `ray start --object-store-memory` on each node instead")
         self.attack_config()  # validates both fields, naming them
 
     def attack_config(self) -> AttackConfig:

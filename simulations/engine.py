@@ -14,11 +14,18 @@ import warnings
 from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from fedpetah.attacks import to_env
-from fedpetah.experiment import ExperimentConfig
+from fedpetah.experiment import ExperimentConfig, SimulationConfig
 from fedpetah.wire.protocol import ATTACK_ENV
+from simulations.cluster import Node, check_local, check_nodes, cluster_address, connect, install_everywhere, probe
+
+if TYPE_CHECKING:
+    from flwr.app import Context
+    from flwr.serverapp import Grid, ServerApp
+
+log = logging.getLogger("fedpetah.simulation")
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -31,14 +38,17 @@ def simulate(config: ExperimentConfig, run_dir: Path, cache_dir: Path | None = N
     os.environ["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])
     if cache_dir is not None:
         os.environ["FEDPETAH_CACHE"] = str(cache_dir)
+    sim = config.simulation
+    cluster = cluster_address(sim)
+    if cluster is None:
+        check_local(sim, os.cpu_count() or 1)
+    nodes = _check_cluster(cluster, sim) if cluster else []
     restore_console = _quiet_console()  # before importing Flower: alembic logs its plugins at import
     from flwr.simulation import run_simulation
 
     from clients.app import app as client_app
-    from server.app import make_server_app
 
     ray_tmp = tempfile.mkdtemp(prefix="fpray-", dir="/tmp" if sys.platform != "win32" else None)
-    sim = config.simulation
     init_args: dict[str, Any] = {"_temp_dir": ray_tmp, "include_dashboard": False,
                                  "num_cpus": os.cpu_count() or 1, "log_to_driver": True}
     if sim.ray_memory_mb:
@@ -47,9 +57,15 @@ def simulate(config: ExperimentConfig, run_dir: Path, cache_dir: Path | None = N
                "client_resources": {"num_cpus": sim.cpus_per_client, "num_gpus": sim.gpus_per_client}}
     summary_path = run_dir / "summary.json"
     restore = _terminate_as_interrupt()
+    crashed = threading.Event()
     try:
-        run_simulation(server_app=make_server_app(config, run_dir, cache_dir), client_app=client_app,
+        if cluster:  # Flower's Ray backend keeps a connection it finds (and then ignores init_args)
+            _join_cluster(cluster[0], nodes, config, cache_dir)
+        run_simulation(server_app=_server_app(config, run_dir, cache_dir, crashed), client_app=client_app,
                        num_supernodes=config.clients, backend_config=backend)
+    except BaseException:
+        crashed.set()  # the ServerApp thread ends at its next call to the grid instead of waiting for replies
+        raise
     finally:
         _shutdown_ray()
         shutil.rmtree(ray_tmp, ignore_errors=True)
@@ -59,6 +75,65 @@ def simulate(config: ExperimentConfig, run_dir: Path, cache_dir: Path | None = N
         raise RuntimeError(f"the simulation ended without a summary in {run_dir}; see the log above")
     summary: dict[str, Any] = json.loads(summary_path.read_text())
     return summary
+
+
+def _check_cluster(cluster: tuple[str, str], sim: SimulationConfig) -> list[Node]:
+    """The cluster's nodes that fit one client; a ValueError naming the setting within about 30 s otherwise."""
+    address, key = cluster
+    nodes = check_nodes(probe(address, key), sim, address)
+    log.info("Ray cluster at %s (%s): %d node(s) fit a client: %s", address, key, len(nodes),
+             ", ".join(f"{n.host} {n.cpus:g} CPU" for n in nodes))
+    return nodes
+
+
+def _join_cluster(address: str, nodes: list[Node], config: ExperimentConfig, cache_dir: Path | None) -> None:
+    """Connect with the ClientApp's environment, and put the backbone into each node's own cache."""
+    from fedpetah.serving.pipeline import prepare_artifact
+
+    if config.simulation.ray_memory_mb is not None:
+        raise ValueError("simulation.ray_memory_mb sizes a local Ray only: on a cluster (RAY_ADDRESS), give "
+                         "`ray start --object-store-memory` on each node instead")
+    artifact = prepare_artifact(config, cache_dir)  # the ServerApp finds it in the cache
+    connect(address, {k: os.environ[k] for k in ("FEDPETAH_TORCH_THREADS", ATTACK_ENV)})
+    roots = install_everywhere(artifact, nodes)
+    log.info("backbone %s installed on %d node(s) through Ray's object store: %s", artifact.name, len(roots),
+             sorted(set(roots.values())))
+
+
+class _StopWhenCrashed:
+    """The ServerApp's grid, which raises once ``crashed`` is set: when Flower's simulation runtime fails (an empty
+    actor pool, a lost cluster), Flower ends but leaves the ServerApp's thread running, which would otherwise wait
+    for replies that never come and keep the process alive (``reply_timeout_s``, 600 s by default)."""
+
+    def __init__(self, grid: Grid, crashed: threading.Event) -> None:
+        self._grid, self._crashed = grid, crashed
+
+    def __getattr__(self, name: str) -> Any:
+        value = getattr(self._grid, name)
+        if not callable(value):
+            return value
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            if self._crashed.is_set():
+                raise RuntimeError("the simulation runtime ended: stopping the ServerApp")
+            return value(*args, **kwargs)
+
+        return call
+
+
+def _server_app(config: ExperimentConfig, run_dir: Path, cache_dir: Path | None, crashed: threading.Event
+                ) -> ServerApp:
+    from flwr.serverapp import ServerApp
+
+    from server.app import run
+
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        run(cast("Grid", _StopWhenCrashed(grid, crashed)), config, run_dir, cache_dir)
+
+    return app
 
 
 RAY_ACCELERATOR_TIP = r"Tip: In future versions of Ray, Ray will no longer override accelerator"
