@@ -74,7 +74,8 @@ class VariantPlanner:
                              f"(variants: {', '.join(VARIANTS)})")
         ordered = [v for v in VARIANTS if v in needs]  # poorest first: a tier fits every variant up to its own
         envelope = {v: max(needs[u] for u in ordered[: ordered.index(v) + 1]) for v in ordered}
-        budgets = tuple(round(envelope[v] * (1 + self.config.assignment.margin), 3) for v in fleet.sized_for)
+        budgets = tuple(envelope[v] * (1 + self.config.assignment.margin) for v in fleet.sized_for)  # not rounded:
+        # a budget rounded down by a thousandth would no longer fit the variant it is sized for
         self.config.fleet = dataclasses.replace(fleet, budgets_mb=budgets)
         log.info("simulated fleet: %s", ", ".join(f"{n} ({s:.0%}) {b:.1f} MB, sized for {v}" for n, s, b, v in zip(
             fleet.names, fleet.shares, budgets, fleet.sized_for, strict=True)))
