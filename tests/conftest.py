@@ -107,3 +107,15 @@ def _malform(records: Records, change: str) -> Records:
     else:
         raise AssertionError(change)
     return records
+
+
+@pytest.fixture
+def server_app_identity() -> Iterator[None]:
+    """What Flower's runtime sets in a ServerApp process before the app creates messages (for tests that run the
+    ServerApp in this process), restored afterwards."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
+    yield
+    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved

@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 from flwr.app import Context, Message, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 from grids import InProcessGrid, answer_honestly
 
 import clients.app as client_app
@@ -32,7 +31,7 @@ from flower_glue.records import records_of, to_recorddict
 from server import status as status_cli
 from server.app import run
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("server_app_identity")]
 Answer = Callable[[Message], "Message | None"]
 
 
@@ -70,12 +69,6 @@ class LiveGrid(InProcessGrid):
         return ready
 
 
-@pytest.fixture(autouse=True)
-def _task_identity() -> Iterator[None]:
-    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
-    yield
-    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
 
 
 def _config(catalog: Path, **changes: Any) -> ExperimentConfig:

@@ -5,13 +5,12 @@ device that answers no-budget is counted, never rejected, and offered a poorer v
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 import pytest
 from flwr.app import Context, Message, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 from grids import InProcessGrid, answer_honestly
 
 from fedpetah.adapters import adapter_config
@@ -27,17 +26,11 @@ from fedpetah.wire.protocol import HELLO, NO_PARTITION, HelloReply, HelloRequest
 from flower_glue.records import records_of, to_recorddict
 from server.app import run
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("server_app_identity")]
 CLIENTS = 10
 GREEDY = 300  # the node id of a device that reports a large budget but cannot train LoRA
 
 
-@pytest.fixture(autouse=True)
-def _task_identity() -> Iterator[None]:
-    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
-    yield
-    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
 
 
 class FleetGrid(InProcessGrid):

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from flwr.app import Context, Error, Message, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 from grids import InProcessGrid, answer_honestly
 
 from fedpetah.adapters import adapter_config
@@ -35,7 +34,7 @@ from fedpetah.wire.reasons import Reason
 from flower_glue.records import records_of, to_recorddict
 from server.app import run
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("server_app_identity")]
 HONEST = (0, 1)  # partition ids of the honest simulated clients (node ids 100, 101)
 Answer = Callable[[Message], "Message | None"]
 
@@ -78,13 +77,6 @@ def _late(message: Message) -> Message:
     return Message(to_recorddict(TrainReply(Status.NO_DATA, "late").encode()), reply_to=message)
 
 
-@pytest.fixture(autouse=True)
-def _task_identity() -> Iterator[None]:
-    """What Flower's runtime sets in a ServerApp process before the app creates messages."""
-    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
-    yield
-    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
 
 
 def _config(clients: int, rounds: int) -> ExperimentConfig:
