@@ -44,3 +44,15 @@ class InProcessGrid(Grid):
         self.counter += 1
         message.metadata.__dict__["_message_id"] = f"m{self.counter}"
         return f"m{self.counter}"
+
+
+class AnsweringGrid(InProcessGrid):
+    """A grid whose replies wait in ``outbox`` (a subclass pushes into it) until pulled by the ids they answer."""
+
+    outbox: list[Message]
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        wanted = set(message_ids)
+        ready = [m for m in self.outbox if m.metadata.reply_to_message_id in wanted]
+        self.outbox = [m for m in self.outbox if m not in ready]
+        return ready

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import pytest
 from flwr.app import Context, Message, RecordDict
-from grids import InProcessGrid, answer_honestly
+from grids import AnsweringGrid, answer_honestly
 
 import clients.app as client_app
 from fedpetah.adapters import adapter_config
@@ -35,7 +35,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("server_app_identity")]
 Answer = Callable[[Message], "Message | None"]
 
 
-class LiveGrid(InProcessGrid):
+class LiveGrid(AnsweringGrid):
     """Flower's Grid answered in this process: ``devices`` (node id -> Context) run the real ClientApp handlers,
     ``scripts`` (node id -> answer) anything else; ``present(node)`` says whether a node is connected now."""
 
@@ -61,12 +61,6 @@ class LiveGrid(InProcessGrid):
             else:
                 self.outbox.append(answer_honestly(message, self.devices[node]))
         return ids
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        wanted = set(message_ids)
-        ready = [m for m in self.outbox if m.metadata.reply_to_message_id in wanted]
-        self.outbox = [m for m in self.outbox if m not in ready]
-        return ready
 
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from flwr.app import Context, Message, RecordDict
-from grids import InProcessGrid, answer_honestly
+from grids import AnsweringGrid, answer_honestly
 
 from fedpetah.adapters import adapter_config
 from fedpetah.aggregation import aggregator_config
@@ -33,7 +33,7 @@ GREEDY = 300  # the node id of a device that reports a large budget but cannot t
 
 
 
-class FleetGrid(InProcessGrid):
+class FleetGrid(AnsweringGrid):
     """Simulated partitions answered by the real ClientApp handlers, and one scripted device."""
 
     def __init__(self, honest: dict[int, Context], greedy: bool) -> None:
@@ -68,12 +68,6 @@ class FleetGrid(InProcessGrid):
         status = Status.NO_DATA if variant == "head" else Status.NO_BUDGET  # it holds no images in truth
         return Message(to_recorddict(TrainReply(status, "this device cannot train this variant").encode()),
                        reply_to=message)
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        wanted = set(message_ids)
-        ready = [m for m in self.outbox if m.metadata.reply_to_message_id in wanted]
-        self.outbox = [m for m in self.outbox if m not in ready]
-        return ready
 
 
 def _config(clients: int, rounds: int, fleet: str = "mixed") -> ExperimentConfig:
