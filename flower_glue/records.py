@@ -7,12 +7,16 @@ from typing import Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.common.constant import ErrorCode
 
-from fedpetah.wire.protocol import Layout, ProtocolError, Records, check_npy
+from fedpetah.wire.protocol import MAX_REASON_CHARS, Layout, ProtocolError, Records, check_npy
 from fedpetah.wire.reasons import Reason
 
 MAX_ARRAY_BYTES = 256 * 2**20
 """The largest array a message may carry (a whole backbone travels as bytes, not as an array)."""
+_UNAVAILABLE = frozenset({ErrorCode.NODE_UNAVAILABLE, ErrorCode.MESSAGE_UNAVAILABLE,
+                          ErrorCode.REPLY_MESSAGE_UNAVAILABLE})
+"""Flower's error codes for a reply the transport wrote on the device's behalf (any other is the device's app's)."""
 
 
 def to_recorddict(records: Records) -> RecordDict:
@@ -79,7 +83,8 @@ def records_of(message: Message, layout: Layout | None = None) -> Records:
     """The records of a received message (a ProtocolError for an error reply or malformed content; with
     ``layout``, for anything it does not expect, see :func:`from_recorddict`)."""
     if message.has_error():
-        raise ProtocolError(Reason.MALFORMED, f"error reply: {message.error.reason}")
+        reason = Reason.UNAVAILABLE if message.error.code in _UNAVAILABLE else Reason.CLIENT_ERROR
+        raise ProtocolError(reason, f"error reply {message.error.code}: {message.error.reason}"[:MAX_REASON_CHARS])
     return from_recorddict(message.content, layout)
 
 

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import Context, Error, Message, RecordDict
+from flwr.common.constant import ErrorCode
 from grids import InProcessGrid, answer_honestly
 
 from fedpetah.adapters import adapter_config
@@ -124,6 +125,8 @@ def _hostile(changes: list[str], malform: Callable[[Records, str], Records]) -> 
         change = next(queue)
         if change == "error-reply":
             return Message(Error(code=0, reason="boom"), reply_to=message)
+        if change == "node-unavailable":  # what Flower writes for a node that died before it answered
+            return Message(Error(code=ErrorCode.NODE_UNAVAILABLE, reason="Node Unavailable"), reply_to=message)
         if change == "silent":
             return None
         if change == "garbage-array":
@@ -138,7 +141,8 @@ def _hostile(changes: list[str], malform: Callable[[Records, str], Records]) -> 
 
 CHANGES = ["no-status", "status-unknown", "no-metrics", "metrics-as-config", "count=nan", "count=inf",
            "count=neg", "count=zero", "count=float", "count=huge", "loss-nan", "too-many-metrics", "no-adapter",
-           "missing-key", "extra-key", "shape", "dtype", "non-finite", "error-reply", "garbage-array"]
+           "missing-key", "extra-key", "shape", "dtype", "non-finite", "error-reply", "garbage-array",
+           "node-unavailable"]
 
 
 def test_hostile_replies_are_counted_and_change_nothing(tmp_path: Path, cache_dir: Path,
@@ -160,7 +164,8 @@ def test_hostile_replies_are_counted_and_change_nothing(tmp_path: Path, cache_di
         for reason, count in row["rejections"].items():
             reasons[reason] = reasons.get(reason, 0) + count
     assert sum(reasons.values()) == hostile_nodes * rounds  # every hostile reply, a silent one as a timeout
-    expected = {"count", "keys", "shape", "dtype", "metrics", "malformed", "status", "non_finite", "timeout"}
+    expected = {"count", "keys", "shape", "dtype", "metrics", "malformed", "status", "non_finite", "timeout",
+                "client_error", "unavailable"}
     assert expected <= set(reasons) <= {reason.value for reason in Reason}  # one vocabulary, spelled as scripts read it
     assert sum(r["extra"]["late_replies"] for r in rows) >= 1
 

@@ -26,6 +26,8 @@ class Reason(StrEnum):
     STATS = "stats"  # router statistics that were not asked for, are missing or are invalid
     UNEXPECTED = "unexpected"  # a record that was not asked for
     TIMEOUT = "timeout"  # no reply before the round's deadline
+    UNAVAILABLE = "unavailable"  # the transport answered for the device: it went away, or the message expired
+    CLIENT_ERROR = "client_error"  # the device's app raised, crashed or did not load (an error reply)
     EVALUATION = "evaluation"  # evaluation counts that are inconsistent or exceed the device's reported holdout
     HOLDINGS = "holdings"  # image counts in a hello reply that are not a bounded table of the catalogue's tasks
     PROFILE = "profile"  # a hello reply's device profile that is incomplete, not finite or out of bounds
