@@ -47,8 +47,9 @@ from server.progress import Progress
 log = logging.getLogger("fedpetah.server")
 POLL_S = 0.2  # how often replies are pulled (Flower's own send_and_receive waits 3 s between pulls)
 IDLE_POLL_S = 2.0  # how often a waiting server looks at the task list and the connected nodes again
+LISTED_NODES = 10  # a log line names at most this many nodes (then how many more)
 STATUS_REFRESH_S = 30.0  # the longest status.json goes unwritten while the server waits
-HELLO_TIMEOUT_S = 120.0  # the longest a hello waits (a node that misses it is greeted again later)
+HELLO_IDLE_S = 120.0  # a greeting ends once no hello reply came for this long (a node that missed it: greeted again)
 HELLO_RETRY_S = (60.0, 3600.0)  # a node that missed its hello is greeted again after 60 s, doubled per miss to 1 h
 STRAGGLER_SHARE = 0.1  # once all replies but at most this share (at least one) are in, the rest are stragglers:
 STRAGGLER_MIN_S, STRAGGLER_FACTOR = 60.0, 5.0  # they get max(60 s, 5 x the others' time) more, within the deadline
@@ -101,6 +102,10 @@ class Exchange:
     most :data:`STRAGGLER_SHARE` of them (at least one) is in, the stragglers get ``max(STRAGGLER_MIN_S,
     STRAGGLER_FACTOR x the time the others took)`` more: a straggler may take six times as long as the rest (at
     least 60 s more), never longer than ``timeout_s``.
+
+    With ``idle_s``, the exchange also ends once no reply has come for that long: a greeting of thousands of
+    nodes (a simulation's, answered a few dozen a second) runs as long as replies keep coming, while one lost
+    hello costs ``idle_s``, not the whole deadline.
     """
 
     def __init__(self, grid: Grid, poll_s: float = POLL_S) -> None:
@@ -108,7 +113,8 @@ class Exchange:
         self.poll_s = poll_s
         self.overdue: set[str] = set()
 
-    def __call__(self, messages: list[Message], timeout_s: float) -> tuple[dict[int, Message], int]:
+    def __call__(self, messages: list[Message], timeout_s: float,
+                 idle_s: float | None = None) -> tuple[dict[int, Message], int]:
         """Replies by destination node, and how many late replies to earlier exchanges came in meanwhile."""
         pushed = {str(mid) for mid in self.grid.push_messages(messages) if mid}
         waiting = {m.metadata.message_id: m.metadata.dst_node_id for m in messages if m.metadata.message_id in pushed}
@@ -116,17 +122,20 @@ class Exchange:
             log.warning("Flower could not push %d of %d messages", len(messages) - len(waiting), len(messages))
         replies: dict[int, Message] = {}
         late, stragglers = 0, max(1, int(STRAGGLER_SHARE * len(waiting)))
-        started = time.monotonic()
+        started = last_reply = time.monotonic()
         deadline = started + timeout_s
         while True:
             for reply in self.grid.pull_messages(set(waiting) | self.overdue):
                 origin = reply.metadata.reply_to_message_id
                 if origin in waiting:
                     replies[waiting.pop(origin)] = reply
+                    last_reply = time.monotonic()
                 elif origin in self.overdue:
                     self.overdue.discard(origin)
                     late += 1
             now = time.monotonic()
+            if idle_s is not None and now - last_reply >= idle_s:
+                break
             if replies and 0 < len(waiting) <= stragglers:  # only stragglers missing: their grace starts (once)
                 deadline = min(deadline, now + max(STRAGGLER_MIN_S, STRAGGLER_FACTOR * (now - started)))
                 stragglers = 0
@@ -134,8 +143,10 @@ class Exchange:
                 break
             time.sleep(self.poll_s)
         if waiting:
-            log.warning("%d node(s) did not answer within %.0f s: %s", len(waiting), time.monotonic() - started,
-                        sorted(waiting.values()))
+            missing = sorted(waiting.values())
+            log.warning("%d node(s) did not answer within %.0f s: %s%s", len(missing), time.monotonic() - started,
+                        missing[:LISTED_NODES], f" and {len(missing) - LISTED_NODES} more"
+                        if len(missing) > LISTED_NODES else "")
         self.overdue |= set(waiting)
         return replies, late
 
@@ -252,13 +263,14 @@ class Federation:
         content = HelloRequest(server.digest, tasks, self.config.seed, self.config.clients, sections,
                                profile=True).encode()
         replies, _ = self.exchange([Message(to_recorddict(content), node, HELLO) for node in nodes],
-                                   min(self.config.reply_timeout_s, HELLO_TIMEOUT_S))
+                                   self.config.reply_timeout_s, idle_s=HELLO_IDLE_S)
         for node in set(nodes) - set(replies):  # greeted again later, backing off: a lost hello must not stall
             missed = self.unanswered.get(node, (0, 0.0))[0] + 1
             self.unanswered[node] = missed, time.monotonic() + min(HELLO_RETRY_S[0] * 2 ** (missed - 1),
                                                                     HELLO_RETRY_S[1])
         for node in replies:
             self.unanswered.pop(node, None)
+        joined = 0
         for node, message in sorted(replies.items()):
             try:
                 hello = HelloReply.decode(records_of(message, HelloReply.layout(tasks)), tasks)
@@ -270,9 +282,13 @@ class Federation:
             known = client in server.fleet.devices
             server.fleet.greeted(client, node, hello.has_backbone, hello.holdings, len(tasks), hello.profile)
             if not known:
+                joined += 1
                 held = {server.tasks[t].name: int(v[:, 0].sum()) for t, v in hello.holdings.items()}
-                log.info("device %s joined%s", client, f": images {held}" if held else " (no images of any task)")
+                if joined <= LISTED_NODES:
+                    log.info("device %s joined%s", client, f": images {held}" if held else " (no images of any task)")
             _track_install(server, node, Status.NEEDS_BACKBONE if not hello.has_backbone else Status.OK)
+        if joined > LISTED_NODES:
+            log.info("%d more devices joined (%d connected)", joined - LISTED_NODES, len(server.fleet.connected()))
 
     # ------------------------------------------------------------------------------------------- evaluation
 

@@ -80,3 +80,19 @@ def test_many_missing_replies_wait_for_the_deadline() -> None:
     assert answered == {0, 1, 2} and 1.5 <= seconds < 2.0 + 0.5, seconds
     answered, seconds = _exchange({0: None}, timeout_s=1.0)  # nothing else in: no grace either
     assert answered == set() and seconds >= 1.0
+
+
+def test_a_greeting_lasts_while_replies_keep_coming_and_ends_when_they_stop() -> None:
+    # Prepare: 30 nodes answering one every 0.1 s (3 s in all, longer than the idle bound), one that never does
+    delays: dict[int, float | None] = {node: 0.1 * (node + 1) for node in range(30)} | {99: None}
+    grid = TimedGrid(delays)
+    started = time.monotonic()
+
+    # Execute
+    hellos = [Message(RecordDict(), node, "query.hello") for node in delays]
+    replies, _ = Exchange(grid, poll_s=0.01)(hellos, 60.0, idle_s=1.0)
+
+    # Assert: every reply that came, then 1 s without one ends it (not the straggler grace of 5 x 3 s, not 60 s)
+    seconds = time.monotonic() - started
+    assert set(replies) == set(range(30))
+    assert 3.9 <= seconds < 5.5, seconds
