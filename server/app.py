@@ -57,17 +57,6 @@ STRAGGLER_MIN_S, STRAGGLER_FACTOR = 60.0, 5.0  # they get max(60 s, 5 x the othe
 # that died, so what this bounds is a reply lost on the way, rare since the SuperLink waits for SQLite's lock)
 
 
-def make_server_app(config: ExperimentConfig, run_dir: Path, cache_dir: Path | None = None) -> ServerApp:
-    """A ServerApp bound to a typed config (the simulation entry point uses this)."""
-    app = ServerApp()
-
-    @app.main()
-    def main(grid: Grid, context: Context) -> None:
-        run(grid, config, run_dir, cache_dir)
-
-    return app
-
-
 app = ServerApp()
 
 
