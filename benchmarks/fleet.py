@@ -276,6 +276,16 @@ def errors(path: Path) -> list[str]:
     return [line[:300] for line in lines if ERROR_LINE.search(line)]
 
 
+def error_kinds(lines: list[str]) -> dict[str, int]:
+    """Error lines by kind: the route and error class of a SuperLink error, else the line without its time."""
+    kinds: Counter[str] = Counter()
+    for line in lines:
+        plain = re.sub(r"\x1b\[[0-9;]*m", "", line)
+        found = re.findall(r"\[[^\]]+\]", plain)
+        kinds[" ".join(found[:2]) if len(found) >= 2 else re.sub(r"^\S+ ", "", plain)[:120]] += 1
+    return dict(kinds.most_common())
+
+
 def run_fleet(devices: int, rounds: int, database: str, reply_timeout: float, dropout: float, kill_after: int,
               timeout: float, keep: Path | None) -> dict[str, Any]:
     root = Path(tempfile.mkdtemp(prefix=f"fleet{devices}-"))
@@ -331,8 +341,10 @@ def run_fleet(devices: int, rounds: int, database: str, reply_timeout: float, dr
     report["bank_completed_rounds"] = (json.loads(bank.read_text())["metadata"]["run"]["completed_rounds"]
                                        if bank.is_file() else 0)
     report["fleet"] = access(state / "logs" / ACCESS_LOG, started)
-    report["superlink_errors"] = errors(state / "logs" / "superlink.log")[:20]
-    report["proxy_errors"] = errors(state / "logs" / "proxy.log")[:20]
+    superlink_errors, proxy_errors = errors(state / "logs" / "superlink.log"), errors(state / "logs" / "proxy.log")
+    report["superlink_errors"], report["proxy_errors"] = superlink_errors[:20], proxy_errors[:20]
+    report["error_counts"] = {"superlink": len(superlink_errors), "proxy": len(proxy_errors)}
+    report["superlink_error_kinds"] = error_kinds(superlink_errors)
     report["server_log_warnings"] = [line[:300] for line in (root / "server.log").read_text(errors="replace")
                                      .splitlines() if "WARNING" in line or "did not answer" in line][:20]
     if keep is None:
@@ -382,6 +394,12 @@ def watch(server: subprocess.Popen[bytes], fleet: Fleet, run_dir: Path, rounds: 
 # ---------------------------------------------------------------------------------------------- report
 
 
+def _error_lines(run: dict[str, Any]) -> str:
+    counts = run.get("error_counts") or {"superlink": len(run["superlink_errors"]),  # runs before all were counted
+                                         "proxy": len(run["proxy_errors"])}
+    return f"{counts['superlink']} / {counts['proxy']}"
+
+
 def _uss(memory: Any) -> str:
     return f"{memory['uss']}" if isinstance(memory, dict) else f"{memory} (RSS)"  # runs before USS was recorded
 
@@ -412,7 +430,7 @@ def markdown(report: dict[str, Any]) -> str:
             f"{p['serverapp']['cpu_s']} / {p['serverapp']['peak_rss_mb']} | "
             f"{p['nginx']['cpu_s']} / {p['nginx']['peak_rss_mb']} | "
             f"{run['fleet']['requests_per_s']} ({run['fleet']['requests']}) | {bad or 'none'} | "
-            f"{len(run['superlink_errors'])} / {len(run['proxy_errors'])} | {_uss(run['device_memory_mb'])} | "
+            f"{_error_lines(run)} | {_uss(run['device_memory_mb'])} | "
             f"{' '.join(map(str, run['loadavg_start']))} / {' '.join(map(str, run['loadavg_end']))} | "
             f"{run.get('commit', '')} |")
     lines += ["", "Round times per run (s): " + "; ".join(
@@ -426,7 +444,11 @@ def markdown(report: dict[str, Any]) -> str:
                       f"restarted after round {events.get('restarted_after_round')}; lost per round {run['lost']}; "
                       f"aggregated per round {run['aggregated']}; backbones received per device "
                       f"{run['artifacts_per_device']} (count: devices); committed {run['committed']}, bank "
-                      f"{run['bank_completed_rounds']}."]
+                      f"{run['bank_completed_rounds']}; rejections per round {run['rejections']}."]
+    for run in report["runs"]:
+        if run.get("superlink_error_kinds"):
+            lines += ["", f"SuperLink error lines (K={run['devices']}{' dropout' if run['dropout'] else ''}), by "
+                      f"kind: {run['superlink_error_kinds']}."]
     return "\n".join(lines) + "\n"
 
 
