@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
+import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -26,6 +29,9 @@ from fedpetah.experiment import ExperimentConfig, SimulationConfig, StrategyConf
 from fedpetah.tasks import PartitionConfig, TaskStreamConfig
 
 RAY = str(Path(sys.executable).with_name("ray"))
+NETNS = "FEDPETAH_RAY_NETNS"  # set by test_two_node_cluster_in_a_private_network_namespace for the run inside it
+INNER_S = 1500  # the inner pytest: two simulations and a 2-node cluster on a shared 2-core machine
+IN_NETNS = ("test_too_few_cpus_per_node_names_the_key", "test_clients_run_on_both_nodes_and_the_bank_equals_one_nodes")
 
 
 def _config(**simulation: object) -> ExperimentConfig:
@@ -111,20 +117,24 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
 def two_nodes() -> Iterator[Cluster]:
     """A head and a second node, 1 CPU each, each with its own temp dir and its own FEDPETAH_CACHE.
 
-    Opt-in (``FEDPETAH_RAY_CLUSTER_TEST=1``): Ray 2.55 lets a second node join only with
-    ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER`` unset or 1, and then its raylet listens on every interface and advertises
-    the machine's outbound address (``--node-ip-address 127.0.0.1`` is rewritten), so it cannot stay on loopback.
+    Only inside a private network namespace whose one interface is its loopback: Ray 2.55 lets a second node join
+    only with ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER`` unset or 1, and such a node advertises the machine's outbound
+    address (``--node-ip-address 127.0.0.1`` is rewritten) and its servers listen beyond loopback. In a namespace
+    that has no other address every Ray socket is on its 127.0.0.1, and nothing outside the namespace reaches it.
     Both nodes are stopped at the end, even on failure, through their own process groups (never ``ray stop``,
     which stops every Ray on the machine)."""
-    if os.environ.get("FEDPETAH_RAY_CLUSTER_TEST") != "1":
-        pytest.skip("a 2-node Ray cluster listens beyond loopback: set FEDPETAH_RAY_CLUSTER_TEST=1 to run it")
+    if os.environ.get(NETNS) != "1":
+        pytest.skip("runs inside the network namespace that "
+                    "test_two_node_cluster_in_a_private_network_namespace creates")
+    interfaces = sorted(name for _, name in socket.if_nameindex())
+    assert interfaces == ["lo"], f"{NETNS}=1 but this network namespace has {interfaces}: Ray would listen on them"
     from simulations.cluster import probe
 
     root = Path(tempfile.mkdtemp(prefix="fpc", dir="/tmp"))  # short: Ray's socket paths live under the temp dirs
     port, processes = _free_port(), []
     caches = {name: root / f"cache-{name}" for name in ("head", "second")}
     temps = [str(root / "t-head"), str(root / "t-second")]
-    common = ["--block", "--num-cpus", "1", "--disable-usage-stats"]
+    common = ["--block", "--num-cpus", "1", "--node-ip-address", "127.0.0.1", "--disable-usage-stats"]
     try:
         processes.append(subprocess.Popen(
             [RAY, "start", "--head", "--port", str(port), "--include-dashboard=false", "--temp-dir", temps[0],
@@ -181,6 +191,66 @@ def test_clients_run_on_both_nodes_and_the_bank_equals_one_nodes(two_nodes: Clus
         assert len(installed) == 1, name
         used = installed[0].stat().st_mtime - (installed[0] / WEIGHTS).stat().st_mtime
         assert used > 0.5, f"no client used the backbone on the {name} node"  # BackboneCache.get stamps the dir
+
+
+def _netns_missing() -> str | None:
+    """What keeps this process from making a private network namespace with its loopback up; None if nothing."""
+    for tool, package in (("unshare", "util-linux"), ("ip", "iproute2")):
+        if shutil.which(tool) is None:
+            return f"`{tool}` ({package}) is not installed"
+    done = subprocess.run(["unshare", "--net", "--", "ip", "link", "set", "lo", "up"], capture_output=True,
+                          text=True, check=False)
+    if done.returncode:
+        return f"`unshare --net` failed ({done.stderr.strip()}): it needs root or CAP_SYS_ADMIN"
+    return None
+
+
+def _in_namespace(namespace: str) -> list[psutil.Process]:
+    """Every process in the network namespace ``namespace`` (the target of a ``/proc/PID/ns/net`` link)."""
+    found = []
+    for process in psutil.process_iter():
+        with contextlib.suppress(OSError):
+            if os.readlink(f"/proc/{process.pid}/ns/net") == namespace:
+                found.append(process)
+    return found
+
+
+@pytest.mark.slow
+def test_two_node_cluster_in_a_private_network_namespace(tmp_path: Path) -> None:
+    """The tests on ``two_nodes`` run in a pytest of their own inside a fresh network namespace: they must pass
+    there (not skip), and leave no process behind in it; whatever is left, also after a timeout, is killed."""
+    missing = _netns_missing()
+    if missing:
+        pytest.skip(f"the 2-node Ray cluster stays on loopback only in a private network namespace: {missing}")
+    outside = os.readlink("/proc/self/ns/net")
+    inner = " ".join(shlex.quote(f"tests/test_ray_cluster.py::{name}") for name in IN_NETNS)
+    command = f"ip link set lo up && exec {shlex.quote(sys.executable)} -m pytest -q -p no:cacheprovider {inner}"
+    output = tmp_path / "inner.log"
+    with output.open("wb") as out:
+        run = subprocess.Popen(["unshare", "--net", "--", "sh", "-c", command], cwd=Path(__file__).parents[1],
+                               env={**os.environ, NETNS: "1", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"},
+                               stdout=out, stderr=subprocess.STDOUT)
+    namespace, left = outside, []
+    try:
+        deadline = time.monotonic() + 30
+        while namespace == outside and run.poll() is None and time.monotonic() < deadline:
+            with contextlib.suppress(OSError):
+                namespace = os.readlink(f"/proc/{run.pid}/ns/net")
+            time.sleep(0.05)
+        assert namespace != outside, "the inner pytest never entered its own network namespace"
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            run.wait(INNER_S)
+    finally:
+        if namespace != outside:
+            left = [p for p in _in_namespace(namespace) if p.pid != run.pid]
+            for process in [*left, psutil.Process(run.pid)] if run.poll() is None else left:
+                with contextlib.suppress(psutil.Error):
+                    process.kill()
+        run.wait(30)
+    text = output.read_text(errors="replace")
+    assert run.returncode == 0, text[-6000:]
+    assert re.search(r"\b2 passed\b", text) and "skipped" not in text, text[-6000:]
+    assert not left, f"left running in the namespace: {[p.pid for p in left]}"
 
 
 @pytest.mark.slow
