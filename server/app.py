@@ -240,10 +240,10 @@ class Federation:
         for client in left:
             log.info("device %s left", client)
         now = time.monotonic()
-        greet = [n for n in new if n not in self.refused and self.unanswered.get(n, (0, now))[1] <= now] + \
-            server.fleet.stale(len(server.tasks))
+        greet = {n for n in new if n not in self.refused} | set(server.fleet.stale(len(server.tasks)))
+        greet = {n for n in greet if self.unanswered.get(n, (0, now))[1] <= now}  # a node that missed one: later
         if greet:
-            self.hello(sorted(set(greet)))
+            self.hello(sorted(greet))
 
     def hello(self, nodes: list[int]) -> None:
         server = self.server
@@ -253,20 +253,21 @@ class Federation:
                                profile=True).encode()
         replies, _ = self.exchange([Message(to_recorddict(content), node, HELLO) for node in nodes],
                                    self.config.reply_timeout_s, idle_s=HELLO_IDLE_S)
-        for node in set(nodes) - set(replies):  # greeted again later, backing off: a lost hello must not stall
-            missed = self.unanswered.get(node, (0, 0.0))[0] + 1
-            self.unanswered[node] = missed, time.monotonic() + min(HELLO_RETRY_S[0] * 2 ** (missed - 1),
-                                                                    HELLO_RETRY_S[1])
-        for node in replies:
-            self.unanswered.pop(node, None)
+        for node in set(nodes) - set(replies):
+            self.missed_hello(node)
         joined = 0
         for node, message in sorted(replies.items()):
             try:
                 hello = HelloReply.decode(records_of(message, HelloReply.layout(tasks)), tasks)
             except ProtocolError as error:
-                log.warning("node %s: bad hello reply (%s); it takes no part while connected", node, error)
-                self.refused.add(node)
+                if error.reason in (Reason.UNAVAILABLE, Reason.CLIENT_ERROR):  # Flower's error reply: a device
+                    log.info("node %s: no hello (%s); greeted again later", node, error)  # busy or restarting
+                    self.missed_hello(node)
+                else:
+                    log.warning("node %s: bad hello reply (%s); it takes no part while connected", node, error)
+                    self.refused.add(node)
                 continue
+            self.unanswered.pop(node, None)
             client = hello.partition if hello.partition >= 0 else node
             known = client in server.fleet.devices
             server.fleet.greeted(client, node, hello.has_backbone, hello.holdings, len(tasks), hello.profile)
@@ -278,6 +279,11 @@ class Federation:
             _track_install(server, node, Status.NEEDS_BACKBONE if not hello.has_backbone else Status.OK)
         if joined > LISTED_NODES:
             log.info("%d more devices joined (%d connected)", joined - LISTED_NODES, len(server.fleet.connected()))
+
+    def missed_hello(self, node: int) -> None:
+        """Greet ``node`` again later, backing off: a lost hello must not stall the loop."""
+        missed = self.unanswered.get(node, (0, 0.0))[0] + 1
+        self.unanswered[node] = missed, time.monotonic() + min(HELLO_RETRY_S[0] * 2 ** (missed - 1), HELLO_RETRY_S[1])
 
     # ------------------------------------------------------------------------------------------- evaluation
 

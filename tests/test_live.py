@@ -14,10 +14,12 @@ from typing import Any
 
 import numpy as np
 import pytest
-from flwr.app import Context, Message, RecordDict
+from flwr.app import Context, Error, Message, RecordDict
+from flwr.common.constant import ErrorCode
 from grids import AnsweringGrid, answer_honestly
 
 import clients.app as client_app
+import server.app as server_app
 from fedpetah.adapters import adapter_config
 from fedpetah.bank import AdapterBank
 from fedpetah.config import BackboneConfig, PruningConfig, TrainConfig
@@ -247,3 +249,40 @@ def test_hello_reports_the_images_a_device_holds_per_class(world: dict[str, Any]
     hello = HelloReply.decode(records_of(client_app.hello(message, context), HelloReply.layout(tasks)), tasks)
     assert set(hello.holdings) == {0}
     assert hello.holdings[0].sum() == 30 and (hello.holdings[0][:, 1] > 0).all()  # 15 images per class, some held out
+
+
+def test_a_device_whose_hello_came_back_unavailable_is_greeted_again_and_trains(
+        world: dict[str, Any], cache_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under load a SuperNode may miss its heartbeats just as it is greeted: Flower then answers the hello for it
+    ("Node Unavailable"). That device is not a liar: it is greeted again and takes part."""
+    monkeypatch.setattr(server_app, "HELLO_RETRY_S", (0.5, 1.0))
+    root, data, names = world["root"] / "flaky", world["data"], world["tasks"]
+    catalog = root / "tasks.yaml"
+    add_task(catalog, *names[0])
+    devices = _devices(root, data[:3])
+    flaky, hellos = 103, []
+    context = devices.pop(flaky)
+
+    def answer(message: Message) -> Message | None:
+        if message.metadata.message_type == HELLO:
+            hellos.append(message)
+            if len(hellos) == 1:
+                return Message(Error(code=ErrorCode.NODE_UNAVAILABLE, reason="Node Unavailable"), reply_to=message)
+        return answer_honestly(message, context)
+
+    run_dir = root / "run"
+    summary = run(LiveGrid(devices, {flaky: answer}), _config(catalog, min_devices=3, exit_when_idle_s=5.0),
+                  run_dir, cache_dir)
+    assert summary["rounds"] == 2 and len(hellos) >= 2
+    status = json.loads((run_dir / "status.json").read_text())
+    assert {d["client"]: d["rounds_trained"] for d in status["devices"]}[flaky] == 2
+
+
+def test_a_server_stopped_before_its_first_round_writes_an_empty_summary(world: dict[str, Any],
+                                                                          cache_dir: Path) -> None:
+    root = world["root"] / "idle"
+    catalog = root / "tasks.yaml"
+    add_task(catalog, *world["tasks"][0])
+    summary = run(LiveGrid({}), _config(catalog, exit_when_idle_s=0.0), root / "run", cache_dir)
+    assert summary["rounds"] == 0 and summary["tasks_learned"] == 0 and summary["average_accuracy"] is None
+    assert json.loads((root / "run" / "summary.json").read_text())["rounds"] == 0
