@@ -30,8 +30,8 @@ class AccuracyMatrix:
     """
 
     def __init__(self, num_tasks: int) -> None:
-        if num_tasks < 1:
-            raise ValueError(f"num_tasks must be >= 1, got {num_tasks}")
+        if num_tasks < 0:
+            raise ValueError(f"num_tasks must be >= 0, got {num_tasks}")
         self._r = np.full((num_tasks, num_tasks), np.nan)
 
     @property
@@ -92,10 +92,11 @@ class AccuracyMatrix:
 
     @classmethod
     def from_rounds(cls, records: Sequence[RoundRecord], num_tasks: int | None = None) -> AccuracyMatrix:
-        """Row ``i`` from the last round of task ``i`` that reported each seen task's accuracy (not NaN)."""
-        if not records:
-            raise ValueError("no round records")
-        matrix = cls(num_tasks or max(r.task for r in records) + 1)
+        """Row ``i`` from the last round of task ``i`` that reported each seen task's accuracy (not NaN); without
+        records, ``num_tasks`` empty rows (a server stopped before its first round)."""
+        if not records and num_tasks is None:
+            raise ValueError("no round records, and no task count")
+        matrix = cls(num_tasks if num_tasks is not None else max(r.task for r in records) + 1)
         for record in records:  # rounds in order: later rounds overwrite earlier ones
             for task, accuracy in record.accuracy.items():
                 if task <= record.task and not math.isnan(accuracy):
@@ -333,7 +334,7 @@ def summarize(records: Sequence[RoundRecord], num_tasks: int | None = None) -> d
         "rejected_total": sum(r.num_rejected for r in records),
         "round_time_s": {
             "total": sum(r.round_time_s for r in records),
-            **percentiles(r.round_time_s for r in records),
+            **(percentiles(r.round_time_s for r in records) if records else {}),
         },
         "step_time_s": percentiles(steps) if steps else None,
         "peak_memory_mb": max(memory) if memory else None,
@@ -347,6 +348,8 @@ def plot_run(run_dir: str | os.PathLike[str], num_tasks: int | None = None) -> l
     from its ``metrics.jsonl``; returns their paths."""
     root = Path(run_dir)
     records = read_rounds(root)
+    if not records:  # a server stopped before its first round: nothing to draw
+        return []
     matrix = AccuracyMatrix.from_rounds(records, num_tasks)
     rounds = [r.round for r in records]
     paths = []
