@@ -66,6 +66,7 @@ ACCESS_LOG = "fleet-access.log"
 ACCESS_LINE = re.compile(r'^(\S+) \[([0-9.]+)\] "POST /v1/fleet/([a-z-]+) [^"]*" (\d{3}) ')
 ERROR_LINE = re.compile(r'ERROR|Traceback|OperationalError|database is locked|" 5\d\d\b')
 SAMPLE_S = 0.5
+IDLE_GUARD_S = 300
 DEVICE_MB = 300  # a light device's resident memory measured here (SuperNode, SuperExec, worker, a ClientApp)
 
 
@@ -293,10 +294,11 @@ def run_fleet(devices: int, rounds: int, database: str, reply_timeout: float, dr
     make_tls(state / "certs", [SERVER_HOST])
     atomic_write_text(catalog_path(state), format_catalog([TASK]))
     fleet = Fleet(root, state, devices, port)
-    # with dropouts the rounds between the kill and the restart go on with the devices left (else the server idles
-    # and --exit-when-idle ends the run before the restart)
+    # with dropouts the rounds between the kill and the restart go on with the devices left; the server ends with
+    # its last round (stop_after), and --exit-when-idle only guards against a run that can no longer train (it
+    # outlasts the back-off of a device whose hello was missed, 60 s, and the wait for it)
     overrides = [*OVERRIDES, f"clients={devices}", f"min_devices={devices - round(dropout * devices)}",
-                 f"rounds_per_task={rounds}",
+                 f"rounds_per_task={rounds}", f"stop_after={rounds}",
                  f"reply_timeout_s={reply_timeout}"]
     env = child_env({"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "FLWR_DISABLE_UPDATE_CHECK": "1",
                      "FLWR_TELEMETRY_ENABLED": "0", **({DATABASE_ENV: DATABASES[database]}
@@ -304,7 +306,7 @@ def run_fleet(devices: int, rounds: int, database: str, reply_timeout: float, dr
     load_start, started = os.getloadavg(), time.time()
     server = start([sys.executable, str(Path(__file__).resolve()), "--serve", "--state-dir", str(state),
                     "--host", SERVER_HOST, "--port", str(port), "--superlink-port", str(free_port()),
-                    "--exit-when-idle", "5", *overrides], env, root / "server.log")
+                    "--exit-when-idle", str(IDLE_GUARD_S), *overrides], env, root / "server.log")
     report: dict[str, Any] = {"devices": devices, "rounds": rounds, "database": database,
                               "reply_timeout_s": reply_timeout, "dropout": dropout}
     try:
