@@ -67,6 +67,7 @@ ACCESS_LINE = re.compile(r'^(\S+) \[([0-9.]+)\] "POST /v1/fleet/([a-z-]+) [^"]*"
 ERROR_LINE = re.compile(r'ERROR|Traceback|OperationalError|database is locked|" 5\d\d\b')
 SAMPLE_S = 0.5
 IDLE_GUARD_S = 300
+GUARD_S, MIN_AVAILABLE_MB = 5.0, 1536  # every 5 s: fewer than 1.5 GiB available ends the run (not the OOM killer)
 DEVICE_MB = 300  # a light device's resident memory measured here (SuperNode, SuperExec, worker, a ClientApp)
 
 
@@ -204,6 +205,15 @@ class Fleet:
         self.processes[i] = [node, worker]
         self.starts[i] += 1
 
+    def clientapps(self) -> int:
+        """How many ``flwr-clientapp`` processes the devices' SuperNodes have running now (one per message)."""
+        count = 0
+        for process in [p for tree in self.processes.values() for p in tree]:
+            with contextlib.suppress(psutil.Error):
+                count += sum("flwr-clientapp" in " ".join(child.cmdline()[:3])
+                             for child in psutil.Process(process.pid).children(recursive=True))
+        return count
+
     def kill(self, i: int) -> None:
         """SIGKILL device i's processes and their children at once (a power cut)."""
         tree: list[psutil.Process] = []
@@ -318,7 +328,7 @@ def run_fleet(devices: int, rounds: int, database: str, reply_timeout: float, dr
             report["dropout_events"] = watch(server, fleet, state / "run", rounds, dropout, kill_after, timeout)
             report["device_memory_mb"] = fleet.memory_mb()
             try:
-                code: int | None = server.wait(timeout=120.0)
+                code: int | None = server.wait(timeout=0.0 if "aborted" in report["dropout_events"] else 120.0)
             except subprocess.TimeoutExpired:
                 code = None
         report["server_exit"] = code
@@ -372,9 +382,17 @@ def watch(server: subprocess.Popen[bytes], fleet: Fleet, run_dir: Path, rounds: 
     deadline = time.monotonic() + timeout
     victims = list(range(0, len(fleet.keys), max(1, round(1 / dropout))))[: round(dropout * len(fleet.keys))] \
         if dropout else []
-    events: dict[str, Any] = {"victims": victims}
-    phase = "before" if victims else "done"
+    events: dict[str, Any] = {"victims": victims, "clientapps_peak": 0}
+    phase, checked = "before" if victims else "done", 0.0
     while server.poll() is None and time.monotonic() < deadline:
+        if time.monotonic() - checked >= GUARD_S:  # a machine that can no longer carry the fleet: stop, say why
+            checked, clientapps = time.monotonic(), fleet.clientapps()
+            events["clientapps_peak"] = max(events["clientapps_peak"], clientapps)
+            available = psutil.virtual_memory().available / 2**20
+            if available < MIN_AVAILABLE_MB:
+                events["aborted"] = (f"{available:.0f} MB of memory left with {clientapps} flwr-clientapp processes "
+                                     f"running for {len(fleet.keys)} devices")
+                break
         committed = len(rows(run_dir))
         if phase == "before" and committed >= kill_after:
             others = [i for i in range(len(fleet.keys)) if i not in victims]
@@ -447,6 +465,12 @@ def markdown(report: dict[str, Any]) -> str:
                       f"aggregated per round {run['aggregated']}; backbones received per device "
                       f"{run['artifacts_per_device']} (count: devices); committed {run['committed']}, bank "
                       f"{run['bank_completed_rounds']}; rejections per round {run['rejections']}."]
+    for run in report["runs"]:
+        events = run.get("dropout_events", {})
+        if "aborted" in events:
+            lines += ["", f"K={run['devices']}{' dropout' if run['dropout'] else ''}: stopped by the benchmark after "
+                      f"{len(run['committed'])} committed round(s): {events['aborted']} (peak "
+                      f"{events.get('clientapps_peak')})."]
     for run in report["runs"]:
         if run.get("superlink_error_kinds"):
             lines += ["", f"SuperLink error lines (K={run['devices']}{' dropout' if run['dropout'] else ''}), by "
