@@ -475,6 +475,9 @@ def markdown(report: dict[str, Any]) -> str:
         if run.get("superlink_error_kinds"):
             lines += ["", f"SuperLink error lines (K={run['devices']}{' dropout' if run['dropout'] else ''}), by "
                       f"kind: {run['superlink_error_kinds']}."]
+    if report.get("reading"):
+        lines += ["", "## Reading (written by hand, from the runs above and their kept logs)", "",
+                  *[f"- {paragraph}" for paragraph in report["reading"]]]
     return "\n".join(lines) + "\n"
 
 
@@ -489,6 +492,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=1800.0, help="a guard per run, not a measurement")
     parser.add_argument("--keep", action="store_true", help="keep each run's folder (logs) and print its path")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "fleet")
+    parser.add_argument("--render", action="store_true", help="only rewrite the .md page from the .json")
     args = parser.parse_args(argv)
     command = "python benchmarks/fleet.py " + " ".join(argv if argv is not None else sys.argv[1:])
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
@@ -497,7 +501,7 @@ def main(argv: list[str] | None = None) -> int:
     report = json.loads(path.read_text()) if path.is_file() else {"runs": []}
     report["machine"] = (f"{platform.machine()}, {psutil.cpu_count()} cores, "
                          f"{psutil.virtual_memory().total / 2**30:.0f} GiB")
-    for devices in args.devices:
+    for devices in [] if args.render else args.devices:
         need, available = devices * DEVICE_MB, psutil.virtual_memory().available / 2**20
         if need > 0.8 * available:  # never push a shared machine into the OOM killer
             run = {"devices": devices, "database": args.database, "dropout": args.dropout,
@@ -521,6 +525,7 @@ def main(argv: list[str] | None = None) -> int:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(report, indent=1) + "\n")
         args.out.with_suffix(".md").write_text(markdown(report))
+    args.out.with_suffix(".md").write_text(markdown(report))
     print(markdown(report))
     return 0
 
