@@ -273,8 +273,8 @@ class Federation:
             server.fleet.greeted(client, node, hello.has_backbone, hello.holdings, len(tasks), hello.profile)
             if not known:
                 joined += 1
-                held = {server.tasks[t].name: int(v[:, 0].sum()) for t, v in hello.holdings.items()}
                 if joined <= LISTED_NODES:
+                    held = {server.tasks[t].name: int(v[:, 0].sum()) for t, v in hello.holdings.items()}
                     log.info("device %s joined%s", client, f": images {held}" if held else " (no images of any task)")
             _track_install(server, node, Status.NEEDS_BACKBONE if not hello.has_backbone else Status.OK)
         if joined > LISTED_NODES:
