@@ -11,12 +11,14 @@ import json
 import os
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 from fedpetah.serving.status import read_status
 
 EXIT_NO_STATUS = 2
+LISTED_DEVICES = 50  # a fleet of hundreds (or a simulation of thousands) is summed up above its table
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -25,6 +27,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--state-dir", type=Path, default=Path("fedpetah-state"))
     parser.add_argument("--run-dir", type=Path, help="the run dir (default STATE/run)")
     parser.add_argument("--json", action="store_true", help="print the status document as JSON")
+    parser.add_argument("--devices", type=int, default=LISTED_DEVICES, metavar="N",
+                        help=f"list the N devices seen last (default {LISTED_DEVICES}; 0: every device)")
     return parser.parse_args(argv)
 
 
@@ -52,8 +56,9 @@ def _percent(value: object) -> str:
     return f"{100 * value:.1f}%" if isinstance(value, int | float) else "-"
 
 
-def render(status: dict[str, Any]) -> str:
-    """The status document as a few plain tables."""
+def render(status: dict[str, Any], listed: int = LISTED_DEVICES) -> str:
+    """The status document as a few plain tables: the fleet summed up, then the ``listed`` devices seen last
+    (connected ones first; 0: every device)."""
     running = _alive(status.get("pid")) and status.get("state") != "finished"
     state = status.get("state") if running or status.get("state") == "finished" else \
         f"stopped while {status.get('state')} (continue with --resume)"
@@ -70,9 +75,19 @@ def render(status: dict[str, Any]) -> str:
                      f"{task['images']:>8} {task['held_out']:>9} {_percent(task.get('federated_accuracy')):>10}")
     if status.get("federated_task_free_accuracy") is not None:
         lines.append(f"task-free (federated): {_percent(status['federated_task_free_accuracy'])}")
+    devices = status.get("devices", [])
+    rejections: Counter[str] = Counter()
+    for device in devices:
+        rejections.update(device.get("rejections", {}))
+    connected = sum(bool(d.get("connected")) for d in devices) if running else 0
     lines.append("")
+    lines.append(f"devices: {len(devices)} known, {connected} connected; rounds trained "
+                 f"{sum(d.get('rounds_trained', 0) for d in devices)}; rejections "
+                 f"{', '.join(f'{r} {n}' for r, n in sorted(rejections.items())) or 'none'}")
+    shown = sorted(devices, key=lambda d: (not d.get("connected"), -float(d.get("last_seen") or 0), d["client"]))
+    shown = shown[:listed] if listed > 0 else shown
     lines.append(f"{'device':<22} {'connected':<16} {'rounds':>6} {'kept':>5}  images per task; rejections")
-    for device in status.get("devices", []):
+    for device in shown:
         seen = "yes" if device.get("connected") and running else _ago(device.get("last_seen"))
         images = " ".join(f"{t}:{n}" for t, n in sorted(device.get("images", {}).items())) or "-"
         rejected = ", ".join(f"{r} {n}" for r, n in sorted(device.get("rejections", {}).items())) or "none"
@@ -82,6 +97,8 @@ def render(status: dict[str, Any]) -> str:
         no_budget = f", no-budget {device['no_budget']}" if device.get("no_budget") else ""
         lines.append(f"{device['client']!s:<22} {seen:<16} {device.get('rounds_trained', 0):>6} "
                      f"{kept if kept >= 0 else '-'!s:>5}  {images}; {rejected}{budget}{no_budget}")
+    if len(shown) < len(devices):
+        lines.append(f"... and {len(devices) - len(shown)} more devices (--devices 0 lists all, --json prints all)")
     return "\n".join(lines)
 
 
@@ -99,5 +116,5 @@ def main(argv: list[str]) -> int:
               file=sys.stderr)
         return EXIT_NO_STATUS
     status["running"] = _alive(status.get("pid")) and status.get("state") != "finished"
-    print(json.dumps(status, indent=1) if args.json else render(status))
+    print(json.dumps(status, indent=1) if args.json else render(status, args.devices))
     return 0
