@@ -17,16 +17,15 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import signal
 import sys
 import time
 from pathlib import Path
-from types import FrameType, SimpleNamespace
+from types import SimpleNamespace
 from typing import Any, cast
 
 import numpy as np
 
-from clients.worker import listen, serve
+from clients.worker import listen, serve_until_stopped, stop_on_sigterm
 from fedpetah.wire.evaluation import MAX_CONFUSION_CLASSES, EvaluateReply, EvaluateRequest
 from fedpetah.wire.profile import DeviceProfile
 from fedpetah.wire.protocol import NO_PARTITION, HelloReply, HelloRequest, Status, TaskInfo, TrainReply, TrainRequest
@@ -99,10 +98,6 @@ class LightRuntime:
         return EvaluateReply(Status.OK, "", counts, confusion, kept=request.keep)
 
 
-def _stop(signum: int, frame: FrameType | None) -> None:
-    raise SystemExit(0)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.light_device", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -113,17 +108,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="light-device %(levelname)s: %(message)s")
-    signal.signal(signal.SIGTERM, _stop)
+    stop_on_sigterm()
     runtime = LightRuntime(args.state, args.images, args.held_out, args.seed)
     listener = listen(args.socket)
     log.info("ready on %s (pid %d, torch imported: %s)", args.socket, os.getpid(), "torch" in sys.modules)
-    try:
-        serve(listener, cast(Any, runtime), cast(Any, SimpleNamespace(train=None, holdout=None, holdings=None)))
-    except (KeyboardInterrupt, SystemExit):
-        log.info("stopping")
-    finally:
-        listener.close()
-        args.socket.unlink(missing_ok=True)
+    serve_until_stopped(listener, args.socket, cast(Any, runtime),
+                        cast(Any, SimpleNamespace(train=None, holdout=None, holdings=None)))
     return 0
 
 

@@ -212,6 +212,22 @@ def _stop(signum: int, frame: FrameType | None) -> None:
     raise SystemExit(0)
 
 
+def stop_on_sigterm() -> None:
+    """SIGTERM ends the process as Ctrl-C does (so :func:`serve_until_stopped` removes its socket)."""
+    signal.signal(signal.SIGTERM, _stop)
+
+
+def serve_until_stopped(listener: socket.socket, path: Path, runtime: ClientRuntime, sources: Sources) -> None:
+    """:func:`serve` until the process is stopped, then close and remove the socket at ``path``."""
+    try:
+        serve(listener, runtime, sources)
+    except (KeyboardInterrupt, SystemExit):
+        log.info("stopping")
+    finally:
+        listener.close()
+        path.unlink(missing_ok=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m clients.worker", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -227,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
                         "footprint (default: MemAvailable at each request)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="fedpetah-worker %(levelname)s: %(message)s")
-    signal.signal(signal.SIGTERM, _stop)
+    stop_on_sigterm()
     started = time.perf_counter()
     import torch
 
@@ -249,13 +265,7 @@ def main(argv: list[str] | None = None) -> int:
         log.error("cannot listen on %s: %s", args.socket, error)
         return 2
     log.info("ready on %s after %.1f s (pid %d)", args.socket, time.perf_counter() - started, os.getpid())
-    try:
-        serve(listener, runtime, device_sources(root))
-    except (KeyboardInterrupt, SystemExit):
-        log.info("stopping")
-    finally:
-        listener.close()
-        args.socket.unlink(missing_ok=True)
+    serve_until_stopped(listener, args.socket, runtime, device_sources(root))
     return 0
 
 
